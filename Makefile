@@ -1,0 +1,57 @@
+# Constellation: one command each. `make run` sets up everything from nothing and runs the demo;
+# `make test` runs the suite; `make lint` runs ruff, mypy and buf lint; `make bench` runs the benchmarks.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(wildcard protos/constellation/v1/*.proto)
+STUBS := libs/constellation/constellation/v1/.stubs
+PYTEST_ARGS ?=
+
+.PHONY: all setup stubs run up test lint bench clean
+
+all: setup
+
+$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP) $(STUBS)
+
+# Python stubs and .pyi type stubs, generated into the shared library (never committed).
+# google/rpc/*.proto come from the installed googleapis-common-protos wheel.
+$(STUBS): $(STAMP) $(PROTO_FILES)
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos -I "$$site" \
+	  --python_out=libs/constellation --grpc_python_out=libs/constellation \
+	  --mypy_out=libs/constellation --mypy_grpc_out=libs/constellation $(PROTO_FILES)
+	@mkdir -p build/proto-deps/google/rpc && site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  cp "$$site"/google/rpc/{status,error_details}.proto build/proto-deps/google/rpc/
+	touch $@
+
+stubs: $(STUBS)
+
+# Starts Triton and the services, streams an answer to a demo question, then serves until Ctrl-C.
+run: setup
+	$(BIN)/constellation up --demo
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check libs services tests bench
+	$(BIN)/ruff format --check libs services tests bench
+	$(BIN)/mypy libs/constellation/constellation services bench
+	$(BIN)/buf lint
+
+bench: setup
+	$(PY) -m bench.mesh_overhead
+
+clean:
+	rm -rf build .run $(STUBS) libs/constellation/constellation/v1/*_pb2*.py* 
