@@ -1,0 +1,119 @@
+"""Typed configuration: one settings class per service, built from a TOML file plus the environment.
+
+Precedence, highest first: keyword arguments (tests), environment variables
+(``CONSTELLATION_<SERVICE>_<FIELD>``, nested fields joined by ``__``), the service's table in a TOML
+file (``[dispatch]`` in ``constellation.toml``, or the file named by ``CONSTELLATION_CONFIG``), then
+the defaults in code. Nothing else in the code base reads ``os.environ`` for configuration, except
+the standard ``OTEL_*`` variables, which the OpenTelemetry SDK reads itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from constellation.errors import InvalidArgument
+
+CONFIG_ENV = "CONSTELLATION_CONFIG"
+DEFAULT_CONFIG_FILE = "constellation.toml"
+
+
+class _TomlTableSource(PydanticBaseSettingsSource):
+    """Reads one table (the service's section) of a TOML file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, table: str):
+        super().__init__(settings_cls)
+        self._values: dict[str, Any] = {}
+        if path is not None and path.is_file():
+            with path.open("rb") as handle:
+                try:
+                    document = tomllib.load(handle)
+                except tomllib.TOMLDecodeError as exc:
+                    raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from exc
+            section = document.get(table, {})
+            if not isinstance(section, dict):
+                raise InvalidArgument(f"config file {path}: [{table}] must be a table")
+            self._values = section
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class ServiceConfig(BaseSettings):
+    """Settings every service has. Subclasses set ``service_name`` and the env prefix.
+
+    Attributes:
+        host: Address to bind. Loopback by default; ``0.0.0.0`` or ``[::]`` to serve beyond the host.
+        port: gRPC port; 0 picks a free one (tests).
+        metrics_port: Prometheus ``/metrics`` HTTP port; 0 picks a free one, -1 disables it.
+        shutdown_grace_s: Seconds in-flight calls get to finish after shutdown begins.
+        traces_file: When set, finished spans are also appended to this JSON-lines file.
+    """
+
+    service_name: ClassVar[str] = "service"
+    config_file: ClassVar[Path | None] = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    metrics_port: int = Field(default=-1, ge=-1, le=65535)
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    log_level: str = "INFO"
+    traces_file: str = ""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = cls.config_file
+        if path is None:
+            named = os.environ.get(CONFIG_ENV)
+            path = Path(named) if named else Path(DEFAULT_CONFIG_FILE)
+        return (init_settings, env_settings, _TomlTableSource(settings_cls, path, cls.service_name))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+S = TypeVar("S", bound=ServiceConfig)
+
+
+def load_config(cls: type[S], path: Path | str | None = None, **overrides: Any) -> S:
+    """Builds ``cls`` from ``path`` (or the default file), the environment, then ``overrides``.
+
+    Raises:
+        InvalidArgument: the file or a variable holds a value of the wrong type or range; the message
+            names the field and the variable that would set it.
+    """
+    from pydantic import ValidationError
+
+    prefix = str(cls.model_config.get("env_prefix", ""))
+
+    class _Bound(cls):  # type: ignore[valid-type,misc]
+        config_file = Path(path) if path is not None else None
+
+    try:
+        loaded = _Bound(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"{field} ({prefix}{field.upper().replace('.', '__')}): {err['msg']}")
+        raise InvalidArgument(f"invalid {cls.service_name} configuration: " + "; ".join(lines)) from exc
+    return loaded  # type: ignore[no-any-return]

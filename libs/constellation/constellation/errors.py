@@ -1,0 +1,261 @@
+"""One exception tree for the whole mesh, and the two places that translate it.
+
+Domain code raises the exceptions below and knows nothing of gRPC. Servers translate them to a
+``google.rpc.Status`` with machine-readable details in exactly one place (:func:`abort`); clients
+translate a ``grpc.RpcError`` back into the same tree in exactly one place (:func:`from_rpc_error`).
+Codes are never flattened into strings.
+
+The tree is shallow on purpose::
+
+    ConstellationError
+    ├── InvalidArgument      INVALID_ARGUMENT   (carries BadRequest field violations)
+    ├── NotFound             NOT_FOUND
+    ├── Unavailable          UNAVAILABLE        (may carry a retry delay)
+    ├── DeadlineExceeded     DEADLINE_EXCEEDED
+    ├── Cancelled            CANCELLED
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED
+    ├── FailedPrecondition   FAILED_PRECONDITION
+    └── InternalError        INTERNAL
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "constellation.dev"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field of a request: a dotted path (``sampling.temperature``) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class ConstellationError(Exception):
+    """Base of every error the mesh raises on purpose.
+
+    Attributes:
+        message: What happened and, where possible, what to do about it.
+        reason: A short UPPER_SNAKE machine-readable reason (``ErrorInfo.reason``).
+        metadata: Extra key/value context for ``ErrorInfo.metadata``.
+    """
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    default_reason: ClassVar[str] = "UNKNOWN"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class InvalidArgument(ConstellationError):
+    """The request is malformed; ``violations`` names each bad field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        message: str,
+        violations: Iterable[FieldViolation] = (),
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.violations = list(violations)
+
+
+class NotFound(ConstellationError):
+    """A named thing (a model, a prompt in a pool) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class Unavailable(ConstellationError):
+    """A dependency cannot be reached; the call may succeed later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ConstellationError):
+    """The caller's deadline or the request's time budget ran out."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ConstellationError):
+    """The call was cancelled, by the caller or by the mesh (a quorum made it unnecessary)."""
+
+    code = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"
+
+
+class ResourceExhausted(ConstellationError):
+    """A limit was hit (queue full, rate limit, cost ceiling)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(ConstellationError):
+    """The system is not in a state that allows the call (for example a model is still loading)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class InternalError(ConstellationError):
+    """A bug or an unexpected failure inside the mesh."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ConstellationError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        ResourceExhausted,
+        FailedPrecondition,
+        InternalError,
+    )
+}
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status_proto(error: ConstellationError, *, service: str = "") -> status_pb2.Status:
+    """Builds the ``google.rpc.Status`` for ``error``, with ErrorInfo and type-specific details.
+
+    Used both for the status that ends a call and for errors carried inside streamed messages.
+    """
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(
+                reason=error.reason,
+                domain=ERROR_DOMAIN,
+                metadata={**error.metadata, **({"service": service} if service else {})},
+            )
+        )
+    ]
+    if isinstance(error, InvalidArgument) and error.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    if isinstance(error, Unavailable) and error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+
+
+def from_status_proto(status: status_pb2.Status) -> ConstellationError:
+    """Turns a ``google.rpc.Status`` (from a trailer or a streamed message) into the exception tree."""
+    code = _code_from_int(status.code)
+    cls = _BY_CODE.get(code, ConstellationError)
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    retry_after_s: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason or None
+            metadata = dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
+    if cls is InvalidArgument:
+        return InvalidArgument(status.message, violations, reason=reason, metadata=metadata)
+    if cls is Unavailable:
+        return Unavailable(status.message, retry_after_s=retry_after_s, reason=reason, metadata=metadata)
+    error = cls(status.message, reason=reason, metadata=metadata)
+    if cls is ConstellationError:
+        error.code = code  # type: ignore[misc]
+    return error
+
+
+def _code_from_int(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+async def abort(context: grpc.aio.ServicerContext, error: ConstellationError, *, service: str = "") -> NoReturn:
+    """Ends the current call with ``error``'s rich status. The one server-side mapping point."""
+    await context.abort_with_status(rpc_status.to_status(to_status_proto(error, service=service)))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover - grpc always raises
+
+
+def from_rpc_error(error: grpc.RpcError) -> ConstellationError:
+    """Translates a failed call into the exception tree. The one client-side mapping point.
+
+    Rich details are read from the ``grpc-status-details-bin`` trailer when the server sent them;
+    otherwise the code and message alone are used.
+    """
+    status = None
+    if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+        try:
+            status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        except ValueError:
+            status = None
+    if status is not None:
+        return from_status_proto(status)
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message = error.details() if hasattr(error, "details") else str(error)
+    proto = status_pb2.Status(code=code.value[0], message=message or "")
+    return from_status_proto(proto)
+
+
+OK_STATUS = status_pb2.Status(code=code_pb2.OK)

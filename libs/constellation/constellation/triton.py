@@ -1,0 +1,314 @@
+"""Async client for Triton Inference Server's KServe v2 gRPC protocol, for text generation.
+
+It speaks the tensor convention of Triton's vLLM backend, which our python-backend models follow too:
+``text_input`` (BYTES), ``stream`` (BOOL), ``sampling_parameters`` (JSON as BYTES) in, and
+``text_output`` (BYTES) out, plus the optional ``num_input_tokens``, ``num_output_tokens`` and
+``finish_reason`` outputs when the model provides them. A streamed response carries only the new text.
+
+Every call has a deadline. Leaving :meth:`TritonClient.generate` early (``break``, an exception, or
+cancellation of the consuming task) cancels the gRPC stream, which cancels the request inside Triton;
+the model sees ``is_cancelled()`` and stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from constellation.errors import (
+    Cancelled,
+    ConstellationError,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+HOW_TO_START = "start it with `constellation up` (or `python -m services.inference.launcher`)"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings sent as ``sampling_parameters``. ``None`` fields are left to the model."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def to_json(self) -> str:
+        fields: dict[str, Any] = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+        if self.stop:
+            fields["stop"] = list(self.stop)
+        return json.dumps({k: v for k, v in fields.items() if v is not None})
+
+
+@dataclass
+class Chunk:
+    """One streamed response: new text and the running token counts."""
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str = ""
+    final: bool = False
+
+
+@dataclass
+class Generation:
+    """What one finished generation produced (see :meth:`TritonClient.complete`)."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    finish_reason: str
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+def _map_rpc_error(error: grpc.aio.AioRpcError, url: str, model: str) -> ConstellationError:
+    code = error.code()
+    details = error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(
+            f"Triton at {url} is not reachable ({details}); {HOW_TO_START}",
+            retry_after_s=1.0,
+            reason="TRITON_UNAVAILABLE",
+            metadata={"endpoint": url},
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"deadline exceeded while {model} was generating", metadata={"model": model})
+    if code == grpc.StatusCode.CANCELLED:
+        return Cancelled(f"the request to {model} was cancelled", metadata={"model": model})
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"Triton at {url} does not serve model {model!r}: {details}", metadata={"model": model})
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details, metadata={"model": model})
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(details, metadata={"model": model})
+    return InternalError(f"Triton error from {model}: {code.name}: {details}", metadata={"model": model})
+
+
+def _map_stream_error(error: InferenceServerException, model: str) -> ConstellationError:
+    message = error.message() or str(error)
+    lowered = message.lower()
+    if "unknown model" in lowered or "is not found" in lowered or "not ready" in lowered:
+        return NotFound(f"model {model!r} is not loaded in Triton: {message}", metadata={"model": model})
+    if "must be" in lowered or "invalid" in lowered or "unknown key" in lowered:
+        return InvalidArgument(f"{model} rejected the request: {message}", metadata={"model": model})
+    return InternalError(f"{model} failed: {message}", metadata={"model": model})
+
+
+def _scalar(result: grpcclient.InferResult, name: str) -> Any:
+    try:
+        value = result.as_numpy(name)
+    except InferenceServerException:
+        return None
+    if value is None or value.size == 0:
+        return None
+    return value.reshape(-1)[0]
+
+
+def _text(result: grpcclient.InferResult) -> str:
+    value = result.as_numpy("text_output")
+    if value is None:
+        return ""
+    parts = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
+    return "".join(parts)
+
+
+def _is_final(result: grpcclient.InferResult) -> bool:
+    parameters = result.get_response().parameters
+    return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+
+
+class TritonClient:
+    """One connection to one Triton server. An async context manager; safe to share between tasks.
+
+    Args:
+        url: ``host:port`` of Triton's gRPC endpoint.
+        control_timeout_s: Deadline for control calls (readiness, load, statistics), in seconds.
+    """
+
+    def __init__(self, url: str, *, control_timeout_s: float = 5.0):
+        self.url = url
+        self.control_timeout_s = control_timeout_s
+        self._client = aioclient.InferenceServerClient(url=url)
+
+    async def __aenter__(self) -> TritonClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _control(self, coro: Any, model: str = "") -> Any:
+        try:
+            return await coro
+        except InferenceServerException as exc:
+            status = (exc.status() or "").upper()
+            if "UNAVAILABLE" in status:
+                raise Unavailable(
+                    f"Triton at {self.url} is not reachable; {HOW_TO_START}",
+                    retry_after_s=1.0,
+                    reason="TRITON_UNAVAILABLE",
+                    metadata={"endpoint": self.url},
+                ) from exc
+            if "DEADLINE" in status:
+                raise DeadlineExceeded(f"Triton at {self.url} did not answer in time") from exc
+            if "NOT_FOUND" in status or "unknown model" in (exc.message() or "").lower():
+                raise NotFound(f"Triton does not know model {model!r}", metadata={"model": model}) from exc
+            raise InternalError(f"Triton control call failed: {exc}") from exc
+
+    async def server_ready(self) -> bool:
+        """True when the server answers and is ready. Never raises for an unreachable server."""
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=self.control_timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def model_ready(self, model: str) -> bool:
+        """True when ``model`` is loaded and ready.
+
+        Raises:
+            Unavailable: Triton cannot be reached.
+        """
+        return bool(
+            await self._control(self._client.is_model_ready(model, client_timeout=self.control_timeout_s), model)
+        )
+
+    async def require_model(self, model: str) -> None:
+        """Raises NotFound (with the models Triton does serve) unless ``model`` is ready."""
+        if await self.model_ready(model):
+            return
+        index = await self._control(
+            self._client.get_model_repository_index(as_json=True, client_timeout=self.control_timeout_s)
+        )
+        ready = sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY")
+        raise NotFound(
+            f"model {model!r} is not served by Triton at {self.url}; ready models: {', '.join(ready) or 'none'}",
+            metadata={"model": model},
+        )
+
+    async def load(self, model: str, *, timeout_s: float = 120.0) -> None:
+        """Loads ``model`` (explicit model control). Blocks until it is ready or fails."""
+        await self._control(self._client.load_model(model, client_timeout=timeout_s), model)
+
+    async def unload(self, model: str) -> None:
+        """Unloads ``model``; in-flight requests finish first (Triton's behaviour)."""
+        await self._control(self._client.unload_model(model, client_timeout=self.control_timeout_s), model)
+
+    async def statistics(self, model: str = "") -> dict[str, Any]:
+        """Triton's per-model inference statistics as JSON."""
+        stats = await self._control(
+            self._client.get_inference_statistics(
+                model_name=model, as_json=True, client_timeout=self.control_timeout_s
+            ),
+            model,
+        )
+        return dict(stats)
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        sampling: Sampling,
+        *,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        request_id: str = "",
+    ) -> AsyncGenerator[Chunk, None]:
+        """Streams the model's answer to ``prompt``; the last chunk has ``final`` set.
+
+        Args:
+            model: Triton model name.
+            prompt: Text for ``text_input``.
+            sampling: Decoding settings.
+            timeout_s: Deadline for the whole stream, in seconds (use the caller's remaining time).
+            headers: Extra gRPC metadata, e.g. W3C ``traceparent``.
+            request_id: Triton request id (shows in Triton's logs and traces).
+
+        Raises:
+            NotFound, InvalidArgument, Unavailable, DeadlineExceeded, Cancelled, InternalError.
+
+        Closing the iterator early (or cancelling the task that drives it) cancels the request
+        inside Triton.
+        """
+        if timeout_s <= 0:
+            raise DeadlineExceeded(f"no time left to call {model}")
+        text_input = grpcclient.InferInput("text_input", [1], "BYTES")
+        text_input.set_data_from_numpy(np.array([prompt.encode("utf-8")], dtype=np.object_))
+        stream_flag = grpcclient.InferInput("stream", [1], "BOOL")
+        stream_flag.set_data_from_numpy(np.array([True], dtype=bool))
+        sampling_input = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+        sampling_input.set_data_from_numpy(np.array([sampling.to_json().encode("utf-8")], dtype=np.object_))
+        finished = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": model,
+                "inputs": [text_input, stream_flag, sampling_input],
+                "request_id": request_id,
+            }
+            # Keep the client side of the stream open until the final response has arrived.
+            await finished.wait()
+
+        responses = self._client.stream_infer(requests(), stream_timeout=timeout_s, headers=dict(headers or {}))
+        done = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _map_stream_error(error, model)
+                chunk = Chunk(
+                    text=_text(result),
+                    input_tokens=int(_scalar(result, "num_input_tokens") or 0),
+                    output_tokens=int(_scalar(result, "num_output_tokens") or 0),
+                )
+                reason = _scalar(result, "finish_reason")
+                if isinstance(reason, bytes):
+                    reason = reason.decode()
+                chunk.finish_reason = str(reason or "")
+                chunk.final = _is_final(result) or bool(chunk.finish_reason)
+                yield chunk
+                if chunk.final:
+                    done = True
+                    break
+        except grpc.aio.AioRpcError as exc:
+            raise _map_rpc_error(exc, self.url, model) from exc
+        finally:
+            finished.set()
+            if not done:
+                responses.cancel()
+
+    async def complete(self, model: str, prompt: str, sampling: Sampling, *, timeout_s: float) -> Generation:
+        """Runs :meth:`generate` to the end and returns the whole text."""
+        chunks = [c async for c in self.generate(model, prompt, sampling, timeout_s=timeout_s)]
+        last = chunks[-1] if chunks else Chunk("")
+        return Generation(
+            text="".join(c.text for c in chunks),
+            input_tokens=last.input_tokens,
+            output_tokens=last.output_tokens,
+            finish_reason=last.finish_reason,
+            chunks=chunks,
+        )

@@ -1,0 +1,77 @@
+"""Runs the dispatch service: ``python -m services.dispatch.main`` (or ``constellation serve dispatch``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from constellation.config import load_config
+from constellation.server import Registration, RunningServer, create_server, serve
+from constellation.triton import TritonClient
+from constellation.v1 import dispatch_pb2_grpc
+
+from services.dispatch.config import DispatchConfig
+from services.dispatch.pipeline import Dispatcher
+from services.dispatch.servicer import SERVICE_NAME, DispatchServicer
+
+
+def registrations(dispatcher: Dispatcher) -> list[Registration]:
+    return [
+        Registration(
+            DispatchServicer(dispatcher),
+            dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,  # type: ignore[arg-type]
+            SERVICE_NAME,
+        )
+    ]
+
+
+@asynccontextmanager
+async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServer]:
+    """Starts a dispatch server for ``config`` (port 0 picks a free one) and stops it on exit."""
+    async with TritonClient(config.triton_url) as triton:
+        running = await create_server(registrations(Dispatcher(config, triton)), config)
+        try:
+            yield running
+        finally:
+            await running.stop(config.shutdown_grace_s)
+
+
+async def _main(config: DispatchConfig) -> None:
+    async with TritonClient(config.triton_url) as triton:
+        await serve(
+            registrations(Dispatcher(config, triton)),
+            config,
+            on_started=lambda r: print(f"dispatch listening on {config.host}:{r.port}", flush=True),
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="constellation serve dispatch",
+        description="Run the dispatch service (DispatchService/Ask and Plan). Settings come from the "
+        "[dispatch] table of the config file and CONSTELLATION_DISPATCH_* variables; flags override both.",
+    )
+    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
+    parser.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    parser.add_argument("--triton-url", help="Triton gRPC endpoint host:port (default 127.0.0.1:8001)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
+    args = parser.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "port": args.port,
+            "triton_url": args.triton_url,
+            "metrics_port": args.metrics_port,
+        }.items()
+        if v is not None
+    }
+    config = load_config(DispatchConfig, args.config, **overrides)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_main(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""A validated query: what dispatch accepts, and every reason it would refuse one.
+
+Plain Python, no gRPC: the servicer copies the request's fields into :func:`validate` and turns
+:class:`~constellation.errors.InvalidArgument` into a status with one field violation per problem.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from constellation.errors import FieldViolation, InvalidArgument
+from constellation.triton import Sampling
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/\-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One accepted query, with every field in range."""
+
+    prompt: str
+    sampling: Sampling
+    model: str
+    time_budget_ms: float
+    request_tag: str
+
+
+def validate(
+    *,
+    prompt: str,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    stop: Sequence[str],
+    seed: int | None,
+    model: str,
+    time_budget_ms: float,
+    request_tag: str,
+    max_prompt_chars: int,
+    max_tokens_limit: int,
+    default_max_tokens: int,
+) -> Query:
+    """Checks every field and returns the query, or raises with all violations at once.
+
+    Raises:
+        InvalidArgument: with one :class:`FieldViolation` per bad field, named by its path in
+            ``AskRequest`` (``prompt``, ``sampling.temperature``...).
+    """
+    violations: list[FieldViolation] = []
+    if not prompt.strip():
+        violations.append(FieldViolation("prompt", "must not be empty or only whitespace"))
+    elif len(prompt) > max_prompt_chars:
+        violations.append(FieldViolation("prompt", f"is {len(prompt)} characters; the limit is {max_prompt_chars}"))
+    if max_tokens > max_tokens_limit:
+        violations.append(
+            FieldViolation("sampling.max_tokens", f"must be at most {max_tokens_limit}, got {max_tokens}")
+        )
+    if temperature is not None and not (0.0 <= temperature <= 2.0 and math.isfinite(temperature)):
+        violations.append(FieldViolation("sampling.temperature", f"must be in [0, 2], got {temperature:g}"))
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        violations.append(FieldViolation("sampling.top_p", f"must be in (0, 1], got {top_p:g}"))
+    if len(stop) > MAX_STOP_STRINGS:
+        violations.append(FieldViolation("sampling.stop", f"at most {MAX_STOP_STRINGS} strings, got {len(stop)}"))
+    for i, item in enumerate(stop):
+        if not item or len(item) > MAX_STOP_CHARS:
+            violations.append(FieldViolation(f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters long"))
+    if model and not MODEL_NAME.match(model):
+        violations.append(
+            FieldViolation("model", "must be 1-128 characters of letters, digits and . _ @ / - (start alphanumeric)")
+        )
+    if not (time_budget_ms >= 0 and math.isfinite(time_budget_ms)):
+        violations.append(FieldViolation("time_budget_ms", f"must be >= 0, got {time_budget_ms:g}"))
+    if len(request_tag) > 256:
+        violations.append(FieldViolation("request_tag", "must be at most 256 characters"))
+    if violations:
+        fields = ", ".join(v.field for v in violations)
+        raise InvalidArgument(f"invalid AskRequest: {fields}", violations)
+    sampling = Sampling(
+        max_tokens=max_tokens or default_max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=tuple(stop),
+        seed=seed,
+    )
+    return Query(prompt, sampling, model, time_budget_ms, request_tag)

@@ -1,0 +1,120 @@
+"""DispatchService over gRPC: maps protobuf to the pipeline's domain types and back, nothing more."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+from constellation.errors import ConstellationError, abort, to_status_proto
+from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+
+from services.dispatch.config import DispatchConfig
+from services.dispatch.pipeline import CandidateProgress, Delta, Dispatcher, Event, Finished, PlanMade
+from services.dispatch.query import Query, validate
+
+SERVICE_NAME = dispatch_pb2.DESCRIPTOR.services_by_name["DispatchService"].full_name
+
+_PHASES = {
+    "started": dispatch_pb2.CandidateEvent.PHASE_STARTED,
+    "first_token": dispatch_pb2.CandidateEvent.PHASE_FIRST_TOKEN,
+    "finished": dispatch_pb2.CandidateEvent.PHASE_FINISHED,
+    "cancelled": dispatch_pb2.CandidateEvent.PHASE_CANCELLED,
+    "failed": dispatch_pb2.CandidateEvent.PHASE_FAILED,
+}
+
+
+def to_query(request: dispatch_pb2.AskRequest, config: DispatchConfig) -> Query:
+    """Validates an AskRequest. Raises InvalidArgument with a violation per bad field."""
+    sampling = request.sampling
+    return validate(
+        prompt=request.prompt,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature if sampling.HasField("temperature") else None,
+        top_p=sampling.top_p if sampling.HasField("top_p") else None,
+        stop=list(sampling.stop),
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        model=request.model,
+        time_budget_ms=request.time_budget_ms,
+        request_tag=request.request_tag,
+        max_prompt_chars=config.max_prompt_chars,
+        max_tokens_limit=config.max_tokens_limit,
+        default_max_tokens=config.default_max_tokens,
+    )
+
+
+def plan_message(event: PlanMade) -> common_pb2.Plan:
+    return common_pb2.Plan(
+        policy=event.policy,
+        summary=event.summary,
+        candidates=[
+            common_pb2.PlanCandidate(model=m.model, chosen=True, reason=m.reason, score=1.0) for m in event.members
+        ],
+    )
+
+
+def to_response(event: Event) -> dispatch_pb2.AskResponse:
+    """One domain event as one AskResponse."""
+    if isinstance(event, Delta):
+        return dispatch_pb2.AskResponse(delta=dispatch_pb2.AnswerDelta(text=event.text, source=event.source))
+    if isinstance(event, PlanMade):
+        return dispatch_pb2.AskResponse(plan=dispatch_pb2.PlanEvent(plan=plan_message(event)))
+    if isinstance(event, CandidateProgress):
+        candidate = dispatch_pb2.CandidateEvent(
+            model=event.model,
+            phase=_PHASES[event.phase],
+            elapsed_ms=event.elapsed_ms,
+            usage=common_pb2.Usage(
+                input_tokens=event.input_tokens, output_tokens=event.output_tokens, cost_usd=event.cost_usd
+            ),
+            text=event.text,
+        )
+        if event.error is not None:
+            candidate.error.CopyFrom(to_status_proto(event.error, service="dispatch"))
+        return dispatch_pb2.AskResponse(candidate=candidate)
+    if isinstance(event, Finished):
+        return dispatch_pb2.AskResponse(
+            final=dispatch_pb2.FinalEvent(
+                text=event.text,
+                usage=common_pb2.Usage(
+                    input_tokens=event.input_tokens,
+                    output_tokens=event.output_tokens,
+                    cost_usd=event.cost_usd,
+                ),
+                stages=[common_pb2.StageLatency(stage=name, milliseconds=ms) for name, ms in event.stages],
+                trace_id=event.trace_id,
+                finish_reason=event.finish_reason,
+                models=event.models,
+            )
+        )
+    raise TypeError(f"unknown event {event!r}")
+
+
+class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
+    """Thin gRPC layer over :class:`Dispatcher`. Errors end the call with a rich status."""
+
+    def __init__(self, dispatcher: Dispatcher):
+        self.dispatcher = dispatcher
+
+    async def Ask(
+        self, request: dispatch_pb2.AskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dispatch_pb2.AskResponse]:
+        received_at = time.perf_counter()
+        try:
+            query = to_query(request, self.dispatcher.config)
+            stream = self.dispatcher.ask(query, deadline_s=context.time_remaining(), received_at=received_at)
+            async with aclosing(stream) as events:
+                async for event in events:
+                    yield to_response(event)
+        except ConstellationError as error:
+            await abort(context, error, service="dispatch")
+
+    async def Plan(
+        self, request: dispatch_pb2.PlanRequest, context: grpc.aio.ServicerContext
+    ) -> dispatch_pb2.PlanResponse:
+        try:
+            query = to_query(request.request, self.dispatcher.config)
+        except ConstellationError as error:
+            await abort(context, error, service="dispatch")
+        return dispatch_pb2.PlanResponse(plan=plan_message(self.dispatcher.plan(query)))
