@@ -12,6 +12,7 @@ Nothing here swallows ``asyncio.CancelledError``.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
