@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from constellation.config import ServiceConfig
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
+
+from constellation.config import ServiceConfig
 
 
 class ModelPrice(BaseModel):

@@ -12,7 +12,6 @@ from constellation.config import load_config
 from constellation.server import Registration, RunningServer, create_server, serve
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
-
 from services.dispatch.config import DispatchConfig
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.servicer import SERVICE_NAME, DispatchServicer

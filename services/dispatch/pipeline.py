@@ -16,13 +16,13 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+
 from constellation import telemetry
 from constellation.errors import ConstellationError, DeadlineExceeded, NotFound
 from constellation.metrics import REGISTRY
 from constellation.triton import TritonClient
-from opentelemetry import trace
-from prometheus_client import Counter, Histogram
-
 from services.dispatch.config import DispatchConfig, ModelPrice
 from services.dispatch.query import Query
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+
 from constellation.errors import ConstellationError, abort, to_status_proto
 from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
-
 from services.dispatch.config import DispatchConfig
 from services.dispatch.pipeline import CandidateProgress, Delta, Dispatcher, Event, Finished, PlanMade
 from services.dispatch.query import Query, validate

@@ -294,6 +294,12 @@ class TritonClient:
                 if chunk.final:
                     done = True
                     break
+            if done:
+                # Half-close our side and read the stream to its end: a client that walks away right
+                # after the final response leaves Triton's stream handler waiting (seen with 2.51).
+                finished.set()
+                async for _result, _error in responses:
+                    pass
         except grpc.aio.AioRpcError as exc:
             raise _map_rpc_error(exc, self.url, model) from exc
         finally:

@@ -1,0 +1,305 @@
+"""The ``constellation`` command: run the mesh, ask it questions, inspect it.
+
+Examples::
+
+    constellation up                 # start Triton + services; Ctrl-C stops everything
+    constellation up --demo          # ... and stream an answer to a demo question first (make run)
+    constellation ask "Why is the sky blue?"
+    constellation ask --max-tokens 64 --temperature 0 "Name three prime numbers."
+    constellation plan "Solve 12*7"  # which model(s) would be asked, without asking
+    constellation health             # health of every service of the running mesh
+    constellation down               # stop a mesh started by `up` in another terminal
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from constellation.errors import ConstellationError, InvalidArgument
+
+DEMO_QUESTION = "In two sentences, why do planes fly?"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _err(message: str) -> None:
+    print(f"constellation: {message}", file=sys.stderr)
+
+
+def _dispatch_address(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    from constellation.mesh import MeshState, state_file
+
+    state = MeshState.load(state_file())
+    return state.dispatch if state else "127.0.0.1:50051"
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    from constellation.client import DispatchClient, ask_request
+
+    request = ask_request(
+        args.prompt,
+        model=args.model or "",
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop=args.stop or (),
+        seed=args.seed,
+    )
+    address = _dispatch_address(args.address)
+    started = time.perf_counter()
+    first_at: float | None = None
+    async with DispatchClient(address) as client:
+        async for event in client.ask(request, timeout_s=args.timeout):
+            kind = event.WhichOneof("event")
+            if kind == "plan" and args.verbose:
+                plan = event.plan.plan
+                chosen = ", ".join(f"{c.model} ({c.reason})" for c in plan.candidates if c.chosen)
+                print(f"[plan] {plan.policy}: {chosen}", file=sys.stderr)
+            elif kind == "delta":
+                if first_at is None:
+                    first_at = time.perf_counter()
+                sys.stdout.write(event.delta.text)
+                sys.stdout.flush()
+            elif kind == "final":
+                final = event.final
+                sys.stdout.write("\n")
+                if not args.quiet:
+                    _print_summary(final, started, first_at)
+    return 0
+
+
+def _print_summary(final: object, started: float, first_at: float | None) -> None:
+    from constellation.v1 import dispatch_pb2
+
+    assert isinstance(final, dispatch_pb2.FinalEvent)
+    client_total = (time.perf_counter() - started) * 1000
+    client_ttft = ((first_at or time.perf_counter()) - started) * 1000
+    usage = final.usage
+    lines = [
+        "",
+        f"models: {', '.join(final.models)}   finish: {final.finish_reason}   "
+        f"tokens: {usage.input_tokens} in / {usage.output_tokens} out   cost: ${usage.cost_usd:.6f}",
+        "stage            ms",
+    ]
+    lines += [f"  {s.stage:<12} {s.milliseconds:>9.1f}{'  (simulated)' if s.simulated else ''}" for s in final.stages]
+    lines.append(f"  {'client ttft':<12} {client_ttft:>9.1f}")
+    lines.append(f"  {'client total':<12} {client_total:>9.1f}")
+    if final.trace_id:
+        lines.append(f"trace id: {final.trace_id}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+async def _plan(args: argparse.Namespace) -> int:
+    from constellation.client import DispatchClient, ask_request
+
+    async with DispatchClient(_dispatch_address(args.address)) as client:
+        response = await client.plan(ask_request(args.prompt, model=args.model or ""))
+    plan = response.plan
+    print(f"policy: {plan.policy}   {plan.summary}")
+    for c in plan.candidates:
+        mark = "*" if c.chosen else " "
+        print(f" {mark} {c.model:<32} score {c.score:.3f}   {c.reason}")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = _dispatch_address(args.address)
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        except grpc.RpcError as exc:
+            _err(f"dispatch at {address}: {exc.code().name}: {exc.details()}; is the mesh up (`constellation up`)?")
+            return EXIT_ERROR
+    print(f"dispatch {address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
+
+
+def _up(args: argparse.Namespace) -> int:
+    from constellation.mesh import Mesh, MeshPorts, default_cache_dir, state_file
+
+    run_dir = Path(args.run_dir) if args.run_dir else default_cache_dir() / "run"
+    ports = MeshPorts(
+        dispatch=args.port,
+        dispatch_metrics=args.metrics_port,
+        triton_grpc=args.triton_grpc_port,
+        triton_http=args.triton_http_port,
+        triton_metrics=args.triton_metrics_port,
+    )
+    mesh = Mesh(ports, models=args.models, run_dir=run_dir)
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    path = state_file()
+    code = 0
+    try:
+        mesh.start()
+        mesh.state().save(path)
+        if args.demo:
+            print(f"\n> {DEMO_QUESTION}\n", flush=True)
+            demo = argparse.Namespace(
+                prompt=DEMO_QUESTION,
+                model="",
+                max_tokens=96,
+                temperature=0.0,
+                top_p=None,
+                stop=None,
+                seed=None,
+                address=mesh.dispatch_address,
+                timeout=300.0,
+                verbose=True,
+                quiet=False,
+            )
+            asyncio.run(_ask(demo))
+        if args.exit_after_demo:
+            return 0
+        print(
+            f"\nThe mesh is up: dispatch on {mesh.dispatch_address}, Triton on {mesh.triton.grpc_url}.\n"
+            f'Ask from another terminal: constellation ask "your question"   (Ctrl-C here stops everything)',
+            flush=True,
+        )
+        while not stopping:
+            problem = mesh.check()
+            if problem:
+                _err(problem)
+                code = EXIT_ERROR
+                break
+            time.sleep(0.2)
+    except (RuntimeError, TimeoutError, ConstellationError) as exc:
+        _err(str(exc))
+        code = EXIT_ERROR
+    finally:
+        print("\nstopping the mesh ...", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        mesh.stop()
+        path.unlink(missing_ok=True)
+        print("stopped: no process, port or /dev/shm file left behind.", file=sys.stderr, flush=True)
+    return code
+
+
+def _down(_args: argparse.Namespace) -> int:
+    from constellation.mesh import MeshState, state_file
+
+    state = MeshState.load(state_file())
+    if state is None:
+        _err("no running mesh found (nothing was started with `constellation up`)")
+        return EXIT_ERROR
+    try:
+        os.kill(state.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state_file().unlink(missing_ok=True)
+        _err(f"the mesh process {state.pid} is gone; removed its stale state file")
+        return EXIT_ERROR
+    for _ in range(300):
+        try:
+            os.kill(state.pid, 0)
+        except ProcessLookupError:
+            print("mesh stopped")
+            return 0
+        time.sleep(0.1)
+    _err(f"mesh process {state.pid} did not stop within 30 s")
+    return EXIT_ERROR
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.service == "dispatch":
+        from services.dispatch.main import main as dispatch_main
+
+        dispatch_main(args.rest)
+        return 0
+    from services.inference.launcher import main as triton_main
+
+    triton_main(args.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="constellation",
+        description="Constellation: one gRPC mesh in front of many LLMs. Start the mesh with `up`, "
+        "then `ask` it questions; answers stream as the model writes them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::", 1)[1] if __doc__ else None,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start Triton and the services; Ctrl-C stops everything")
+    up.add_argument("--demo", action="store_true", help="stream an answer to a demo question once ready")
+    up.add_argument("--exit-after-demo", action="store_true", help="stop right after the demo (for scripts)")
+    up.add_argument("--port", type=int, default=50051, help="dispatch gRPC port (default 50051)")
+    up.add_argument("--metrics-port", type=int, default=9464, help="dispatch /metrics port (default 9464)")
+    up.add_argument("--triton-grpc-port", type=int, default=8001)
+    up.add_argument("--triton-http-port", type=int, default=8000)
+    up.add_argument("--triton-metrics-port", type=int, default=8002)
+    up.add_argument("--models", nargs="+", default=["smollm2"], help="Triton models to load (default smollm2)")
+    up.add_argument("--run-dir", help="where logs go (default ~/.cache/constellation/run)")
+    up.set_defaults(handler=_up)
+
+    ask = sub.add_parser("ask", help="ask the running mesh a question and stream the answer")
+    ask.add_argument("prompt", help="the question")
+    ask.add_argument("--model", help="ask exactly this model (default: the router's choice)")
+    ask.add_argument("--max-tokens", type=int, default=0, help="most tokens to generate (default: service's)")
+    ask.add_argument("--temperature", type=float, help="0 = greedy; up to 2")
+    ask.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    ask.add_argument("--stop", action="append", help="stop string (repeatable)")
+    ask.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
+    ask.add_argument("--address", help="dispatch host:port (default: the mesh started by `up`)")
+    ask.add_argument("-v", "--verbose", action="store_true", help="also show the plan")
+    ask.add_argument("-q", "--quiet", action="store_true", help="print only the answer")
+    ask.set_defaults(handler=lambda a: asyncio.run(_ask(a)))
+
+    plan = sub.add_parser("plan", help="show which models would be asked, without asking them")
+    plan.add_argument("prompt")
+    plan.add_argument("--model")
+    plan.add_argument("--address")
+    plan.set_defaults(handler=lambda a: asyncio.run(_plan(a)))
+
+    health = sub.add_parser("health", help="check the health of the running mesh")
+    health.add_argument("--address")
+    health.set_defaults(handler=_health)
+
+    down = sub.add_parser("down", help="stop a mesh started by `constellation up`")
+    down.set_defaults(handler=_down)
+
+    serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
+    serve.add_argument("service", choices=["dispatch", "triton"])
+    serve.add_argument("rest", nargs=argparse.REMAINDER, help="the service's own flags (see `serve X --help`)")
+    serve.set_defaults(handler=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except InvalidArgument as exc:
+        _err(str(exc))
+        for v in exc.violations:
+            _err(f"  {v.field}: {v.description}")
+        return EXIT_USAGE
+    except ConstellationError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""A small async client for DispatchService, used by the CLI, the benchmarks and the tests.
+
+Errors come back as the library's exception tree (see :mod:`constellation.errors`), never as raw
+``grpc.RpcError``. Leaving :meth:`DispatchClient.ask` early cancels the call, and with it the model
+requests inside Triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import grpc
+
+from constellation import telemetry
+from constellation.errors import from_rpc_error
+from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
+
+def ask_request(
+    prompt: str,
+    *,
+    model: str = "",
+    max_tokens: int = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    **fields: Any,
+) -> dispatch_pb2.AskRequest:
+    """Builds an AskRequest from plain values; ``None`` sampling fields are left unset."""
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, stop=list(stop))
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    return dispatch_pb2.AskRequest(prompt=prompt, model=model, sampling=sampling, **fields)
+
+
+class DispatchClient:
+    """One channel to a dispatch server. An async context manager.
+
+    Args:
+        address: ``host:port`` of the dispatch service.
+        traced: Add the OpenTelemetry client interceptors (propagates ``traceparent``).
+    """
+
+    def __init__(self, address: str, *, traced: bool = True):
+        interceptors = telemetry.client_interceptors() if traced else []
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        self.stub = dispatch_pb2_grpc.DispatchServiceStub(self.channel)
+
+    async def __aenter__(self) -> DispatchClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def ask(
+        self, request: dispatch_pb2.AskRequest, *, timeout_s: float | None = None
+    ) -> AsyncGenerator[dispatch_pb2.AskResponse, None]:
+        """Streams the events of one Ask.
+
+        Raises:
+            constellation.errors.ConstellationError: the call failed (mapped from its status).
+        """
+        call = self.stub.Ask(request, timeout=timeout_s)
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
+    async def plan(self, request: dispatch_pb2.AskRequest, *, timeout_s: float = 10.0) -> dispatch_pb2.PlanResponse:
+        try:
+            response: dispatch_pb2.PlanResponse = await self.stub.Plan(
+                dispatch_pb2.PlanRequest(request=request), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response

