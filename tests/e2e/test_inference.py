@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,12 +16,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from services.inference.launcher import TritonServer
+from tests.e2e.triton_metrics import generations as _generations
+from tests.e2e.triton_metrics import in_flight as _in_flight
+from tests.e2e.triton_metrics import scrape as _metrics
+from tests.e2e.triton_metrics import tokens as _tokens
 
 MODEL = "smollm2"
 FRANCE = "What is the capital of France?"
@@ -100,29 +102,6 @@ async def client(triton: TritonServer) -> AsyncIterator[InferenceServerClient]:
         yield c
     finally:
         await c.close()
-
-
-def _metrics(triton: TritonServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith("constellation_"):
-                values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return values
-
-
-def _in_flight(m: dict) -> float:
-    return m[("constellation_generations_in_flight", (("model", MODEL),))]
-
-
-def _tokens(m: dict) -> float:
-    return m[("constellation_generated_tokens_total", (("model", MODEL),))]
-
-
-def _generations(m: dict, reason: str) -> float:
-    return m[("constellation_generations_total", (("finish_reason", reason), ("model", MODEL)))]
 
 
 async def test_streamed_deltas_answer_the_question(client: InferenceServerClient) -> None:
