@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/constellation/v1/*.proto)
 STUBS := libs/constellation/constellation/v1/.stubs
 PYTEST_ARGS ?=
+# Nothing may fetch weights from a hub: the models come from installed packages.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: all setup stubs run up test lint bench clean
 
@@ -42,7 +45,8 @@ run: setup
 	$(BIN)/constellation up --demo
 
 test: setup
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; exit 1; fi; exit $$rc
 
 lint: setup
 	$(BIN)/ruff check libs services tests bench

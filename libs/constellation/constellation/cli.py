@@ -24,7 +24,7 @@ from pathlib import Path
 
 from constellation.errors import ConstellationError, InvalidArgument
 
-DEMO_QUESTION = "In two sentences, why do planes fly?"
+DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -127,9 +127,9 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from constellation.mesh import Mesh, MeshPorts, default_cache_dir, state_file
+    from constellation.mesh import Mesh, MeshPorts, default_run_dir, state_file
 
-    run_dir = Path(args.run_dir) if args.run_dir else default_cache_dir() / "run"
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     ports = MeshPorts(
         dispatch=args.port,
         dispatch_metrics=args.metrics_port,
@@ -146,7 +146,7 @@ def _up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    path = state_file()
+    path = state_file(run_dir)
     code = 0
     try:
         mesh.start()
@@ -189,21 +189,26 @@ def _up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         mesh.stop()
         path.unlink(missing_ok=True)
-        print("stopped: no process, port or /dev/shm file left behind.", file=sys.stderr, flush=True)
+        left = mesh.leftovers()
+        if left:
+            _err("stopped, but these were left behind: " + "; ".join(left))
+            code = code or EXIT_ERROR
+        else:
+            print("stopped: no process, port or /dev/shm file left behind.", file=sys.stderr, flush=True)
     return code
 
 
-def _down(_args: argparse.Namespace) -> int:
+def _down(args: argparse.Namespace) -> int:
     from constellation.mesh import MeshState, state_file
 
-    state = MeshState.load(state_file())
+    state = MeshState.load(state_file(Path(args.run_dir) if args.run_dir else None))
     if state is None:
         _err("no running mesh found (nothing was started with `constellation up`)")
         return EXIT_ERROR
     try:
         os.kill(state.pid, signal.SIGTERM)
     except ProcessLookupError:
-        state_file().unlink(missing_ok=True)
+        state_file(Path(args.run_dir) if args.run_dir else None).unlink(missing_ok=True)
         _err(f"the mesh process {state.pid} is gone; removed its stale state file")
         return EXIT_ERROR
     for _ in range(300):
@@ -276,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(handler=_health)
 
     down = sub.add_parser("down", help="stop a mesh started by `constellation up`")
+    down.add_argument("--run-dir", help="the --run-dir given to `up`, if any")
     down.set_defaults(handler=_down)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")

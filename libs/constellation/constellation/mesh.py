@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,8 +34,13 @@ def default_cache_dir() -> Path:
     return inference_cache_dir()
 
 
-def state_file() -> Path:
-    return default_cache_dir() / "mesh.json"
+def default_run_dir() -> Path:
+    return default_cache_dir() / "run"
+
+
+def state_file(run_dir: Path | None = None) -> Path:
+    """Where ``up`` records the running mesh (``<run dir>/mesh.json``)."""
+    return (run_dir or default_run_dir()) / "mesh.json"
 
 
 @dataclass
@@ -223,3 +229,23 @@ class Mesh:
         """Stops services first, then Triton. Idempotent."""
         self.dispatch.stop()
         self.triton.stop()
+
+    def leftovers(self) -> list[str]:
+        """What a stopped mesh left behind: live processes, bound ports, /dev/shm files. Empty when clean."""
+        found: list[str] = []
+        if self.dispatch.alive():
+            found.append(f"dispatch process {self.dispatch.process.pid if self.dispatch.process else '?'}")
+        if self.triton.is_running():
+            found.append(f"tritonserver process {self.triton.pid}")
+        for port in (self.ports.dispatch, self.ports.triton_grpc, self.ports.triton_http, self.ports.triton_metrics):
+            if port_in_use(port):
+                found.append(f"port {port} still bound")
+        found += [str(p) for p in self.triton.shm_leftovers()]
+        return found
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something still listens on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
