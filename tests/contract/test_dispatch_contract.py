@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -77,3 +79,29 @@ async def test_plan_is_a_dry_run(dispatch_factory) -> None:  # type: ignore[no-u
         assert "default model" in response.plan.candidates[0].reason
         with pytest.raises(InvalidArgument):
             await client.plan(ask_request(""))
+
+
+async def grpcurl(*args: str) -> tuple[int, str, str]:
+    binary = Path(sys.executable).parent / "grpcurl"
+    process = await asyncio.create_subprocess_exec(
+        str(binary), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+async def test_readme_grpcurl_recipes(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
+    """The README's grpcurl recipes that need no model, run as written against a live server."""
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
+    rc, out, _ = await grpcurl("-plaintext", address, "list")
+    assert rc == 0 and "constellation.v1.DispatchService" in out.split()
+    rc, out, _ = await grpcurl("-plaintext", address, "describe", "constellation.v1.DispatchService")
+    assert rc == 0 and "returns ( stream .constellation.v1.AskResponse )" in out
+    rc, out, _ = await grpcurl("-plaintext", address, "grpc.health.v1.Health/Check")
+    assert rc == 0 and '"SERVING"' in out
+    plan = '{"request": {"prompt": "Name three colours."}}'
+    rc, out, _ = await grpcurl("-plaintext", "-d", plan, address, "constellation.v1.DispatchService/Plan")
+    assert rc == 0 and '"policy": "single"' in out
+    bad = '{"prompt": "", "sampling": {"temperature": 5}}'
+    rc, _, err = await grpcurl("-plaintext", "-d", bad, address, "constellation.v1.DispatchService/Ask")
+    assert rc != 0 and "InvalidArgument" in err and '"field":"sampling.temperature"' in err
