@@ -65,13 +65,20 @@ class Sampling:
 
 @dataclass
 class Chunk:
-    """One streamed response: new text and the running token counts."""
+    """One streamed response: new text and the running token counts.
+
+    Models that know their own cost or simulate their latency (the replay model) also report
+    ``cost_usd`` and the simulated times in milliseconds; they are None for other models.
+    """
 
     text: str
     input_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str = ""
     final: bool = False
+    cost_usd: float | None = None
+    simulated_ttft_ms: float | None = None
+    simulated_total_ms: float | None = None
 
 
 @dataclass
@@ -238,6 +245,7 @@ class TritonClient:
         timeout_s: float,
         headers: Mapping[str, str] | None = None,
         request_id: str = "",
+        parameters: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Streams the model's answer to ``prompt``; the last chunk has ``final`` set.
 
@@ -248,6 +256,8 @@ class TritonClient:
             timeout_s: Deadline for the whole stream, in seconds (use the caller's remaining time).
             headers: Extra gRPC metadata, e.g. W3C ``traceparent``.
             request_id: Triton request id (shows in Triton's logs and traces).
+            parameters: KServe request parameters, e.g. ``{"recorded_model": "gpt-4o"}`` for the replay
+                model.
 
         Raises:
             NotFound, InvalidArgument, Unavailable, DeadlineExceeded, Cancelled, InternalError.
@@ -270,6 +280,7 @@ class TritonClient:
                 "model_name": model,
                 "inputs": [text_input, stream_flag, sampling_input],
                 "request_id": request_id,
+                "parameters": dict(parameters or {}),
             }
             # Keep the client side of the stream open until the final response has arrived.
             await finished.wait()
@@ -285,6 +296,10 @@ class TritonClient:
                     input_tokens=int(_scalar(result, "num_input_tokens") or 0),
                     output_tokens=int(_scalar(result, "num_output_tokens") or 0),
                 )
+                for name in ("cost_usd", "simulated_ttft_ms", "simulated_total_ms"):
+                    value = _scalar(result, name)
+                    if value is not None:
+                        setattr(chunk, name, float(value))
                 reason = _scalar(result, "finish_reason")
                 if isinstance(reason, bytes):
                     reason = reason.decode()
