@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from constellation.config import ServiceConfig
 
 
-class ModelPrice(BaseModel):
-    """List price of a model in USD per million tokens (self-hosted models: your own cost estimate)."""
+class ModelEntry(BaseModel):
+    """How dispatch reaches one model of the pool, and what it costs.
 
+    Attributes:
+        triton_model: The Triton model that serves it; empty means the same name as the entry.
+        parameters: KServe request parameters sent with every request (the replay model serves a
+            recorded model named by ``recorded_model``).
+        price_in_per_mtok: USD per million input tokens (self-hosted: your own cost estimate).
+        price_out_per_mtok: USD per million output tokens.
+        family: Model family, for routing priors.
+        params_b: Parameters in billions, when known.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    triton_model: str = ""
+    parameters: dict[str, str] = Field(default_factory=dict)
     price_in_per_mtok: float = Field(default=0.0, ge=0)
     price_out_per_mtok: float = Field(default=0.0, ge=0)
+    family: str | None = None
+    params_b: float | None = None
 
 
 class DispatchConfig(ServiceConfig):
@@ -28,7 +46,9 @@ class DispatchConfig(ServiceConfig):
         max_tokens_limit: Largest ``sampling.max_tokens`` accepted.
         default_max_tokens: ``max_tokens`` used when a request leaves it 0.
         default_timeout_s: Deadline for model calls when the caller set none, in seconds.
-        prices: Price per model name, used for the cost in usage events.
+        models: The pool: model name -> how to reach it and its price. A name not listed is sent to
+            the Triton model of the same name, at no cost.
+        models_file: A JSON file of more entries (``{"name": {...ModelEntry...}}``), merged over ``models``.
     """
 
     service_name: ClassVar[str] = "dispatch"
@@ -41,4 +61,13 @@ class DispatchConfig(ServiceConfig):
     max_tokens_limit: int = Field(default=2048, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     default_timeout_s: float = Field(default=120.0, gt=0)
-    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+    models_file: str = ""
+
+    def catalog(self) -> dict[str, ModelEntry]:
+        """``models`` merged with the entries of ``models_file`` (read once, at call time)."""
+        merged = dict(self.models)
+        if self.models_file:
+            raw = json.loads(Path(self.models_file).read_text(encoding="utf-8"))
+            merged.update({name: ModelEntry.model_validate(entry) for name, entry in raw.items()})
+        return merged

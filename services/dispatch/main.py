@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     parser.add_argument("--triton-url", help="Triton gRPC endpoint host:port (default 127.0.0.1:8001)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
+    parser.add_argument("--models-file", help="JSON file of pool models: name -> {triton_model, parameters, prices}")
+    parser.add_argument("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)")
     args = parser.parse_args(argv)
     overrides = {
         k: v

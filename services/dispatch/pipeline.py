@@ -23,7 +23,7 @@ from constellation import telemetry
 from constellation.errors import ConstellationError, DeadlineExceeded, NotFound
 from constellation.metrics import REGISTRY
 from constellation.triton import TritonClient
-from services.dispatch.config import DispatchConfig, ModelPrice
+from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.query import Query
 
 tracer = trace.get_tracer("constellation.dispatch")
@@ -86,7 +86,7 @@ class Finished:
     input_tokens: int
     output_tokens: int
     cost_usd: float
-    stages: list[tuple[str, float]]
+    stages: list[Stage]
     trace_id: str
     finish_reason: str
     models: list[str] = field(default_factory=list)
@@ -95,9 +95,18 @@ class Finished:
 Event = PlanMade | CandidateProgress | Delta | Finished
 
 
-def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> float:
-    """Cost in USD of one call at ``price`` (USD per million tokens)."""
-    return (input_tokens * price.price_in_per_mtok + output_tokens * price.price_out_per_mtok) / 1e6
+@dataclass(frozen=True)
+class Stage:
+    """One entry of the latency breakdown; ``simulated`` marks times a replayed model made up."""
+
+    name: str
+    ms: float
+    simulated: bool = False
+
+
+def cost_of(entry: ModelEntry, input_tokens: int, output_tokens: int) -> float:
+    """Cost in USD of one call at the entry's price (USD per million tokens)."""
+    return (input_tokens * entry.price_in_per_mtok + output_tokens * entry.price_out_per_mtok) / 1e6
 
 
 class Dispatcher:
@@ -106,6 +115,11 @@ class Dispatcher:
     def __init__(self, config: DispatchConfig, triton: TritonClient):
         self.config = config
         self.triton = triton
+        self.catalog = config.catalog()
+
+    def entry(self, model: str) -> ModelEntry:
+        """How to reach ``model``: its catalog entry, else the Triton model of the same name."""
+        return self.catalog.get(model) or ModelEntry(triton_model=model)
 
     def plan(self, query: Query) -> PlanMade:
         """The single-model route: the requested model, else the configured default."""
@@ -129,15 +143,16 @@ class Dispatcher:
             NotFound, Unavailable, DeadlineExceeded, InvalidArgument, InternalError: the request
             cannot be answered; events sent before stay valid.
         """
-        stages: list[tuple[str, float]] = []
+        stages: list[Stage] = []
         plan_start = time.perf_counter()
-        stages.append(("validate", (plan_start - received_at) * 1000))
+        stages.append(Stage("validate", (plan_start - received_at) * 1000))
         plan = self.plan(query)
-        stages.append(("plan", (time.perf_counter() - plan_start) * 1000))
+        stages.append(Stage("plan", (time.perf_counter() - plan_start) * 1000))
         yield plan
         member = plan.members[0]
         model = member.model
-        price = self.config.prices.get(model, ModelPrice())
+        entry = self.entry(model)
+        triton_model = entry.triton_model or model
         budget = self.config.default_timeout_s if deadline_s is None else deadline_s
         if query.time_budget_ms:
             budget = min(budget, query.time_budget_ms / 1000)
@@ -147,21 +162,25 @@ class Dispatcher:
         pieces: list[str] = []
         input_tokens = output_tokens = 0
         finish_reason = ""
+        reported_cost: float | None = None
+        simulated: tuple[float, float] | None = None
         with tracer.start_as_current_span("model.generate", kind=trace.SpanKind.CLIENT) as span:
             span.set_attribute("constellation.model", model)
             span.set_attribute("constellation.route", plan.policy)
             span.set_attribute("constellation.triton.endpoint", self.triton.url)
+            span.set_attribute("constellation.triton.model", triton_model)
             outcome = "error"
             try:
                 remaining = budget - (time.perf_counter() - received_at)
                 if remaining <= 0:
                     raise DeadlineExceeded("the request's deadline passed before the model was called")
                 stream = self.triton.generate(
-                    model,
+                    triton_model,
                     query.prompt,
                     query.sampling,
                     timeout_s=remaining,
                     headers=telemetry.inject_headers(),
+                    parameters=entry.parameters,
                 )
                 async with aclosing(stream) as chunks:
                     async for chunk in chunks:
@@ -176,10 +195,13 @@ class Dispatcher:
                             yield Delta(chunk.text, model)
                         if chunk.final:
                             finish_reason = chunk.finish_reason
+                            reported_cost = chunk.cost_usd
+                            if chunk.simulated_ttft_ms is not None and chunk.simulated_total_ms is not None:
+                                simulated = (chunk.simulated_ttft_ms, chunk.simulated_total_ms)
                 outcome = "ok"
             except NotFound:
                 outcome = "not_found"
-                await self.triton.require_model(model)  # raises NotFound naming the models that exist
+                await self.triton.require_model(triton_model)  # raises NotFound naming the models that exist
                 raise
             except BaseException as exc:
                 span.record_exception(exc)
@@ -190,11 +212,14 @@ class Dispatcher:
             finally:
                 MODEL_CALLS.labels(model, outcome).inc()
                 end = time.perf_counter()
-                cost = cost_of(price, input_tokens, output_tokens)
+                cost = reported_cost if reported_cost is not None else cost_of(entry, input_tokens, output_tokens)
                 span.set_attribute("constellation.input_tokens", input_tokens)
                 span.set_attribute("constellation.output_tokens", output_tokens)
                 span.set_attribute("constellation.cost_usd", cost)
                 span.set_attribute("constellation.finish_reason", finish_reason or outcome)
+                if simulated is not None:
+                    span.set_attribute("constellation.simulated_time_to_first_token_ms", simulated[0])
+                    span.set_attribute("constellation.simulated_total_ms", simulated[1])
                 if first_at is not None:
                     ttft = first_at - start
                     span.set_attribute("constellation.time_to_first_token_ms", ttft * 1000)
@@ -205,8 +230,11 @@ class Dispatcher:
                 TOKENS.labels(model, "output").inc(output_tokens)
                 COST.labels(model).inc(cost)
         first = first_at if first_at is not None else end
-        stages.append(("first_token", (first - start) * 1000))
-        stages.append(("generate", (end - first) * 1000))
+        stages.append(Stage("first_token", (first - start) * 1000))
+        stages.append(Stage("generate", (end - first) * 1000))
+        if simulated is not None:
+            stages.append(Stage("first_token", simulated[0], simulated=True))
+            stages.append(Stage("generate", simulated[1] - simulated[0], simulated=True))
         text = "".join(pieces)
         yield CandidateProgress(
             model,
@@ -217,7 +245,7 @@ class Dispatcher:
             cost,
             text=text,
         )
-        stages.append(("total", (time.perf_counter() - received_at) * 1000))
+        stages.append(Stage("total", (time.perf_counter() - received_at) * 1000))
         yield Finished(
             text=text,
             input_tokens=input_tokens,

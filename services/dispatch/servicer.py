@@ -82,7 +82,10 @@ def to_response(event: Event) -> dispatch_pb2.AskResponse:
                     output_tokens=event.output_tokens,
                     cost_usd=event.cost_usd,
                 ),
-                stages=[common_pb2.StageLatency(stage=name, milliseconds=ms) for name, ms in event.stages],
+                stages=[
+                    common_pb2.StageLatency(stage=s.name, milliseconds=s.ms, simulated=s.simulated)
+                    for s in event.stages
+                ],
                 trace_id=event.trace_id,
                 finish_reason=event.finish_reason,
                 models=event.models,

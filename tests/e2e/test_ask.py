@@ -12,16 +12,16 @@ from opentelemetry.trace import SpanKind
 
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import DeadlineExceeded, NotFound
-from services.dispatch.config import ModelPrice
+from services.dispatch.config import ModelEntry
 from services.inference.launcher import TritonServer
 from tests.e2e.triton_metrics import generations, in_flight, scrape
 
-PRICE = ModelPrice(price_in_per_mtok=1.0, price_out_per_mtok=2.0)
+PRICE = ModelEntry(price_in_per_mtok=1.0, price_out_per_mtok=2.0)
 
 
 @pytest.fixture
 async def dispatch(dispatch_factory, triton: TritonServer) -> str:  # type: ignore[no-untyped-def]
-    return str(await dispatch_factory(triton_url=triton.grpc_url, prices={"smollm2": PRICE}))
+    return str(await dispatch_factory(triton_url=triton.grpc_url, models={"smollm2": PRICE}))
 
 
 async def wait_idle(triton: TritonServer, within_s: float = 10.0) -> float:

@@ -13,14 +13,14 @@ def test_file_then_environment_then_overrides(tmp_path: Path, monkeypatch: pytes
     path = tmp_path / "c.toml"
     path.write_text(
         '[dispatch]\ntriton_url = "10.0.0.5:8001"\ndefault_max_tokens = 32\n'
-        "[dispatch.prices.smollm2]\nprice_in_per_mtok = 0.1\nprice_out_per_mtok = 0.2\n"
+        "[dispatch.models.smollm2]\nprice_in_per_mtok = 0.1\nprice_out_per_mtok = 0.2\n"
     )
     monkeypatch.setenv("CONSTELLATION_DISPATCH_DEFAULT_MAX_TOKENS", "48")
     config = load_config(DispatchConfig, path, port=0)
     assert config.triton_url == "10.0.0.5:8001"
     assert config.default_max_tokens == 48
     assert config.port == 0
-    assert config.prices["smollm2"].price_out_per_mtok == pytest.approx(0.2)
+    assert config.models["smollm2"].price_out_per_mtok == pytest.approx(0.2)
 
 
 def test_bad_value_names_field_and_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

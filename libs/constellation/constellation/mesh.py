@@ -17,9 +17,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -159,6 +160,8 @@ class Mesh:
         models: list[str],
         run_dir: Path,
         say: Callable[[str], None] = print,
+        model_parameters: dict[str, dict[str, str]] | None = None,
+        dispatch_args: Sequence[str] = (),
     ):
         from services.inference.launcher import TritonServer
 
@@ -166,12 +169,15 @@ class Mesh:
         self.models = models
         self.run_dir = run_dir
         self.say = say
+        extra: dict[str, Any] = {"model_parameters": model_parameters} if model_parameters else {}
         self.triton = TritonServer(
             models=models,
             grpc_port=ports.triton_grpc,
             http_port=ports.triton_http,
             metrics_port=ports.triton_metrics,
             log_file=run_dir / "triton.log",
+            run_dir=run_dir,
+            **extra,
         )
         self.dispatch = ServiceProcess(
             "dispatch",
@@ -183,6 +189,7 @@ class Mesh:
                 f"127.0.0.1:{ports.triton_grpc}",
                 "--metrics-port",
                 str(ports.dispatch_metrics),
+                *dispatch_args,
             ],
             run_dir / "dispatch.log",
         )
