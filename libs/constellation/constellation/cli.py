@@ -8,6 +8,7 @@ Examples::
     constellation ask --max-tokens 64 --temperature 0 "Name three prime numbers."
     constellation plan "Solve 12*7"  # which model(s) would be asked, without asking
     constellation health             # health of every service of the running mesh
+    constellation eval --pool ../shared/data/gsm8k.jsonl.gz   # judge policies on a recorded pool
     constellation down               # stop a mesh started by `up` in another terminal
 """
 
@@ -222,6 +223,36 @@ def _down(args: argparse.Namespace) -> int:
     return EXIT_ERROR
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from constellation.eval_run import markdown, run_eval, write_report
+
+    pool = Path(args.pool)
+    if not pool.is_file():
+        _err(f"no pool file at {pool}; pools are JSON lines (optionally gzip), see ../shared/data/README.md")
+        return EXIT_USAGE
+    policies = [p.strip() for p in args.policy.split(",")] if args.policy else None
+    report = run_eval(
+        pool,
+        policies=policies,
+        concurrency=args.concurrency,
+        time_scale=args.time_scale,
+        limit=args.limit,
+        seed=args.seed,
+        split=args.split,
+        progress=not args.no_progress,
+    )
+    paths = write_report(report, Path(args.out))
+    print()
+    print(markdown(report))
+    print(
+        f"{report.calls} calls through the mesh in {report.wall_s:.1f} s ({report.calls_per_s:.0f} calls/s, "
+        f"concurrency {report.concurrency}); {report.failed_calls} failed. Latency of replayed models is "
+        f"simulated (time scale {report.time_scale:g})."
+    )
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0 if report.failed_calls == 0 else EXIT_ERROR
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.service == "dispatch":
         from services.dispatch.main import main as dispatch_main
@@ -283,6 +314,33 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop a mesh started by `constellation up`")
     down.add_argument("--run-dir", help="the --run-dir given to `up`, if any")
     down.set_defaults(handler=_down)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="judge routing policies on a recorded pool, through the real mesh",
+        description="Runs a recorded pool's test split through a fresh mesh (Triton replay model + dispatch) "
+        "and judges policies: every single model, static (best on train), random, oracle (cheapest correct) "
+        "and majority vote (closed answers). Writes JSON, a markdown table and a Pareto plot.",
+    )
+    evaluate.add_argument(
+        "--pool", required=True, help="pool file (.jsonl or .jsonl.gz), e.g. ../shared/data/gsm8k.jsonl.gz"
+    )
+    evaluate.add_argument(
+        "--policy", help="comma-separated: single:<model>, static, random, oracle, majority (default: all of them)"
+    )
+    evaluate.add_argument("--concurrency", type=int, default=32, help="calls in flight at once (default 32)")
+    evaluate.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.0,
+        help="fraction of the simulated model latency really waited (default 0: report it, don't wait)",
+    )
+    evaluate.add_argument("--split", choices=["test", "train", "all"], default="test")
+    evaluate.add_argument("--limit", type=int, help="only the first N prompts (quick looks)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    evaluate.add_argument("--out", default="eval-results", help="output directory (default ./eval-results)")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(handler=_eval)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
     serve.add_argument("service", choices=["dispatch", "triton"])

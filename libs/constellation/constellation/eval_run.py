@@ -1,0 +1,316 @@
+"""``constellation eval``: runs a recorded pool's test split through the real mesh and judges policies.
+
+Starts its own mesh on free loopback ports (Triton with the replay model serving the pool, and a
+dispatch process whose catalog maps every pool model to the replay model), sends every call the
+chosen policies need as an ``Ask`` with bounded concurrency, then writes the results as JSON, a
+markdown table and a Pareto plot.
+
+Latency is reported in two parts: the replayed model's *simulated* time (time to last token, from
+its size class with a seeded heavy tail) and the *real* time the mesh took around it (client wall
+time less the simulated waiting, which is ``time_scale`` × simulated time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from constellation.client import DispatchClient, ask_request
+from constellation.errors import ConstellationError
+from constellation.evaluation import Call, Judge, PolicyResult, verdict
+from constellation.pools import PoolRecord, model_cards_for, read_pool
+
+REPLAY_MODEL = "replay"
+MAX_TOKENS_LIMIT = 65536
+
+
+@dataclass
+class EvalReport:
+    """Everything one ``eval`` run produced."""
+
+    pool: str
+    task: str
+    answer_kind: str
+    results: list[PolicyResult]
+    best_single: PolicyResult
+    calls: int
+    failed_calls: int
+    wall_s: float
+    calls_per_s: float
+    time_scale: float
+    concurrency: int
+
+    @property
+    def metric(self) -> str:
+        return "mean score" if self.answer_kind == "open" else "accuracy"
+
+
+def catalog_for(pool: Path, models: Sequence[str]) -> dict[str, dict[str, object]]:
+    """Dispatch catalog entries that send every pool model to the replay model."""
+    cards = model_cards_for(pool)
+    catalog: dict[str, dict[str, object]] = {}
+    for model in models:
+        card = cards.get(model)
+        entry: dict[str, object] = {"triton_model": REPLAY_MODEL, "parameters": {"recorded_model": model}}
+        if card is not None:
+            entry.update(
+                price_in_per_mtok=card.price_in_per_mtok or 0.0,
+                price_out_per_mtok=card.price_out_per_mtok or 0.0,
+                family=card.family,
+                params_b=card.params_b,
+            )
+        catalog[model] = entry
+    return catalog
+
+
+async def _one_call(client: DispatchClient, record: PoolRecord, model: str, time_scale: float) -> Call:
+    start = time.perf_counter()
+    text = ""
+    cost = 0.0
+    simulated_ttft = simulated_total = 0.0
+    error = ""
+    request = ask_request(record.prompt, model=model, max_tokens=MAX_TOKENS_LIMIT)
+    try:
+        async with aclosing(client.ask(request, timeout_s=120)) as events:
+            async for event in events:
+                if event.WhichOneof("event") == "final":
+                    final = event.final
+                    text = final.text
+                    cost = final.usage.cost_usd
+                    simulated = {s.stage: s.milliseconds for s in final.stages if s.simulated}
+                    simulated_ttft = simulated.get("first_token", 0.0)
+                    simulated_total = simulated_ttft + simulated.get("generate", 0.0)
+    except ConstellationError as exc:
+        error = str(exc)
+    wall_ms = (time.perf_counter() - start) * 1000
+    mesh_ms = max(0.0, wall_ms - time_scale * simulated_total)
+    return Call(record.id, model, text, cost, simulated_total, simulated_ttft, mesh_ms, error)
+
+
+async def run_calls(
+    address: str,
+    pairs: Sequence[tuple[PoolRecord, str]],
+    *,
+    concurrency: int,
+    time_scale: float,
+    progress: bool = True,
+) -> dict[tuple[str, str], Call]:
+    """Sends every (record, model) pair through ``Ask``, at most ``concurrency`` at a time."""
+    limit = asyncio.Semaphore(concurrency)
+    results: dict[tuple[str, str], Call] = {}
+    bar = tqdm(total=len(pairs), desc="calls through the mesh", unit="call", disable=not progress)
+    async with DispatchClient(address, traced=False) as client:
+
+        async def worker(record: PoolRecord, model: str) -> None:
+            async with limit:
+                call = await _one_call(client, record, model, time_scale)
+            results[(record.id, model)] = call
+            bar.update(1)
+
+        await asyncio.gather(*(worker(r, m) for r, m in pairs))
+    bar.close()
+    return results
+
+
+def run_eval(
+    pool: Path,
+    *,
+    policies: Sequence[str] | None = None,
+    concurrency: int = 32,
+    time_scale: float = 0.0,
+    limit: int | None = None,
+    seed: int = 0,
+    split: str = "test",
+    say: Callable[[str], None] = print,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluates ``policies`` (default: every baseline) on ``pool``'s ``split`` through a fresh mesh."""
+    from constellation.mesh import Mesh, MeshPorts
+    from services.inference.launcher import free_port
+
+    evaluated = [r for r in read_pool(pool) if split == "all" or r.split == split]
+    if limit:
+        evaluated = evaluated[:limit]
+    train = list(read_pool(pool, split="train"))
+    if not evaluated:
+        raise ValueError(f"{pool} has no {split} records")
+    judge = Judge(evaluated, train, seed=seed)
+    chosen = list(policies) if policies else judge.policies()
+    needed: dict[tuple[str, str], tuple[PoolRecord, str]] = {}
+    for policy in chosen:
+        for record in evaluated:
+            for model in judge.members(policy, record):
+                needed[(record.id, model)] = (record, model)
+    say(
+        f"{pool.name}: {len(evaluated)} {split} prompts x {len(judge.models)} models; "
+        f"{len(chosen)} policies need {len(needed)} calls"
+    )
+    with tempfile.TemporaryDirectory(prefix="constellation-eval-") as tmp:
+        run_dir = Path(tmp)
+        models_file = run_dir / "models.json"
+        models_file.write_text(json.dumps(catalog_for(pool, judge.models)))
+        ports = MeshPorts(free_port(), free_port(), free_port(), free_port(), free_port())
+        mesh = Mesh(
+            ports,
+            models=[REPLAY_MODEL],
+            run_dir=run_dir,
+            say=say,
+            model_parameters={
+                REPLAY_MODEL: {
+                    "pool_paths": str(pool.resolve()),
+                    "time_scale": str(time_scale),
+                    "tokens_per_chunk": "64",
+                }
+            },
+            dispatch_args=["--models-file", str(models_file), "--max-tokens-limit", str(MAX_TOKENS_LIMIT)],
+        )
+        try:
+            mesh.start()
+            started = time.perf_counter()
+            calls = asyncio.run(
+                run_calls(
+                    mesh.dispatch_address,
+                    list(needed.values()),
+                    concurrency=concurrency,
+                    time_scale=time_scale,
+                    progress=progress,
+                )
+            )
+            wall = time.perf_counter() - started
+        finally:
+            mesh.stop()
+    results = [judge.evaluate(p, calls) for p in chosen]
+    singles = [r for r in results if r.policy.startswith("single:")]
+    best = max(singles, key=lambda r: (r.quality, -r.mean_cost_usd)) if singles else results[0]
+    failed = sum(1 for c in calls.values() if c.error)
+    return EvalReport(
+        pool=str(pool),
+        task=evaluated[0].task,
+        answer_kind=judge.kind,
+        results=results,
+        best_single=best,
+        calls=len(calls),
+        failed_calls=failed,
+        wall_s=wall,
+        calls_per_s=len(calls) / wall if wall else math.nan,
+        time_scale=time_scale,
+        concurrency=concurrency,
+    )
+
+
+def _fmt_ms(stats: dict[str, float]) -> str:
+    return " / ".join(f"{stats[p]:.0f}" if stats[p] >= 10 else f"{stats[p]:.1f}" for p in ("p50", "p95", "p99"))
+
+
+def markdown(report: EvalReport) -> str:
+    """The results table plus one verdict line per non-single policy."""
+    baselines = [r for r in report.results if not r.policy.startswith("single:")]
+    singles = sorted(
+        (r for r in report.results if r.policy.startswith("single:")), key=lambda r: (-r.quality, r.mean_cost_usd)
+    )
+    scale = 100.0
+    header = (
+        f"| policy | {report.metric} % | mean cost $ | total cost $ | simulated model ms p50 / p95 / p99 "
+        "| real mesh ms p50 / p95 / p99 | models per query |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for r in [*baselines, *singles]:
+        name = r.policy.removeprefix("single:")
+        if r is report.best_single:
+            name = f"**{name}** (best single)"
+        elif not r.policy.startswith("single:"):
+            name = f"**{name}**"
+        lines.append(
+            f"| {name} | {r.quality * scale:.2f} | {r.mean_cost_usd:.6f} | {r.total_cost_usd:.4f} | "
+            f"{_fmt_ms(r.simulated_ms)} | {_fmt_ms(r.mesh_ms)} | {r.mean_models:.1f} |"
+        )
+    verdicts = [f"- {verdict(r, report.best_single)}" for r in baselines]
+    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
+
+
+def pareto_plot(report: EvalReport, path: Path) -> None:
+    """Cost (log axis) against quality: every single model a point, the policies highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    singles = [r for r in report.results if r.policy.startswith("single:")]
+    floor = min((r.mean_cost_usd for r in report.results if r.mean_cost_usd > 0), default=1e-6) / 2
+    ax.scatter(
+        [max(r.mean_cost_usd, floor) for r in singles],
+        [r.quality * 100 for r in singles],
+        color="0.6",
+        label="single models",
+        zorder=2,
+    )
+    for r in singles:
+        ax.annotate(
+            r.policy.removeprefix("single:")[:22],
+            (max(r.mean_cost_usd, floor), r.quality * 100),
+            fontsize=6,
+            color="0.4",
+            xytext=(3, 2),
+            textcoords="offset points",
+        )
+    markers = {"static": "s", "random": "v", "oracle": "*", "majority": "D"}
+    for r in report.results:
+        if r.policy.startswith("single:"):
+            continue
+        ax.scatter(
+            max(r.mean_cost_usd, floor),
+            r.quality * 100,
+            marker=markers.get(r.policy, "o"),
+            s=90,
+            label=r.policy,
+            zorder=3,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("mean cost per query (USD, log scale)")
+    ax.set_ylabel(f"{report.metric} (%)")
+    ax.set_title(f"{report.task}: quality vs cost on the test split (through the mesh)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
+    """Writes ``<task>.json``, ``<task>.md`` and ``<task>_pareto.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = report.task
+    data = {
+        "pool": report.pool,
+        "task": report.task,
+        "answer_kind": report.answer_kind,
+        "metric": report.metric,
+        "calls": report.calls,
+        "failed_calls": report.failed_calls,
+        "wall_s": report.wall_s,
+        "calls_per_s": report.calls_per_s,
+        "time_scale": report.time_scale,
+        "concurrency": report.concurrency,
+        "best_single": report.best_single.policy,
+        "results": [r.row() for r in report.results],
+        "verdicts": {r.policy: verdict(r, report.best_single) for r in report.results},
+    }
+    paths = {
+        "json": out_dir / f"{stem}.json",
+        "markdown": out_dir / f"{stem}.md",
+        "plot": out_dir / f"{stem}_pareto.png",
+    }
+    paths["json"].write_text(json.dumps(data, indent=2))
+    paths["markdown"].write_text(markdown(report))
+    pareto_plot(report, paths["plot"])
+    return paths
