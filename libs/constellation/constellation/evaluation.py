@@ -288,10 +288,12 @@ def verdict(result: PolicyResult, best: PolicyResult) -> str:
     """One line: does ``result`` beat the best single model, and by how much in quality and cost?"""
     gain = (result.quality - best.quality) * 100
     ratio = result.mean_cost_usd / best.mean_cost_usd if best.mean_cost_usd else math.inf
-    if gain > 0 and ratio <= 1:
+    if gain > 1e-9 and ratio <= 1:
         word = "beats"
-    elif gain >= 0:
-        word = "matches or beats on quality but costs more than"
+    elif gain > 1e-9:
+        word = "is more accurate than, but dearer than,"
+    elif gain > -1e-9:
+        word = "ties with"
     else:
         word = "does not beat"
     return (
