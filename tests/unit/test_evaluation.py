@@ -56,7 +56,7 @@ def test_single_static_oracle_majority_by_hand(judge: Judge) -> None:
         majority, results["single:strong"]
     )
     assert "does not beat" in verdict(results["single:mid"], results["single:strong"])
-    assert "beats the best single model" in verdict(oracle, results["single:strong"])
+    assert "matches, more cheaply, the best single model" in verdict(oracle, results["single:strong"])
 
 
 def test_random_policy_is_repeatable(judge: Judge) -> None:

@@ -292,6 +292,8 @@ def verdict(result: PolicyResult, best: PolicyResult) -> str:
         word = "beats"
     elif gain > 1e-9:
         word = "is more accurate than, but dearer than,"
+    elif gain > -1e-9 and ratio < 1:
+        word = "matches, more cheaply,"
     elif gain > -1e-9:
         word = "ties with"
     else:

@@ -113,6 +113,8 @@ def _optional(value: Any, kind: type | tuple[type, ...], path: Path, line: int, 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        return "a number"
     return " or ".join(
         {"int": "an integer", "float": "a number", "str": "a string"}.get(k.__name__, k.__name__) for k in kinds
     )
