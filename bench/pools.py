@@ -1,0 +1,74 @@
+"""Baselines on every recorded pool, through the real mesh: ``constellation eval`` per pool file.
+
+For each ``*.jsonl.gz`` in the data directory (default ``../shared/data``): the test split through a
+fresh mesh (Triton replay model + dispatch), every single model, static, random, oracle and
+(closed answers) majority vote. Writes ``docs/eval/<task>.{json,md}`` and ``<task>_pareto.png``, and
+the "baselines" section of ``docs/BENCHMARKS.md`` with the wall time and calls per second.
+
+Run: ``make bench`` or ``python -m bench.pools [--data-dir DIR] [--concurrency 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+from bench.report import DOCS, write_section
+from constellation.eval_run import markdown, run_eval, write_report
+from constellation.evaluation import mean_quality_by_model
+from constellation.pools import read_pool
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def all_split_check(pool: Path) -> str:
+    """Single-model quality over the whole file (both splits), as the data README's tables give it."""
+    quality = mean_quality_by_model(read_pool(pool))
+    top = sorted(quality.items(), key=lambda kv: -kv[1])[:3]
+    return ", ".join(f"{m} {q * 100:.2f}" for m, q in top)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args(argv)
+    pools = sorted(args.data_dir.glob("*.jsonl.gz"))
+    if not pools:
+        raise SystemExit(f"no pool files (*.jsonl.gz) in {args.data_dir}; pass --data-dir")
+    out = DOCS / "eval"
+    started = time.perf_counter()
+    sections = []
+    total_calls = 0
+    for pool in pools:
+        report = run_eval(pool, concurrency=args.concurrency)
+        write_report(report, out)
+        total_calls += report.calls
+        sections.append(
+            f"### {report.task} ({report.metric}, test split)\n\n"
+            f"{report.calls} calls in {report.wall_s:.1f} s ({report.calls_per_s:.0f} calls/s); "
+            f"{report.failed_calls} failed. Single models over the whole file (train + test), top 3: "
+            f"{all_split_check(pool)}.\n\n"
+            f"{markdown(report)}\n![{report.task} Pareto](eval/{report.task}_pareto.png)\n"
+        )
+    wall = time.perf_counter() - started
+    body = (
+        "## Baselines on the recorded pools (through the mesh)\n\n"
+        f"Command: `make bench` (runs `python -m bench.pools`; one pool: `constellation eval --pool FILE`). "
+        f"Every call is a real `Ask` through dispatch to Triton's replay model (concurrency {args.concurrency}); "
+        "quality is the recorded correctness (or judge score) of the answer that came back, checked "
+        "text-for-text against the recording. Model latency is **simulated** (size class + seeded "
+        "log-normal tail; not waited, time scale 0); the real mesh time is reported beside it. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cpus.\n\n"
+        f"All {len(pools)} pools: {total_calls} calls in {wall:.0f} s wall, including mesh start-ups "
+        f"({total_calls / wall:.0f} calls/s overall).\n\n" + "\n".join(sections)
+    )
+    write_section("baselines", body)
+    print(f"\n{len(pools)} pools, {total_calls} calls, {wall:.0f} s; wrote docs/eval/ and docs/BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
