@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -253,6 +254,92 @@ def _eval(args: argparse.Namespace) -> int:
     return 0 if report.failed_calls == 0 else EXIT_ERROR
 
 
+def _traces_collect(args: argparse.Namespace) -> int:
+    from constellation.config import load_config
+    from constellation.traces.collector import CollectorConfig, running_collector
+
+    config = load_config(
+        CollectorConfig,
+        args.config,
+        **{k: v for k, v in {"port": args.port, "http_port": args.http_port, "db": args.db}.items() if v is not None},
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with running_collector(config) as collector:
+            http = f", OTLP/HTTP on {config.host}:{collector.http_port}/v1/traces" if collector.http_port else ""
+            print(
+                f"collecting spans into {config.db}: OTLP/gRPC on {config.host}:{collector.grpc_port}{http}\n"
+                f"point services at it: OTEL_EXPORTER_OTLP_ENDPOINT=http://{config.host}:{collector.grpc_port}",
+                flush=True,
+            )
+            await stop.wait()
+            print(f"stopped; {collector.store.count()} spans stored in {config.db}", flush=True)
+
+    asyncio.run(run())
+    return 0
+
+
+def _traces_analyze(args: argparse.Namespace) -> int:
+    from constellation.traces.analyze import analyze, markdown, plot, write_json
+    from constellation.traces.store import SpanStore
+
+    if not Path(args.db).is_file():
+        _err(f"no trace database at {args.db}; collect spans with `constellation traces collect --db {args.db}`")
+        return EXIT_USAGE
+    store = SpanStore.open(args.db)
+    try:
+        analysis = analyze(store.spans(), percentile=args.percentile)
+    finally:
+        store.close()
+    if analysis.requests == 0:
+        _err(f"{args.db} holds no Ask requests (no dispatch server spans)")
+        return EXIT_ERROR
+    out = Path(args.out)
+    paths = plot(analysis, out, prefix=args.prefix)
+    report = markdown(analysis, plots={k: p.name for k, p in paths.items()})
+    (out / f"{args.prefix}.md").write_text(report)
+    write_json(analysis, out / f"{args.prefix}.json")
+    print(report)
+    print(f"wrote {out / (args.prefix + '.md')}, {out / (args.prefix + '.json')} and the plots")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    from constellation.load import run_load
+    from constellation.pools import pool_models, read_pool
+
+    if args.pool:
+        prompts = [r.prompt for r in read_pool(args.pool, split="test")]
+        models = args.models.split(",") if args.models else pool_models(args.pool)
+    else:
+        prompts = [args.prompt]
+        models = args.models.split(",") if args.models else []
+    result = asyncio.run(
+        run_load(
+            _dispatch_address(args.address),
+            prompts,
+            rate=args.rate,
+            duration_s=args.duration,
+            max_requests=args.max_requests,
+            poisson=args.arrivals == "poisson",
+            models=models,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+            seed=args.seed,
+        )
+    )
+    summary = result.summary()
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        result.write(Path(args.out))
+        print(f"wrote {args.out}")
+    return 0 if not result.errors else EXIT_ERROR
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.service == "dispatch":
         from services.dispatch.main import main as dispatch_main
@@ -341,6 +428,52 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="eval-results", help="output directory (default ./eval-results)")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=_eval)
+
+    traces = sub.add_parser("traces", help="collect spans and explain tail latency")
+    traces_sub = traces.add_subparsers(dest="traces_command", required=True, metavar="SUBCOMMAND")
+    collect = traces_sub.add_parser(
+        "collect",
+        help="receive OTLP spans (gRPC :4317, HTTP :4318) and store them in SQLite",
+        description="An OTLP trace collector: point services at it with OTEL_EXPORTER_OTLP_ENDPOINT. "
+        "Spans are stored durably in SQLite for `constellation traces analyze`. Ctrl-C stops it.",
+    )
+    collect.add_argument("--db", help="SQLite file (default traces.sqlite)")
+    collect.add_argument("--port", type=int, help="OTLP/gRPC port (default 4317)")
+    collect.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318; -1 disables)")
+    collect.add_argument("--config", help="TOML config file ([collector] table)")
+    collect.set_defaults(handler=_traces_collect)
+    analyze = traces_sub.add_parser(
+        "analyze",
+        help="percentiles per stage and model, and the critical path of the slow requests",
+        description="Reads collected spans and reports p50/p95/p99 per stage and per model (HDR histograms), "
+        "the cost per request, and for the requests above --percentile which member and which phase set "
+        "their time. Writes markdown, JSON and plots.",
+    )
+    analyze.add_argument("--db", default="traces.sqlite")
+    analyze.add_argument("--percentile", type=float, default=99.0, help="explain requests at or above this (99)")
+    analyze.add_argument("--out", default="trace-report", help="output directory (default ./trace-report)")
+    analyze.add_argument("--prefix", default="traces", help="file name prefix of the outputs")
+    analyze.set_defaults(handler=_traces_analyze)
+
+    load = sub.add_parser(
+        "load",
+        help="open-loop load on the running mesh (fixed or Poisson arrivals)",
+        description="Sends Ask requests at their scheduled arrival times whatever the mesh does, so queueing "
+        "shows in the latency (no coordinated omission). Bounded by --duration and --max-requests.",
+    )
+    load.add_argument("--rate", type=float, required=True, help="requests per second offered")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals (default 30)")
+    load.add_argument("--max-requests", type=int, default=10_000, help="at most this many requests")
+    load.add_argument("--arrivals", choices=["poisson", "fixed"], default="poisson")
+    load.add_argument("--prompt", default=DEMO_QUESTION, help="the prompt (when no --pool)")
+    load.add_argument("--pool", help="take prompts from a recorded pool's test split")
+    load.add_argument("--models", help="comma-separated models to spread requests over (default: router's)")
+    load.add_argument("--max-tokens", type=int, default=0)
+    load.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--address", help="dispatch host:port (default: the mesh started by `up`)")
+    load.add_argument("--out", help="write the summary and HDR histograms to this JSON file")
+    load.set_defaults(handler=_load)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
     serve.add_argument("service", choices=["dispatch", "triton"])

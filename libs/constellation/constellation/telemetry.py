@@ -33,6 +33,8 @@ _UNTRACED_SERVICES = (
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
+    # The collector's own intake: tracing it would feed spans back into itself.
+    "opentelemetry.proto.collector.trace.v1.TraceService",
 )
 _lock = threading.Lock()
 

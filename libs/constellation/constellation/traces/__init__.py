@@ -1,0 +1,1 @@
+"""Trace collection and tail-latency analysis: ``constellation traces collect|analyze``."""

@@ -1,0 +1,58 @@
+"""The analyzer on a hand-made span set whose percentiles and critical paths are known."""
+
+from __future__ import annotations
+
+import pytest
+
+from constellation.traces.analyze import ASK, MODEL_CALL, analyze, markdown
+from constellation.traces.store import SpanRow
+
+MS = 1_000_000  # nanoseconds per millisecond
+
+
+def request(n: int, total_ms: float, members: list[tuple[str, float, float, float]], classify_ms: float = 2.0):
+    """A dispatch Ask span with a classify call and model calls (model, start, first token, end) in ms."""
+    trace = f"{n:032x}"
+    root = SpanRow(trace, f"{n:08x}00000000", "", ASK, 2, "dispatch", 0, int(total_ms * MS), 0)
+    spans = [
+        root,
+        SpanRow(trace, f"{n:08x}000000c1", root.span_id, "/constellation.v1.ClassifierService/Classify", 3,
+                "dispatch", 0, int(classify_ms * MS), 0),
+    ]  # fmt: skip
+    for i, (model, start, first, end) in enumerate(members):
+        span_id = f"{n:08x}{i + 1:08x}"
+        spans.append(
+            SpanRow(trace, span_id, root.span_id, MODEL_CALL, 3, "dispatch", int(start * MS), int(end * MS), 0,
+                    attributes={"constellation.model": model, "constellation.cost_usd": 0.001},
+                    events=[{"name": "first_token", "time_ns": int(first * MS)}])
+        )  # fmt: skip
+    return spans
+
+
+def test_percentiles_and_critical_path() -> None:
+    spans = []
+    # 98 fast requests: 100 ms total, one model "a" (first token at 30 ms, done at 90 ms).
+    for n in range(98):
+        spans += request(n, 100.0, [("a", 5.0, 30.0, 90.0)])
+    # Two slow fan-outs: the answer waited for "b", slow to its first token.
+    spans += request(98, 1000.0, [("a", 5.0, 30.0, 90.0), ("b", 5.0, 900.0, 990.0)])
+    spans += request(99, 1200.0, [("a", 5.0, 30.0, 90.0), ("b", 5.0, 1100.0, 1190.0)])
+    result = analyze(spans, percentile=98.5)
+    assert result.requests == 100
+    assert result.stages["total"]["p50"] == pytest.approx(100.0, rel=1e-3)
+    assert result.stages["total"]["p99"] == pytest.approx(1000.0, rel=1e-3)
+    assert [r.trace_id for r in result.slow] == [f"{99:032x}", f"{98:032x}"]
+    slowest = result.slow[0]
+    assert slowest.critical_model == "b"
+    assert slowest.members == 2
+    assert slowest.phases["classify"] == pytest.approx(2.0)
+    assert slowest.phases["first_token"] == pytest.approx(1095.0)
+    assert slowest.phases["decode"] == pytest.approx(90.0)
+    # dispatch's own time = total - classify - the member waited for (5..1190 ms)
+    assert slowest.phases["dispatch"] == pytest.approx(1200.0 - 2.0 - 1185.0)
+    assert result.slow_by_model == {"b": 2}
+    assert result.slow_by_phase == {"first_token": 2}
+    assert result.models["a"]["first_token"]["p50"] == pytest.approx(25.0, rel=1e-3)
+    assert result.cost_per_request["p50"] == pytest.approx(0.001, rel=1e-2)
+    report = markdown(result)
+    assert "model waited for: b in 2" in report and "first_token in 2" in report
