@@ -8,7 +8,10 @@ How Triton is run here (see ``shared/TRITON_CPU.md``):
 * ``PATH`` starts with the venv's ``bin`` (so the stub's embedded Python finds the venv's packages) and
   ``LD_LIBRARY_PATH`` with this Python's ``LIBDIR`` (so the stub links the same ``libpython``);
 * each server gets its own python-backend shared-memory prefix, so :meth:`TritonServer.stop` can remove
-  what that server left in ``/dev/shm`` (after a SIGKILL) without touching other servers' regions.
+  what that server left in ``/dev/shm`` (after a SIGKILL) without touching other servers' regions;
+* per-model config parameters given at start (``model_parameters``) go into a run-time copy of the model
+  repository under the run directory (:func:`materialize_model_repository`): symlinks to each model's
+  version directories and a rewritten ``config.pbtxt``; the source repository is never modified.
 
 ``python -m services.inference.launcher`` runs one in the foreground until Ctrl-C.
 """
@@ -20,6 +23,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -120,6 +124,79 @@ def triton_environment(cache_dir: Path, base: dict[str, str] | None = None) -> d
     return env
 
 
+ModelParameters = Mapping[str, Mapping[str, object]]
+"""Per-model config parameters: model name -> {parameter key -> value (stored as its ``str``)}."""
+
+
+def with_parameters(config_text: str, parameters: Mapping[str, object]) -> str:
+    """Return ``config_text`` (a Triton ``config.pbtxt``) with ``parameters`` added or overridden.
+
+    Parsed and re-written with Triton's ``ModelConfig`` protobuf (from ``tritonclient``), so comments are
+    dropped; values become ``string_value`` (``str(value)``), which is how Triton passes parameters to
+    python-backend models.
+
+    Raises:
+        TritonError: The config does not parse, or a key is empty.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(config_text, config)
+    except text_format.ParseError as exc:
+        raise TritonError(f"config.pbtxt does not parse: {exc}") from None
+    for key, value in parameters.items():
+        if not key:
+            raise TritonError("model parameter keys must not be empty")
+        config.parameters[key].string_value = str(value)
+    return text_format.MessageToString(config)
+
+
+def materialize_model_repository(source: Path, target: Path, model_parameters: ModelParameters) -> Path:
+    """Build a run-time model repository at ``target`` from ``source`` with per-model parameters.
+
+    For every model directory of ``source`` that has a ``config.pbtxt``: ``target/<model>/`` holds a
+    symlink to each of its other entries (version directories such as ``1/``) and a ``config.pbtxt`` with
+    that model's ``model_parameters`` added or overridden (:func:`with_parameters`); models without
+    parameters get a verbatim copy. Other entries of ``source`` are symlinked. ``target`` is replaced if
+    it exists. Takes milliseconds.
+
+    Returns:
+        ``target`` (the value for ``--model-repository``).
+
+    Raises:
+        TritonError: A model in ``model_parameters`` is not in ``source``, or a config does not parse.
+    """
+    source = Path(source).resolve()
+    target = Path(target)
+    unknown = sorted(m for m in model_parameters if not (source / m / "config.pbtxt").is_file())
+    if unknown:
+        raise TritonError(f"model_parameters name model(s) {unknown} that {source} does not hold")
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for entry in sorted(source.iterdir()):
+        config_path = entry / "config.pbtxt"
+        if not (entry.is_dir() and config_path.is_file()):
+            os.symlink(entry, target / entry.name)
+            continue
+        model_dir = target / entry.name
+        model_dir.mkdir()
+        for item in sorted(entry.iterdir()):
+            if item.name != "config.pbtxt":
+                os.symlink(item, model_dir / item.name)
+        text = config_path.read_text(encoding="utf-8")
+        parameters = model_parameters.get(entry.name)
+        if parameters:
+            header = f"# Generated from {config_path} with run-time parameters {sorted(parameters)}.\n"
+            text = header + with_parameters(text, parameters)
+        (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
+    return target
+
+
 def _wait_group_gone(pgid: int, timeout: float) -> bool:
     """Poll until no process (zombies included) is left in process group ``pgid``; False on timeout."""
     deadline = time.monotonic() + timeout
@@ -162,6 +239,7 @@ class TritonServer:
         run_dir: Path | None = None,
         exit_timeout_s: int = 5,
         extra_args: Sequence[str] = (),
+        model_parameters: ModelParameters | None = None,
     ) -> None:
         """Describe a server; nothing starts before :meth:`start`.
 
@@ -181,6 +259,10 @@ class TritonServer:
             exit_timeout_s: ``--exit-timeout-secs``: how long Triton waits for in-flight requests on
                 shutdown.
             extra_args: More ``tritonserver`` arguments, appended last.
+            model_parameters: Config parameters per model, added to (or overriding) the ``parameters`` of
+                its ``config.pbtxt``, e.g. ``{"replay": {"pool_paths": "/data/gsm8k.jsonl.gz",
+                "time_scale": "0.01"}}``. When given, Triton serves a run-time copy of the repository,
+                ``<run_dir>/model_repository`` (see :attr:`served_model_repository`).
         """
         self.models = list(models)
         self.model_repository = Path(model_repository)
@@ -192,6 +274,9 @@ class TritonServer:
         self._log_file = Path(log_file) if log_file is not None else None
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = list(extra_args)
+        self.model_parameters: dict[str, dict[str, str]] = {
+            model: {str(k): str(v) for k, v in params.items()} for model, params in (model_parameters or {}).items()
+        }
         self.shm_prefix = f"constellation_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         """Our python-backend shared-memory prefix; files ``/dev/shm/<prefix>*`` belong to this server."""
         self._process: subprocess.Popen[bytes] | None = None
@@ -215,13 +300,38 @@ class TritonServer:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
+    def run_dir(self) -> Path:
+        """Directory for this server's run-time files (created on first use: a new temporary directory
+        unless ``run_dir`` was given)."""
+        if self._run_dir is None:
+            self._run_dir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        return self._run_dir
+
+    @property
     def log_file(self) -> Path:
         """Where Triton's stdout and stderr go."""
         if self._log_file is None:
-            if self._run_dir is None:
-                self._run_dir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
-            self._log_file = self._run_dir / "tritonserver.log"
+            self._log_file = self.run_dir / "tritonserver.log"
         return self._log_file
+
+    @property
+    def served_model_repository(self) -> Path:
+        """The repository Triton is given: ``model_repository`` itself, or, with ``model_parameters``,
+        its run-time copy ``<run_dir>/model_repository``."""
+        if not self.model_parameters:
+            return self.model_repository
+        return self.run_dir / "model_repository"
+
+    def prepare_model_repository(self) -> Path:
+        """Materialise the run-time repository when there are ``model_parameters``; return the served one.
+
+        Rebuilt on every call while the server is not running (so it follows edits of the source
+        repository); left alone while it runs, since Triton reads it on (explicit) model loads.
+        """
+        served = self.served_model_repository
+        if self.model_parameters and not (self.is_running() and served.is_dir()):
+            materialize_model_repository(self.model_repository, served, self.model_parameters)
+        return served
 
     @property
     def pid(self) -> int | None:
@@ -242,10 +352,10 @@ class TritonServer:
         return self._process is not None and self._process.poll() is None
 
     def command(self) -> list[str]:
-        """The ``tritonserver`` command line :meth:`start` runs."""
+        """The ``tritonserver`` command line :meth:`start` runs (materialises the run-time repository)."""
         args = [
             str(tritonserver_binary()),
-            f"--model-repository={self.model_repository}",
+            f"--model-repository={self.prepare_model_repository()}",
             f"--backend-directory={prepare_backend_dir(self.cache_dir)}",
             f"--grpc-port={self.grpc_port}",
             f"--http-port={self.http_port}",
@@ -428,7 +538,21 @@ def main(argv: list[str] | None = None) -> int:
         "--log-file", type=Path, default=None, help="Triton's log (default: a file in a new temporary directory)"
     )
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument(
+        "--model-parameter",
+        action="append",
+        default=[],
+        metavar="MODEL.KEY=VALUE",
+        help="config parameter for a model, e.g. replay.pool_paths=data/gsm8k.jsonl.gz (repeatable)",
+    )
     args = parser.parse_args(argv)
+    model_parameters: dict[str, dict[str, str]] = {}
+    for item in args.model_parameter:
+        name, eq, value = item.partition("=")
+        model, dot, key = name.partition(".")
+        if not (eq and dot and model and key):
+            parser.error(f"--model-parameter must look like MODEL.KEY=VALUE, got {item!r}")
+        model_parameters.setdefault(model, {})[key] = value
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     server = TritonServer(
@@ -439,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         cache_dir=args.cache_dir,
         log_file=args.log_file,
+        model_parameters=model_parameters,
     )
 
     def _terminate(signum: int, frame: object) -> None:

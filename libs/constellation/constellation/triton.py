@@ -118,8 +118,10 @@ def _map_rpc_error(error: grpc.aio.AioRpcError, url: str, model: str) -> Constel
 def _map_stream_error(error: InferenceServerException, model: str) -> ConstellationError:
     message = error.message() or str(error)
     lowered = message.lower()
-    if "unknown model" in lowered or "is not found" in lowered or "not ready" in lowered:
+    if "unknown model" in lowered or "is not ready" in lowered:
         return NotFound(f"model {model!r} is not loaded in Triton: {message}", metadata={"model": model})
+    if "not found" in lowered:
+        return NotFound(f"{model}: {message}", metadata={"model": model})
     if "must be" in lowered or "invalid" in lowered or "unknown key" in lowered:
         return InvalidArgument(f"{model} rejected the request: {message}", metadata={"model": model})
     return InternalError(f"{model} failed: {message}", metadata={"model": model})
@@ -290,6 +292,12 @@ class TritonClient:
         try:
             async for result, error in responses:
                 if error is not None:
+                    # Read the stream to its end before raising: cancelling right after an error
+                    # response can leave Triton 2.51 unable to unload the model at shutdown.
+                    finished.set()
+                    done = True
+                    async for _result, _error in responses:
+                        pass
                     raise _map_stream_error(error, model)
                 chunk = Chunk(
                     text=_text(result),

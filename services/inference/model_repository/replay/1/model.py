@@ -1,0 +1,383 @@
+"""REPLAY model: a recorded LLM's real answer to a known prompt, streamed, with a SIMULATED latency.
+
+Triton python backend, decoupled. The answer, its token counts and its cost are recorded (the pools of
+``constellation.pools``, indexed by :class:`services.inference.replay.ReplayIndex`); the latency is
+SIMULATED by :class:`services.inference.replay.LatencyModel` (size class of the recorded model, seeded
+heavy tail, deterministic per latency seed, model and prompt).
+
+Tensors (the vLLM convention of the smollm2 model):
+
+* inputs: ``text_input`` (string [1], the exact prompt text); optional ``stream`` (bool [1], default
+  false); optional ``sampling_parameters`` (string [1], JSON object). Only ``max_tokens`` (int >= 1) is
+  honoured: a longer recorded answer is cut and finishes with ``length``. Other keys (temperature,
+  top_p, stop, seed, ...) are accepted and ignored: the answer is recorded.
+* KServe request parameter ``recorded_model`` (string): which recorded model answers.
+* outputs: ``text_output`` (string [-1], one element; with ``stream`` only the new text), ``num_input_tokens``
+  and ``num_output_tokens`` (int32 [1], output tokens sent so far), ``finish_reason`` (string [1]:
+  ``stop`` | ``length`` | ``cancelled`` on the final response, ``""`` before), ``simulated_ttft_ms``
+  (fp64 [1], on every response), ``cost_usd`` and ``simulated_total_ms`` (fp64 [1], on the final
+  response only; ``cost_usd`` is left out when the cost is unknown). Simulated times are UNSCALED
+  milliseconds.
+
+Timing: chunk *k* (about ``tokens_per_chunk`` tokens of text) is sent when ``time_scale`` times its
+simulated time ``ttft + per_token * (tokens_so_far - 1)`` has passed since the request arrived; the last
+one at the simulated total. Without ``stream`` the single response is sent at the simulated total.
+
+Errors (each sent as one response with the final flag; the model never crashes): no ``recorded_model``,
+an unknown one, or a prompt not recorded for it -> ``NOT_FOUND`` with "is not found" and the model's
+name in the message (the first 60 characters of an unknown prompt are shown); a malformed input ->
+``INVALID_ARG``; anything else -> ``INTERNAL``.
+
+Concurrency: ``execute`` is a coroutine. Triton's python-backend stub runs the coroutines of a decoupled
+model on one asyncio event loop in the background, so hundreds of requests wait (``asyncio.sleep``)
+concurrently in this one process, without a thread each. The response sender's calls are short
+blocking IPC calls made from the loop. While waiting, each request asks ``is_cancelled()`` at least
+every :data:`CANCEL_POLL_S` seconds and before every chunk, and stops at once when the client cancelled.
+
+Config parameters: ``pool_paths`` (comma-separated pool files; empty: ``$CONSTELLATION_REPLAY_POOLS``),
+``time_scale`` (float >= 0, default 1.0; 0 = no waiting), ``tokens_per_chunk`` (int >= 1, default 8),
+``latency_seed`` (int, default 0), ``latency_profile`` (JSON, see ``LatencyProfile``; empty = defaults).
+
+Prometheus metrics (labels ``model``; the counter also ``finish_reason``: stop, length, cancelled,
+error): ``constellation_generations_in_flight``, ``constellation_generated_tokens_total`` (replayed
+output tokens) and ``constellation_generations_total``; same families as the smollm2 model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from services.inference.replay import (
+    ChunkStep,
+    LatencyModel,
+    LatencyProfile,
+    ReplayIndex,
+    ReplayNotFound,
+    prompt_sha256,
+    stream_plan,
+)
+
+CANCEL_POLL_S = 0.1
+"""Longest time a waiting request goes without asking whether it was cancelled (seconds)."""
+
+CANCEL_RECHECK_S = 0.01
+"""Chunks due at once (no wait) ask ``is_cancelled()`` again only after this many seconds (an IPC call)."""
+
+POOLS_ENV = "CONSTELLATION_REPLAY_POOLS"
+"""Environment variable with comma-separated pool files, used when ``pool_paths`` is empty."""
+
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+_TAG = "replay (latency is SIMULATED)"
+
+
+class _InvalidInput(ValueError):
+    """A request the client got wrong; answered with TritonError.INVALID_ARG."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt: str
+    stream: bool
+    max_tokens: int | None
+    recorded_model: str | None
+
+
+def _param(config: dict[str, Any], key: str, default: str) -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value")
+    return default if value in (None, "") else str(value)
+
+
+def _to_str(name: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _InvalidInput(f"{name} must be UTF-8") from None
+    return str(value)
+
+
+def _single(request: Any, name: str) -> Any:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise _InvalidInput(f"{name} must hold exactly one value, got {values.size}")
+    return values[0]
+
+
+def _max_tokens(raw: str) -> int | None:
+    """``max_tokens`` from the sampling_parameters JSON; every other key is accepted and ignored."""
+    if not raw.strip():
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _InvalidInput(f"sampling_parameters must be a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise _InvalidInput(f"sampling_parameters must be a JSON object, got {type(data).__name__}")
+    value = data.get("max_tokens")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _InvalidInput(f"sampling_parameters.max_tokens must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _recorded_model(request: Any) -> str | None:
+    raw = request.parameters()
+    try:
+        parameters = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise _InvalidInput(f"request parameters are not valid JSON: {raw!r}") from None
+    value = parameters.get("recorded_model") if isinstance(parameters, dict) else None
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _InvalidInput(f"request parameter recorded_model must be a string, got {value!r}")
+    return value
+
+
+def _f64(name: str, value: float) -> Any:
+    return pb_utils.Tensor(name, np.array([value], dtype=np.float64))
+
+
+class TritonPythonModel:
+    """Triton python-backend entry point; see the module docstring for the contract."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Load the pools into a ReplayIndex, set up the simulated latency model and the metrics."""
+        started = time.monotonic()
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException("this model must be decoupled (model_transaction_policy)")
+        self._model_name = args["model_name"]
+        raw_paths = _param(config, "pool_paths", os.environ.get(POOLS_ENV, ""))
+        paths = [Path(p.strip()).expanduser() for p in raw_paths.split(",") if p.strip()]
+        if not paths:
+            raise pb_utils.TritonModelException(
+                f"{_TAG}: parameter pool_paths (comma-separated pool files) is empty and ${POOLS_ENV} is not set"
+            )
+        paths = [p if p.is_absolute() else Path.cwd() / p for p in paths]
+        try:
+            self._time_scale = float(_param(config, "time_scale", "1.0"))
+            self._tokens_per_chunk = int(_param(config, "tokens_per_chunk", "8"))
+            seed = int(_param(config, "latency_seed", "0"))
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"{_TAG}: bad parameter: {exc}") from None
+        if not math.isfinite(self._time_scale) or self._time_scale < 0:
+            raise pb_utils.TritonModelException(f"{_TAG}: time_scale must be >= 0, got {self._time_scale}")
+        if self._tokens_per_chunk < 1:
+            raise pb_utils.TritonModelException(f"{_TAG}: tokens_per_chunk must be >= 1")
+        try:
+            profile = LatencyProfile.from_json(_param(config, "latency_profile", ""))
+            self._index = ReplayIndex.from_pools(paths)
+        except Exception as exc:  # bad profile JSON, missing file, PoolFormatError (names file and line)
+            raise pb_utils.TritonModelException(f"{_TAG}: {exc}") from None
+        self._latency = LatencyModel(profile, seed=seed, cards=self._index.cards)
+
+        self._in_flight_family = pb_utils.MetricFamily(
+            name="constellation_generations_in_flight",
+            description="Generation requests accepted and not yet closed (queued or generating)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self._tokens_family = pb_utils.MetricFamily(
+            name="constellation_generated_tokens_total",
+            description="Tokens sampled by the generation loop",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._generations_family = pb_utils.MetricFamily(
+            name="constellation_generations_total",
+            description="Generation requests closed, by finish reason",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        labels = {"model": self._model_name}
+        self._in_flight = self._in_flight_family.Metric(labels=labels)
+        self._tokens = self._tokens_family.Metric(labels=labels)
+        self._generations = {
+            reason: self._generations_family.Metric(labels={**labels, "finish_reason": reason})
+            for reason in ("stop", "length", "cancelled", "error")
+        }
+        self._in_flight_count = 0  # only touched on the event loop's thread
+        self._stopping = False
+        pb_utils.Logger.log_info(
+            f"{_TAG}: {self._model_name} loaded {len(self._index)} recorded answers of "
+            f"{len(self._index.models())} models from {len(paths)} pool(s) in {time.monotonic() - started:.2f} s "
+            f"(time_scale {self._time_scale}, tokens_per_chunk {self._tokens_per_chunk}, latency_seed {seed}; "
+            f"simulated base ttft ms by size class {dict(profile.ttft_ms)})"
+        )
+
+    # ----------------------------------------------------------------------------------------- requests
+
+    async def execute(self, requests: list[Any]) -> None:
+        """Serve every request of the batch concurrently; returns when all are closed (runs in background)."""
+        await asyncio.gather(*(self._serve(request) for request in requests))
+        return None
+
+    def _parse(self, request: Any) -> _Request:
+        text = _single(request, "text_input")
+        if text is None:
+            raise _InvalidInput("text_input is required")
+        prompt = _to_str("text_input", text)
+        stream_value = _single(request, "stream")
+        stream = bool(stream_value) if stream_value is not None else False
+        sampling = _single(request, "sampling_parameters")
+        max_tokens = _max_tokens(_to_str("sampling_parameters", sampling)) if sampling is not None else None
+        return _Request(prompt, stream, max_tokens, _recorded_model(request))
+
+    async def _serve(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        self._change_in_flight(+1)
+        try:
+            try:
+                parsed = self._parse(request)
+                prompt_hash = prompt_sha256(parsed.prompt)
+                replay = self._index.replay(
+                    parsed.recorded_model, parsed.prompt, max_tokens=parsed.max_tokens, prompt_hash=prompt_hash
+                )
+            except _InvalidInput as exc:
+                self._close_with_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                return
+            except ReplayNotFound as exc:
+                pb_utils.Logger.log_verbose(f"{_TAG}: {exc}")
+                self._close_with_error(sender, str(exc), pb_utils.TritonError.NOT_FOUND)
+                return
+            await self._stream(sender, parsed, replay, prompt_hash)
+        except Exception as exc:
+            pb_utils.Logger.log_error(f"{_TAG}: request failed: {exc!r}")
+            self._close_with_error(sender, f"replay failed: {exc}", pb_utils.TritonError.INTERNAL)
+
+    async def _stream(self, sender: Any, parsed: _Request, replay: Any, prompt_hash: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ttft, per_token = self._latency.sample_hashed(replay.model, prompt_hash)
+        total = LatencyModel.total_ms(ttft, per_token, replay.output_tokens)
+        if parsed.stream:
+            steps = stream_plan(replay, ttft, per_token, self._tokens_per_chunk)
+        else:
+            steps = [ChunkStep(replay.text, replay.output_tokens, total)]
+        sent_tokens = 0
+        last_check = [-math.inf]
+        for i, step in enumerate(steps):
+            final = i == len(steps) - 1
+            if await self._wait_until(sender, started + step.at_ms / 1000.0 * self._time_scale, last_check):
+                self._finish_cancelled(sender, replay, sent_tokens, ttft, total)
+                return
+            outputs = [
+                pb_utils.Tensor("text_output", np.array([step.text.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor("num_input_tokens", np.array([replay.input_tokens], dtype=np.int32)),
+                pb_utils.Tensor("num_output_tokens", np.array([step.output_tokens], dtype=np.int32)),
+                pb_utils.Tensor(
+                    "finish_reason", np.array([(replay.finish_reason if final else "").encode()], dtype=np.object_)
+                ),
+                _f64("simulated_ttft_ms", ttft),
+            ]
+            if final:
+                outputs.append(_f64("simulated_total_ms", total))
+                if replay.cost_usd is not None:
+                    outputs.append(_f64("cost_usd", replay.cost_usd))
+            try:
+                sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=_FINAL if final else 0)
+            except Exception as exc:  # the client went away between the check and the send
+                pb_utils.Logger.log_verbose(f"{_TAG}: send failed ({exc!r}); treating the request as cancelled")
+                self._finish_cancelled(sender, replay, sent_tokens, ttft, total)
+                return
+            self._tokens.increment(step.output_tokens - sent_tokens)
+            sent_tokens = step.output_tokens
+        self._generations[replay.finish_reason].increment(1)
+        self._change_in_flight(-1)
+        pb_utils.Logger.log_verbose(
+            f"{_TAG}: {replay.model} answered with {replay.output_tokens} tokens ({replay.finish_reason}) in "
+            f"{len(steps)} response(s); simulated ttft {ttft:.0f} ms, total {total:.0f} ms, real "
+            f"{loop.time() - started:.3f} s at time_scale {self._time_scale}"
+        )
+
+    async def _wait_until(self, sender: Any, deadline: float, last_check: list[float]) -> bool:
+        """Sleep until the loop time ``deadline``; True as soon as the request is cancelled.
+
+        ``is_cancelled()`` is an IPC round trip to Triton, so it is asked before every sleep (at least every
+        CANCEL_POLL_S while sleeping) but, between chunks that are due at once, only when
+        CANCEL_RECHECK_S has passed since ``last_check[0]`` (this request's previous check; updated here).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            remaining = deadline - now
+            if self._stopping:
+                return True
+            if remaining > 0 or now - last_check[0] >= CANCEL_RECHECK_S:
+                last_check[0] = now
+                if sender.is_cancelled():
+                    return True
+                remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(remaining, CANCEL_POLL_S))
+
+    # ----------------------------------------------------------------------------------------- closing
+
+    def _finish_cancelled(self, sender: Any, replay: Any, sent_tokens: int, ttft: float, total: float) -> None:
+        """Close a cancelled request with the final flag (a response if the sender still takes one)."""
+        try:
+            sender.send(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("text_output", np.array([b""], dtype=np.object_)),
+                        pb_utils.Tensor("num_input_tokens", np.array([replay.input_tokens], dtype=np.int32)),
+                        pb_utils.Tensor("num_output_tokens", np.array([sent_tokens], dtype=np.int32)),
+                        pb_utils.Tensor("finish_reason", np.array([b"cancelled"], dtype=np.object_)),
+                        _f64("simulated_ttft_ms", ttft),
+                        _f64("simulated_total_ms", total),
+                    ]
+                ),
+                flags=_FINAL,
+            )
+        except Exception:
+            try:
+                sender.send(flags=_FINAL)
+            except Exception as exc:
+                pb_utils.Logger.log_warn(f"{_TAG}: could not close a cancelled request: {exc!r}")
+        self._generations["cancelled"].increment(1)
+        self._change_in_flight(-1)
+        pb_utils.Logger.log_verbose(f"{_TAG}: {replay.model} cancelled after {sent_tokens} tokens")
+
+    def _close_with_error(self, sender: Any, message: str, code: Any) -> None:
+        try:
+            sender.send(
+                pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)),
+                flags=_FINAL,
+            )
+        except Exception as exc:
+            pb_utils.Logger.log_warn(f"{_TAG}: could not send error {message!r}: {exc!r}")
+        self._generations["error"].increment(1)
+        self._change_in_flight(-1)
+
+    def _change_in_flight(self, delta: int) -> None:
+        self._in_flight_count += delta
+        self._in_flight.set(self._in_flight_count)
+
+    def finalize(self) -> None:
+        """Stop waiting requests (they close as cancelled within CANCEL_POLL_S) and release the metrics."""
+        self._stopping = True
+        deadline = time.monotonic() + 5.0
+        while self._in_flight_count > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Metrics must go before their families.
+        del self._in_flight, self._tokens, self._generations
+        del self._in_flight_family, self._tokens_family, self._generations_family
+        pb_utils.Logger.log_info(f"{_TAG}: {self._model_name} finalized")
