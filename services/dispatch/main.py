@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             "port": args.port,
             "triton_url": args.triton_url,
             "metrics_port": args.metrics_port,
+            "models_file": args.models_file,
+            "max_tokens_limit": args.max_tokens_limit,
         }.items()
         if v is not None
     }

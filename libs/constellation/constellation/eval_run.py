@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -191,7 +192,10 @@ def run_eval(
     results = [judge.evaluate(p, calls) for p in chosen]
     singles = [r for r in results if r.policy.startswith("single:")]
     best = max(singles, key=lambda r: (r.quality, -r.mean_cost_usd)) if singles else results[0]
-    failed = sum(1 for c in calls.values() if c.error)
+    errors = Counter(c.error for c in calls.values() if c.error)
+    failed = sum(errors.values())
+    for message, count in errors.most_common(3):
+        say(f"  {count} calls failed: {message}")
     return EvalReport(
         pool=str(pool),
         task=evaluated[0].task,
