@@ -191,7 +191,11 @@ def run_eval(
             mesh.stop()
     results = [judge.evaluate(p, calls) for p in chosen]
     singles = [r for r in results if r.policy.startswith("single:")]
-    best = max(singles, key=lambda r: (r.quality, -r.mean_cost_usd)) if singles else results[0]
+    if singles:
+        best = max(singles, key=lambda r: (r.quality, -r.mean_cost_usd))
+    else:  # no single model was run: compare against the recorded best single model, and say so
+        best = judge.recorded_best_single()
+        results.append(best)
     errors = Counter(c.error for c in calls.values() if c.error)
     failed = sum(errors.values())
     for message, count in errors.most_common(3):

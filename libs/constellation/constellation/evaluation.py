@@ -275,6 +275,24 @@ class Judge:
             quality = self.call_quality(record, used[0])
         return Outcome(record.id, quality, cost, simulated, mesh, tuple(members), failed)
 
+    def recorded_best_single(self) -> PolicyResult:
+        """The best single model on the evaluated split from the recording alone (no calls, no latency).
+
+        Used as the reference when a run evaluates no single model.
+        """
+        best: PolicyResult | None = None
+        for model in self.models:
+            outcomes = [
+                Outcome(r.id, r.responses[model].quality, r.responses[model].cost_usd or 0.0, math.nan, math.nan,
+                        (model,))
+                for r in self.test
+            ]  # fmt: skip
+            result = summarize(f"single:{model} (recorded, not run)", outcomes)
+            if best is None or (result.quality, -result.mean_cost_usd) > (best.quality, -best.mean_cost_usd):
+                best = result
+        assert best is not None
+        return best
+
     def evaluate(self, policy: str, calls: dict[tuple[str, str], Call]) -> PolicyResult:
         """Metrics of ``policy`` over the test split, from calls keyed by (record id, model)."""
         outcomes = []
