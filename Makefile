@@ -57,6 +57,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.mesh_overhead
 	$(PY) -m bench.pools
+	$(PY) -m bench.tail_latency
 
 clean:
 	rm -rf build .run $(STUBS) libs/constellation/constellation/v1/*_pb2*.py* 

@@ -162,6 +162,7 @@ class Mesh:
         say: Callable[[str], None] = print,
         model_parameters: dict[str, dict[str, str]] | None = None,
         dispatch_args: Sequence[str] = (),
+        dispatch_env: dict[str, str] | None = None,
     ):
         from services.inference.launcher import TritonServer
 
@@ -192,6 +193,7 @@ class Mesh:
                 *dispatch_args,
             ],
             run_dir / "dispatch.log",
+            env=dispatch_env,
         )
 
     @property

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from constellation import telemetry
 from constellation.config import ServiceConfig
@@ -118,3 +120,7 @@ async def serve(
     finally:
         log.info("%s shutting down (grace %.1fs)", config.service_name, config.shutdown_grace_s)
         await running.stop(config.shutdown_grace_s)
+        # Export the spans still buffered by the batch processor before the process exits.
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, TracerProvider):
+            await asyncio.to_thread(provider.shutdown)
