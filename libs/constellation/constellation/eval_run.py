@@ -233,6 +233,8 @@ def markdown(report: EvalReport) -> str:
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in [*baselines, *singles]:
         name = r.policy.removeprefix("single:")
+        if r.mean_cost_usd == 0:
+            name += " (no price recorded)"
         if r is report.best_single:
             name = f"**{name}** (best single)"
         elif not r.policy.startswith("single:"):
@@ -264,7 +266,7 @@ def pareto_plot(report: EvalReport, path: Path) -> None:
     )
     for r in singles:
         ax.annotate(
-            r.policy.removeprefix("single:")[:22],
+            r.policy.removeprefix("single:")[:22] + (" (no price)" if r.mean_cost_usd == 0 else ""),
             (max(r.mean_cost_usd, floor), r.quality * 100),
             fontsize=6,
             color="0.4",

@@ -165,16 +165,18 @@ def random_model(record: PoolRecord, models: Sequence[str], seed: int = 0) -> st
     return random.Random(digest).choice(sorted(models))
 
 
-def oracle_model(record: PoolRecord, cost_of: dict[str, float] | None = None) -> str:
-    """The cheapest model whose recorded answer to ``record`` has the best quality."""
+def oracle_model(record: PoolRecord) -> str:
+    """The cheapest model whose recorded answer to ``record`` has the best quality.
+
+    Models without a recorded cost (no known price) are chosen only when no priced model is as good.
+    """
     best = max(r.quality for r in record.responses.values())
 
-    def cost(model: str) -> float:
-        if cost_of is not None and model in cost_of:
-            return cost_of[model]
-        return record.responses[model].cost_usd or 0.0
+    def key(model: str) -> tuple[bool, float, str]:
+        cost = record.responses[model].cost_usd
+        return (cost is None, cost or 0.0, model)
 
-    return min((m for m, r in record.responses.items() if r.quality == best), key=lambda m: (cost(m), m))
+    return min((m for m, r in record.responses.items() if r.quality == best), key=key)
 
 
 def vote(kind: str, answers: dict[str, str | None], weights: dict[str, float]) -> tuple[str | None, float, list[str]]:
