@@ -59,8 +59,10 @@ async def test_otlp_grpc_and_http_exports_are_stored_durably(tmp_path: Path) -> 
         async with aiohttp.ClientSession() as session:
             async with session.post(url, data=body, headers={"Content-Type": "application/x-protobuf"}) as reply:
                 assert reply.status == 200
-            async with session.post(url, json={"resourceSpans": []}) as reply:
+            async with session.post(url, data=b"<xml/>", headers={"Content-Type": "text/xml"}) as reply:
                 assert reply.status == 415
+            async with session.post(url, json={"resourceSpans": []}) as reply:
+                assert reply.status == 200
     store = SpanStore.open(db)  # reopened after the collector stopped: the spans survived
     spans = {s.name: s for s in store.spans()}
     store.close()

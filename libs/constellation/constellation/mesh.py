@@ -163,6 +163,7 @@ class Mesh:
         model_parameters: dict[str, dict[str, str]] | None = None,
         dispatch_args: Sequence[str] = (),
         dispatch_env: dict[str, str] | None = None,
+        triton_args: Sequence[str] = (),
     ):
         from services.inference.launcher import TritonServer
 
@@ -178,6 +179,7 @@ class Mesh:
             metrics_port=ports.triton_metrics,
             log_file=run_dir / "triton.log",
             run_dir=run_dir,
+            extra_args=triton_args,
             **extra,
         )
         self.dispatch = ServiceProcess(

@@ -10,14 +10,17 @@ Jaeger or Tempo can take its place.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from aiohttp import web
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -55,21 +58,54 @@ class TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+_ID_FIELDS = {"traceId", "spanId", "parentSpanId"}
+PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
+
+
+def parse_otlp_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
+    """Parses an OTLP/JSON export (what Triton's OpenTelemetry mode sends).
+
+    OTLP/JSON writes trace and span ids as hex, while protobuf's JSON mapping expects base64 for
+    bytes fields; ids are converted before parsing.
+    """
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                key: base64.b64encode(bytes.fromhex(value)).decode()
+                if key in _ID_FIELDS and isinstance(value, str)
+                else fix(value)
+                for key, value in node.items()
+            }
+        if isinstance(node, list):
+            return [fix(item) for item in node]
+        return node
+
+    message = trace_service_pb2.ExportTraceServiceRequest()
+    json_format.ParseDict(fix(json.loads(body)), message, ignore_unknown_fields=True)
+    return message
+
+
 def http_app(store: SpanStore) -> web.Application:
-    """OTLP/HTTP intake: protobuf bodies on ``/v1/traces``."""
+    """OTLP/HTTP intake on ``/v1/traces``: protobuf or JSON bodies (Triton sends JSON)."""
 
     async def traces(request: web.Request) -> web.Response:
-        if request.content_type not in ("application/x-protobuf", "application/protobuf"):
-            return web.json_response(
-                {"error": "send OTLP protobuf (Content-Type: application/x-protobuf); JSON is not accepted"},
-                status=415,
-            )
-        message = trace_service_pb2.ExportTraceServiceRequest()
+        body = await request.read()
         try:
-            message.ParseFromString(await request.read())
+            if request.content_type in PROTOBUF_TYPES:
+                message = trace_service_pb2.ExportTraceServiceRequest()
+                message.ParseFromString(body)
+            elif request.content_type == "application/json":
+                message = parse_otlp_json(body)
+            else:
+                return web.json_response(
+                    {"error": "send OTLP as application/x-protobuf or application/json"}, status=415
+                )
         except Exception:
-            return web.json_response({"error": "body is not an ExportTraceServiceRequest"}, status=400)
+            return web.json_response({"error": "body is not an OTLP ExportTraceServiceRequest"}, status=400)
         await asyncio.to_thread(store.add, rows_from_otlp(message.resource_spans))
+        if request.content_type == "application/json":
+            return web.json_response({})
         return web.Response(
             body=trace_service_pb2.ExportTraceServiceResponse().SerializeToString(),
             content_type="application/x-protobuf",
