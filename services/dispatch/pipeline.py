@@ -11,6 +11,7 @@ Nothing here swallows ``asyncio.CancelledError``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -148,7 +149,6 @@ class Dispatcher:
         stages.append(Stage("validate", (plan_start - received_at) * 1000))
         plan = self.plan(query)
         stages.append(Stage("plan", (time.perf_counter() - plan_start) * 1000))
-        yield plan
         member = plan.members[0]
         model = member.model
         entry = self.entry(model)
@@ -157,7 +157,6 @@ class Dispatcher:
         if query.time_budget_ms:
             budget = min(budget, query.time_budget_ms / 1000)
         start = time.perf_counter()
-        yield CandidateProgress(model, "started", (start - received_at) * 1000)
         first_at: float | None = None
         pieces: list[str] = []
         input_tokens = output_tokens = 0
@@ -183,7 +182,18 @@ class Dispatcher:
                     parameters=entry.parameters,
                 )
                 async with aclosing(stream) as chunks:
-                    async for chunk in chunks:
+                    # The request leaves for Triton now; the plan and "started" events go to the
+                    # caller while the model works, not before it starts.
+                    head = asyncio.ensure_future(anext(chunks, None))
+                    try:
+                        yield plan
+                        yield CandidateProgress(model, "started", (start - received_at) * 1000)
+                        chunk = await head
+                    except BaseException:
+                        head.cancel()
+                        await asyncio.wait([head])
+                        raise
+                    while chunk is not None:
                         input_tokens = chunk.input_tokens or input_tokens
                         output_tokens = chunk.output_tokens or output_tokens
                         if chunk.text:
@@ -198,6 +208,7 @@ class Dispatcher:
                             reported_cost = chunk.cost_usd
                             if chunk.simulated_ttft_ms is not None and chunk.simulated_total_ms is not None:
                                 simulated = (chunk.simulated_ttft_ms, chunk.simulated_total_ms)
+                        chunk = await anext(chunks, None)
                 outcome = "ok"
             except NotFound:
                 outcome = "not_found"

