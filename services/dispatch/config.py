@@ -46,6 +46,9 @@ class DispatchConfig(ServiceConfig):
         max_tokens_limit: Largest ``sampling.max_tokens`` accepted.
         default_max_tokens: ``max_tokens`` used when a request leaves it 0.
         default_timeout_s: Deadline for model calls when the caller set none, in seconds.
+        classifier_url: ClassifierService ``host:port``; empty runs without classification.
+        classify_timeout_s: Deadline of the classification call; on failure or timeout the request goes
+            on unclassified (a classifier outage never loses a request).
         models: The pool: model name -> how to reach it and its price. A name not listed is sent to
             the Triton model of the same name, at no cost.
         models_file: A JSON file of more entries (``{"name": {...ModelEntry...}}``), merged over ``models``.
@@ -61,6 +64,8 @@ class DispatchConfig(ServiceConfig):
     max_tokens_limit: int = Field(default=2048, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     default_timeout_s: float = Field(default=120.0, gt=0)
+    classifier_url: str = ""
+    classify_timeout_s: float = Field(default=0.5, gt=0)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     models_file: str = ""
 

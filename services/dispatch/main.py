@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from constellation.config import load_config
 from constellation.server import Registration, RunningServer, create_server, serve
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
+from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.servicer import SERVICE_NAME, DispatchServicer
@@ -28,10 +29,21 @@ def registrations(dispatcher: Dispatcher) -> list[Registration]:
 
 
 @asynccontextmanager
+async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
+    """A Dispatcher with its Triton client and, when configured, its classifier client."""
+    async with AsyncExitStack() as stack:
+        triton = await stack.enter_async_context(TritonClient(config.triton_url))
+        classifier = None
+        if config.classifier_url:
+            classifier = await stack.enter_async_context(ClassifierClient(config.classifier_url))
+        yield Dispatcher(config, triton, classifier)
+
+
+@asynccontextmanager
 async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServer]:
     """Starts a dispatch server for ``config`` (port 0 picks a free one) and stops it on exit."""
-    async with TritonClient(config.triton_url) as triton:
-        running = await create_server(registrations(Dispatcher(config, triton)), config)
+    async with dispatcher_for(config) as dispatcher:
+        running = await create_server(registrations(dispatcher), config)
         try:
             yield running
         finally:
@@ -39,9 +51,9 @@ async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServe
 
 
 async def _main(config: DispatchConfig) -> None:
-    async with TritonClient(config.triton_url) as triton:
+    async with dispatcher_for(config) as dispatcher:
         await serve(
-            registrations(Dispatcher(config, triton)),
+            registrations(dispatcher),
             config,
             on_started=lambda r: print(f"dispatch listening on {config.host}:{r.port}", flush=True),
         )
@@ -58,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--triton-url", help="Triton gRPC endpoint host:port (default 127.0.0.1:8001)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
     parser.add_argument("--models-file", help="JSON file of pool models: name -> {triton_model, parameters, prices}")
+    parser.add_argument("--classifier-url", help="ClassifierService host:port (default: none, no classification)")
     parser.add_argument("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)")
     args = parser.parse_args(argv)
     overrides = {
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             "metrics_port": args.metrics_port,
             "models_file": args.models_file,
             "max_tokens_limit": args.max_tokens_limit,
+            "classifier_url": args.classifier_url,
         }.items()
         if v is not None
     }

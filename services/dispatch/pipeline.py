@@ -12,6 +12,7 @@ Nothing here swallows ``asyncio.CancelledError``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -24,10 +25,13 @@ from constellation import telemetry
 from constellation.errors import ConstellationError, DeadlineExceeded, NotFound
 from constellation.metrics import REGISTRY
 from constellation.triton import TritonClient
+from constellation.v1.common_pb2 import Classification
+from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.query import Query
 
 tracer = trace.get_tracer("constellation.dispatch")
+log = logging.getLogger(__name__)
 
 TTFT = Histogram(
     "constellation_model_time_to_first_token_seconds",
@@ -47,7 +51,20 @@ MODEL_CALLS = Counter(
     "constellation_model_calls_total", "Model calls by outcome.", ["model", "outcome"], registry=REGISTRY
 )
 COST = Counter("constellation_cost_usd_total", "Cost of model calls in USD.", ["model"], registry=REGISTRY)
+CLASSIFY_FAILURES = Counter(
+    "constellation_classify_failures_total",
+    "Classifier calls that failed or timed out (the request went on unclassified).",
+    ["code"],
+    registry=REGISTRY,
+)
 TOKENS = Counter("constellation_tokens_total", "Tokens processed by models.", ["model", "direction"], registry=REGISTRY)
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The classifier's view of the query (a ``constellation.v1.Classification`` message)."""
+
+    classification: Classification
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,7 @@ class Finished:
     models: list[str] = field(default_factory=list)
 
 
-Event = PlanMade | CandidateProgress | Delta | Finished
+Event = Classified | PlanMade | CandidateProgress | Delta | Finished
 
 
 @dataclass(frozen=True)
@@ -113,10 +130,30 @@ def cost_of(entry: ModelEntry, input_tokens: int, output_tokens: int) -> float:
 class Dispatcher:
     """Runs queries against the pool. Shared by all RPCs of a dispatch server; holds no per-query state."""
 
-    def __init__(self, config: DispatchConfig, triton: TritonClient):
+    def __init__(self, config: DispatchConfig, triton: TritonClient, classifier: ClassifierClient | None = None):
         self.config = config
         self.triton = triton
+        self.classifier = classifier
         self.catalog = config.catalog()
+
+    async def classify(self, prompt: str, remaining_s: float | None) -> Classification | None:
+        """The classifier's answer, or None when there is no classifier or it failed in time.
+
+        The call's deadline is ``min(classify_timeout_s, remaining_s)``. Failures are recorded on the
+        current span and counted, never raised: routing falls back to its defaults.
+        """
+        if self.classifier is None:
+            return None
+        timeout = (
+            self.config.classify_timeout_s if remaining_s is None else min(self.config.classify_timeout_s, remaining_s)
+        )
+        try:
+            return await self.classifier.classify(prompt, timeout_s=timeout)
+        except ConstellationError as exc:
+            CLASSIFY_FAILURES.labels(exc.code.name).inc()
+            trace.get_current_span().add_event("classification_failed", {"error": str(exc)})
+            log.warning("classification failed, going on unclassified: %s", exc)
+            return None
 
     def entry(self, model: str) -> ModelEntry:
         """How to reach ``model``: its catalog entry, else the Triton model of the same name."""
@@ -145,8 +182,13 @@ class Dispatcher:
             cannot be answered; events sent before stay valid.
         """
         stages: list[Stage] = []
+        classify_start = time.perf_counter()
+        stages.append(Stage("validate", (classify_start - received_at) * 1000))
+        classification = await self.classify(query.prompt, deadline_s)
+        if classification is not None:
+            stages.append(Stage("classify", (time.perf_counter() - classify_start) * 1000))
+            yield Classified(classification)
         plan_start = time.perf_counter()
-        stages.append(Stage("validate", (plan_start - received_at) * 1000))
         plan = self.plan(query)
         stages.append(Stage("plan", (time.perf_counter() - plan_start) * 1000))
         member = plan.members[0]

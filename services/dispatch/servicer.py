@@ -11,7 +11,7 @@ import grpc
 from constellation.errors import ConstellationError, abort, to_status_proto
 from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 from services.dispatch.config import DispatchConfig
-from services.dispatch.pipeline import CandidateProgress, Delta, Dispatcher, Event, Finished, PlanMade
+from services.dispatch.pipeline import CandidateProgress, Classified, Delta, Dispatcher, Event, Finished, PlanMade
 from services.dispatch.query import Query, validate
 
 SERVICE_NAME = dispatch_pb2.DESCRIPTOR.services_by_name["DispatchService"].full_name
@@ -58,6 +58,10 @@ def to_response(event: Event) -> dispatch_pb2.AskResponse:
     """One domain event as one AskResponse."""
     if isinstance(event, Delta):
         return dispatch_pb2.AskResponse(delta=dispatch_pb2.AnswerDelta(text=event.text, source=event.source))
+    if isinstance(event, Classified):
+        return dispatch_pb2.AskResponse(
+            classification=dispatch_pb2.ClassificationEvent(classification=event.classification)
+        )
     if isinstance(event, PlanMade):
         return dispatch_pb2.AskResponse(plan=dispatch_pb2.PlanEvent(plan=plan_message(event)))
     if isinstance(event, CandidateProgress):
@@ -120,4 +124,8 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
             query = to_query(request.request, self.dispatcher.config)
         except ConstellationError as error:
             await abort(context, error, service="dispatch")
-        return dispatch_pb2.PlanResponse(plan=plan_message(self.dispatcher.plan(query)))
+        classification = await self.dispatcher.classify(query.prompt, context.time_remaining())
+        response = dispatch_pb2.PlanResponse(plan=plan_message(self.dispatcher.plan(query)))
+        if classification is not None:
+            response.classification.CopyFrom(classification)
+        return response

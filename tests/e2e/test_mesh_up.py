@@ -15,14 +15,15 @@ from tests.conftest import free_port
 
 
 def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("port", "metrics", "grpc", "http", "tmetrics")}
+    ports = {name: free_port() for name in ("port", "metrics", "grpc", "http", "tmetrics", "classifier")}
     run_dir = tmp_path / "run"
     up = subprocess.Popen(
         [
             sys.executable, "-m", "constellation.cli", "up",
             "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
             "--triton-grpc-port", str(ports["grpc"]), "--triton-http-port", str(ports["http"]),
-            "--triton-metrics-port", str(ports["tmetrics"]), "--run-dir", str(run_dir),
+            "--triton-metrics-port", str(ports["tmetrics"]), "--classifier-port", str(ports["classifier"]),
+            "--run-dir", str(run_dir),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -48,6 +49,7 @@ def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         assert ask.returncode == 0, ask.stderr
         assert ask.stdout.strip()
         assert "first_token" in ask.stderr and "trace id:" in ask.stderr
+        assert "classify" in ask.stderr  # the classifier ran on the way in
 
         up.send_signal(signal.SIGINT)
         _out, err = up.communicate(timeout=60)

@@ -62,7 +62,18 @@ async def _ask(args: argparse.Namespace) -> int:
     async with DispatchClient(address) as client:
         async for event in client.ask(request, timeout_s=args.timeout):
             kind = event.WhichOneof("event")
-            if kind == "plan" and args.verbose:
+            if kind == "classification" and args.verbose:
+                from constellation.v1 import common_pb2
+
+                c = event.classification.classification
+                print(
+                    f"[classify] task {common_pb2.TaskType.Name(c.task).removeprefix('TASK_TYPE_').lower()} "
+                    f"({c.task_confidence:.2f}), complexity "
+                    f"{common_pb2.Complexity.Name(c.complexity).removeprefix('COMPLEXITY_').lower()} "
+                    f"({c.complexity_confidence:.2f}), ~{c.expected_output_tokens} output tokens, by {c.decided_by}",
+                    file=sys.stderr,
+                )
+            elif kind == "plan" and args.verbose:
                 plan = event.plan.plan
                 chosen = ", ".join(f"{c.model} ({c.reason})" for c in plan.candidates if c.chosen)
                 print(f"[plan] {plan.policy}: {chosen}", file=sys.stderr)
@@ -139,7 +150,8 @@ def _up(args: argparse.Namespace) -> int:
         triton_http=args.triton_http_port,
         triton_metrics=args.triton_metrics_port,
     )
-    mesh = Mesh(ports, models=args.models, run_dir=run_dir)
+    ports.classifier = args.classifier_port
+    mesh = Mesh(ports, models=args.models, run_dir=run_dir, classifier=not args.no_classifier)
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -370,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--triton-grpc-port", type=int, default=8001)
     up.add_argument("--triton-http-port", type=int, default=8000)
     up.add_argument("--triton-metrics-port", type=int, default=8002)
+    up.add_argument("--classifier-port", type=int, default=50052, help="classifier gRPC port (default 50052)")
+    up.add_argument("--no-classifier", action="store_true", help="run without the classifier service")
     up.add_argument("--models", nargs="+", default=["smollm2"], help="Triton models to load (default smollm2)")
     up.add_argument("--run-dir", help="where logs go (default ~/.cache/constellation/run)")
     up.set_defaults(handler=_up)

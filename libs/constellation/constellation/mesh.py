@@ -141,6 +141,7 @@ class MeshPorts:
     triton_grpc: int = 8001
     triton_http: int = 8000
     triton_metrics: int = 8002
+    classifier: int = 50052
 
 
 class Mesh:
@@ -164,6 +165,7 @@ class Mesh:
         dispatch_args: Sequence[str] = (),
         dispatch_env: dict[str, str] | None = None,
         triton_args: Sequence[str] = (),
+        classifier: bool = False,
     ):
         from services.inference.launcher import TritonServer
 
@@ -182,6 +184,15 @@ class Mesh:
             extra_args=triton_args,
             **extra,
         )
+        self.classifier: ServiceProcess | None = None
+        if classifier:
+            self.classifier = ServiceProcess(
+                "classifier",
+                "services.classifier.main",
+                ["--port", str(ports.classifier), "--metrics-port", "-1"],
+                run_dir / "classifier.log",
+            )
+            dispatch_args = [*dispatch_args, "--classifier-url", f"127.0.0.1:{ports.classifier}"]
         self.dispatch = ServiceProcess(
             "dispatch",
             "services.dispatch.main",
@@ -209,6 +220,15 @@ class Mesh:
         self.triton.start()
         self.triton.wait_ready(timeout_s)
         self.say(f"  Triton ready on {self.triton.grpc_url} in {time.perf_counter() - started:.1f} s")
+        if self.classifier is not None:
+            step = time.perf_counter()
+            self.classifier.start()
+            address = f"127.0.0.1:{self.ports.classifier}"
+            try:
+                wait_serving(address, 120.0, alive=self.classifier.alive)
+            except (TimeoutError, RuntimeError) as exc:
+                raise RuntimeError(f"classifier did not start: {exc}\n{self.classifier.log_tail()}") from exc
+            self.say(f"  classifier serving on {address} in {time.perf_counter() - step:.1f} s")
         step = time.perf_counter()
         self.dispatch.start()
         try:
@@ -232,6 +252,8 @@ class Mesh:
         """Returns a description of the first child that died, or None while all run."""
         if not self.dispatch.alive():
             return f"dispatch exited:\n{self.dispatch.log_tail()}"
+        if self.classifier is not None and not self.classifier.alive():
+            return f"classifier exited:\n{self.classifier.log_tail()}"
         if not self.triton.is_running():
             return "Triton exited; see " + str(self.run_dir / "triton.log")
         return None
@@ -239,6 +261,8 @@ class Mesh:
     def stop(self) -> None:
         """Stops services first, then Triton. Idempotent."""
         self.dispatch.stop()
+        if self.classifier is not None:
+            self.classifier.stop()
         self.triton.stop()
 
     def leftovers(self) -> list[str]:
@@ -246,9 +270,14 @@ class Mesh:
         found: list[str] = []
         if self.dispatch.alive():
             found.append(f"dispatch process {self.dispatch.process.pid if self.dispatch.process else '?'}")
+        if self.classifier is not None and self.classifier.alive():
+            found.append("classifier process")
         if self.triton.is_running():
             found.append(f"tritonserver process {self.triton.pid}")
-        for port in (self.ports.dispatch, self.ports.triton_grpc, self.ports.triton_http, self.ports.triton_metrics):
+        ports = [self.ports.dispatch, self.ports.triton_grpc, self.ports.triton_http, self.ports.triton_metrics]
+        if self.classifier is not None:
+            ports.append(self.ports.classifier)
+        for port in ports:
             if port_in_use(port):
                 found.append(f"port {port} still bound")
         found += [str(p) for p in self.triton.shm_leftovers()]
