@@ -1,0 +1,82 @@
+"""A small async client for ClassifierService, for dispatch, the benchmarks and the tests.
+
+Errors come back as the library's exception tree (:mod:`constellation.errors`), never as raw
+``grpc.RpcError``: INVALID_ARGUMENT as ``InvalidArgument`` with its field violations, a full encoder
+queue as ``ResourceExhausted``, an unreachable service as ``Unavailable``, a passed deadline as
+``DeadlineExceeded``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from constellation import telemetry
+from constellation.errors import from_rpc_error
+from constellation.v1 import classifier_pb2, classifier_pb2_grpc, common_pb2
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
+
+class ClassifierClient:
+    """One channel to a classifier server. An async context manager; safe for concurrent calls.
+
+    Args:
+        address: ``host:port`` of the classifier service.
+        traced: Add the OpenTelemetry client interceptors (propagates ``traceparent``).
+    """
+
+    def __init__(self, address: str, *, traced: bool = True):
+        interceptors = telemetry.client_interceptors() if traced else []
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        self.stub = classifier_pb2_grpc.ClassifierServiceStub(self.channel)
+
+    async def __aenter__(self) -> ClassifierClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def classify(
+        self, prompt: str, timeout_s: float | None = None, *, omit_embedding: bool = False
+    ) -> common_pb2.Classification:
+        """Classifies one prompt.
+
+        Args:
+            prompt: The query, as the user sent it.
+            timeout_s: Deadline of the call in seconds (callers pass ``min(own budget, time remaining)``);
+                None waits indefinitely.
+            omit_embedding: Skip the 384-float embedding (cheaper when routing does not need it).
+
+        Raises:
+            constellation.errors.ConstellationError: the call failed (mapped from its status).
+        """
+        request = classifier_pb2.ClassifyRequest(prompt=prompt, omit_embedding=omit_embedding)
+        try:
+            response = await self.stub.Classify(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response.classification
+
+    async def classify_batch(
+        self, prompts: Sequence[str], timeout_s: float | None = None, *, omit_embedding: bool = False
+    ) -> list[common_pb2.Classification]:
+        """Classifies many prompts in one call; results are in ``prompts`` order.
+
+        Raises:
+            constellation.errors.ConstellationError: the call failed; an ``InvalidArgument`` names each
+                bad prompt as ``requests[i].prompt``.
+        """
+        request = classifier_pb2.ClassifyBatchRequest(
+            requests=[classifier_pb2.ClassifyRequest(prompt=p, omit_embedding=omit_embedding) for p in prompts]
+        )
+        try:
+            response = await self.stub.ClassifyBatch(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return list(response.classifications)
