@@ -352,11 +352,25 @@ def _load(args: argparse.Namespace) -> int:
     return 0 if not result.errors else EXIT_ERROR
 
 
+def _train(args: argparse.Namespace) -> int:
+    if args.what == "classifier":
+        from services.classifier.train import main as train_classifier
+
+        return int(train_classifier(args.rest) or 0)
+    _err(f"training {args.what!r} is not available yet")
+    return EXIT_USAGE
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.service == "dispatch":
         from services.dispatch.main import main as dispatch_main
 
         dispatch_main(args.rest)
+        return 0
+    if args.service == "classifier":
+        from services.classifier.main import main as classifier_main
+
+        classifier_main(args.rest)
         return 0
     from services.inference.launcher import main as triton_main
 
@@ -489,8 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--out", help="write the summary and HDR histograms to this JSON file")
     load.set_defaults(handler=_load)
 
+    train = sub.add_parser(
+        "train",
+        help="train a component on the recorded pools' train splits",
+        description="Trains a component on the train splits of recorded pools and writes a versioned "
+        "artifact. `constellation train classifier --help` lists the classifier's options.",
+    )
+    train.add_argument("what", choices=["classifier"], help="what to train")
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="the trainer's own flags")
+    train.set_defaults(handler=_train)
+
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
-    serve.add_argument("service", choices=["dispatch", "triton"])
+    serve.add_argument("service", choices=["dispatch", "classifier", "triton"])
     serve.add_argument("rest", nargs=argparse.REMAINDER, help="the service's own flags (see `serve X --help`)")
     serve.set_defaults(handler=_serve)
     return parser
