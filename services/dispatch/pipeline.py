@@ -148,7 +148,9 @@ class Dispatcher:
             self.config.classify_timeout_s if remaining_s is None else min(self.config.classify_timeout_s, remaining_s)
         )
         try:
-            return await self.classifier.classify(prompt, timeout_s=timeout)
+            return await self.classifier.classify(
+                prompt, timeout_s=timeout, omit_embedding=not self.config.classify_embedding
+            )
         except ConstellationError as exc:
             CLASSIFY_FAILURES.labels(exc.code.name).inc()
             trace.get_current_span().add_event("classification_failed", {"error": str(exc)})
