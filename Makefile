@@ -58,6 +58,7 @@ bench: setup
 	$(PY) -m bench.mesh_overhead
 	$(PY) -m bench.pools
 	$(PY) -m bench.tail_latency
+	$(PY) -m bench.classifier --train
 
 clean:
 	rm -rf build .run $(STUBS) libs/constellation/constellation/v1/*_pb2*.py* 

@@ -55,7 +55,7 @@ class Policy:
     """
 
     mode: Mode = "hybrid"
-    keyword_min_confidence: float = 0.9
+    keyword_min_confidence: float = 0.6
     keyword_min_complexity_confidence: float = 1.1
 
 
@@ -293,9 +293,9 @@ class Classifier:
                     encoded[i] = view
         results = []
         for i, k in enumerate(keyword):
-            view = encoded[i]
-            result = decide(k, view, self.policy)
-            if view is not None and not want_embedding[i]:
+            found = encoded[i]
+            result = decide(k, found, self.policy)
+            if found is not None and not want_embedding[i]:
                 result = _without_embedding(result)
             results.append(result)
         return results

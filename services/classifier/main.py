@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         help="hybrid: rules when confident, else the trained heads (default); keyword; encoder",
     )
     parser.add_argument(
-        "--keyword-min-confidence", type=float, help="rule confidence that settles the task in hybrid (default 0.9)"
+        "--keyword-min-confidence", type=float, help="rule confidence that settles the task in hybrid (default 0.6)"
     )
     parser.add_argument("--no-encoder", action="store_true", help="rules only: no torch, no embeddings")
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ class _PhraseTable:
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
         self._plain: list[tuple[str, int]] = []
+        self._chars: dict[str, int] = {}
+        self._char_class: re.Pattern[str] | None = None
         self._whole_words: dict[str, int] = {}
         self._by_first_word: dict[str, list[tuple[str, int]]] = {}
         self._indexed: frozenset[str] = frozenset()
@@ -95,7 +97,10 @@ class _PhraseTable:
                 # Words followed by a space are whole words of any text holding the phrase; the last
                 # may be cut short ("named entit"). Index by the longest whole one: rarest, roughly.
                 whole = [part for part in parts[:-1] if part and _words(part) == {part}]
-                if len(parts) == 1 and _words(phrase) == {phrase}:
+                if len(phrase) == 1:
+                    self._chars[phrase] = number
+                    self._char_class = re.compile("[" + "".join(re.escape(c) for c in self._chars) + "]")
+                elif len(parts) == 1 and _words(phrase) == {phrase}:
                     self._whole_words[phrase] = number
                 elif whole:
                     key = max(whole, key=len)
@@ -109,6 +114,8 @@ class _PhraseTable:
     def present(self, lower: str, words: frozenset[str]) -> frozenset[int]:
         """Ids of the phrases that occur in ``lower`` (whose whole words are ``words``)."""
         found = [number for phrase, number in self._plain if phrase in lower]
+        if self._char_class is not None:
+            found.extend(self._chars[c] for c in set(self._char_class.findall(lower)))
         for word in self._indexed & words:
             number = self._whole_words.get(word)
             if number is not None:
@@ -266,7 +273,11 @@ def _condition(raw: Mapping[str, Any], where: str, phrases: _PhraseTable) -> _Co
                 raise InvalidArgument(f"{where}: keyword {word!r} is not one word; use phrases")
         if hits > 1:
             words = frozenset(group)
-            after.append(lambda text, task, words=words: len(words & text.words(on_focus)) >= hits)
+
+            def enough_hits(text: _Text, task: str | None, words: frozenset[str] = words) -> bool:
+                return len(words & text.words(on_focus)) >= hits
+
+            after.append(enough_hits)
         else:
             groups.append(phrases.ids(group))
     for group in _groups(raw.get("phrases"), where, "phrases"):
@@ -299,18 +310,44 @@ class _Rule:
 
 @dataclass(frozen=True)
 class _LogLinear:
-    """Classes, priors (optionally by task) and rules of one section."""
+    """Classes, priors (optionally by task) and rules of one section.
+
+    A rule whose conditions include a keyword/phrase group on the focus text is *gated*: it is only
+    evaluated when one of that group's atoms occurs, found by one set intersection per prompt. The
+    other rules are evaluated every time. The result is the same as evaluating every rule.
+    """
 
     classes: tuple[str, ...]
     default: str
     prior: dict[str, float]
     prior_by_task: dict[str, dict[str, float]]
     rules: tuple[_Rule, ...]
+    _ungated: frozenset[int] = frozenset()
+    _by_atom: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    _gates: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        ungated: set[int] = set()
+        by_atom: dict[int, list[int]] = {}
+        for index, rule in enumerate(self.rules):
+            condition = rule.condition
+            if condition.on_focus and condition.groups:
+                for atom in condition.groups[0]:
+                    by_atom.setdefault(atom, []).append(index)
+            else:
+                ungated.add(index)
+        object.__setattr__(self, "_ungated", frozenset(ungated))
+        object.__setattr__(self, "_by_atom", {atom: tuple(rules) for atom, rules in by_atom.items()})
+        object.__setattr__(self, "_gates", frozenset(by_atom))
 
     def decide(self, text: _Text, task: str | None = None) -> tuple[str, float, tuple[str, ...]]:
         scores = dict(self.prior_by_task.get(task or "", self.prior))
+        candidates = set(self._ungated)
+        for atom in self._gates & text.present_focus:
+            candidates.update(self._by_atom[atom])
         fired = []
-        for rule in self.rules:
+        for index in sorted(candidates):
+            rule = self.rules[index]
             if rule.condition.holds(text, task):
                 scores[rule.target] = scores.get(rule.target, 0.0) + rule.weight
                 fired.append(rule.name)
@@ -429,10 +466,14 @@ class KeywordRules:
         for task, kind in self._answer_kind.items():
             if kind not in ANSWER_KINDS:
                 raise InvalidArgument(f"rules [answer_kind]: {task} -> unknown kind {kind!r}")
-        self._domains = [
-            (str(rule["domain"]), frozenset(str(k).lower() for k in rule.get("keywords", ())))
-            for rule in raw.get("domain", {}).get("rule", ())
-        ]
+        self._domain_of: dict[str, str] = {}
+        self._domain_order: dict[str, int] = {}
+        for rule in raw.get("domain", {}).get("rule", ()):
+            domain = str(rule["domain"])
+            self._domain_order.setdefault(domain, len(self._domain_order))
+            for keyword in rule.get("keywords", ()):
+                self._domain_of.setdefault(str(keyword).lower(), domain)
+        self._domain_words = frozenset(self._domain_of)
 
     @staticmethod
     def _focus_rule(rule: Mapping[str, Any]) -> _Focus:
@@ -502,8 +543,8 @@ class KeywordRules:
         for rule in self._length_rules:
             if rule.condition.holds(text, task):
                 tokens = rule.tokens if rule.tokens else tokens * rule.factor
-        if task != "multiple_choice":
-            asked = self._words_pattern.search(text.lower(True))
+        if task != "multiple_choice" and "word" in text.lower_focus:
+            asked = self._words_pattern.search(text.lower_focus)
             if asked is not None:
                 tokens = max(tokens, float(asked.group(1)) * self._tokens_per_word)
         return KeywordResult(
@@ -521,12 +562,14 @@ class KeywordRules:
         )
 
     def _domain(self, words: frozenset[str]) -> str:
-        best, best_hits = "", 0
-        for domain, keywords in self._domains:
-            hits = len(keywords & words)
-            if hits > best_hits:
-                best, best_hits = domain, hits
-        return best
+        """The domain with most keyword hits (the earlier-listed one on a tie), or empty."""
+        hits: dict[str, int] = {}
+        for word in self._domain_words & words:
+            domain = self._domain_of[word]
+            hits[domain] = hits.get(domain, 0) + 1
+        if not hits:
+            return ""
+        return max(hits, key=lambda d: (hits[d], -self._domain_order[d]))
 
 
 def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:

@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`constellation serve classifier` loads.",
         epilog="""labels:
   task         the pool's task type (data/task_labels.toml; AlpacaEval prompts are labelled one by one)
-  complexity   mean quality over the pool's models, cut into bands: graded pools LOW when at least 80%%
-               of the models are right, HIGH below 50%% (--graded-bands); judged pools (AlpacaEval) at
+  complexity   mean quality over the pool's models, cut into bands: graded pools LOW when at least 80%
+               of the models are right, HIGH below 50% (--graded-bands); judged pools (AlpacaEval) at
                the tertiles of their train split's mean judge score
   output       log1p(mean recorded output tokens), else len(text)/4 per model (RouterBench records none)
 
@@ -246,7 +246,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     embed_seconds = time.perf_counter() - embed_started
     cache.save()
     x = features(vectors, [len(i.prompt) for i in labelled], [len(f) for f in focus], truncated)
-    targets = {
+    targets: dict[str, list[Any]] = {
         "task": [i.task for i in labelled],
         "complexity": [i.complexity for i in labelled],
         "answer_kind": [i.answer_kind for i in labelled],

@@ -195,3 +195,13 @@ async def test_health_and_reflection(servers: dict[str, str]) -> None:
     services, output = await asyncio.to_thread(reflect)
     assert {"constellation.v1.ClassifierService", "grpc.health.v1.Health"} <= services
     assert output == "constellation.v1.ClassifyBatchResponse"
+
+
+def test_main_help_teaches_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.classifier.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--policy" in text and "constellation train classifier" in text

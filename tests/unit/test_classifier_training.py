@@ -36,7 +36,9 @@ from services.classifier.labels import (
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _response(correct: int | None, out_tokens: int | None, text: str = "ok", score: float | None = None) -> dict[str, Any]:
+def _response(
+    correct: int | None, out_tokens: int | None, text: str = "ok", score: float | None = None
+) -> dict[str, Any]:
     return {
         "text": text,
         "answer": None,
@@ -48,7 +50,9 @@ def _response(correct: int | None, out_tokens: int | None, text: str = "ok", sco
     }
 
 
-def _record(n: int, split: str, prompt: str, kind: str, task: str, corrects: list[int], tokens: list[int | None]) -> dict:
+def _record(
+    n: int, split: str, prompt: str, kind: str, task: str, corrects: list[int], tokens: list[int | None]
+) -> dict:
     responses = {f"m{i}": _response(c, t, text="x" * 40) for i, (c, t) in enumerate(zip(corrects, tokens, strict=True))}
     return {"id": f"{task}/{n}", "task": task, "split": split, "prompt": prompt, "reference": None,
             "answer_kind": kind, "responses": responses}  # fmt: skip
