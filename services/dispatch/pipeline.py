@@ -25,6 +25,7 @@ from constellation import telemetry
 from constellation.errors import ConstellationError, DeadlineExceeded, NotFound
 from constellation.metrics import REGISTRY
 from constellation.triton import TritonClient
+from constellation.v1 import common_pb2
 from constellation.v1.common_pb2 import Classification
 from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig, ModelEntry
@@ -188,6 +189,10 @@ class Dispatcher:
         stages.append(Stage("validate", (classify_start - received_at) * 1000))
         classification = await self.classify(query.prompt, deadline_s)
         if classification is not None:
+            span = trace.get_current_span()
+            span.set_attribute("constellation.task", common_pb2.TaskType.Name(classification.task))
+            span.set_attribute("constellation.complexity", common_pb2.Complexity.Name(classification.complexity))
+            span.set_attribute("constellation.classified_by", classification.decided_by)
             stages.append(Stage("classify", (time.perf_counter() - classify_start) * 1000))
             yield Classified(classification)
         plan_start = time.perf_counter()

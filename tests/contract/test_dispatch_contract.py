@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import InvalidArgument, Unavailable
+from constellation.v1 import common_pb2
 from tests.conftest import free_port
 
 
@@ -105,3 +106,29 @@ async def test_readme_grpcurl_recipes(dispatch_factory) -> None:  # type: ignore
     bad = '{"prompt": "", "sampling": {"temperature": 5}}'
     rc, _, err = await grpcurl("-plaintext", "-d", bad, address, "constellation.v1.DispatchService/Ask")
     assert rc != 0 and "InvalidArgument" in err and '"field":"sampling.temperature"' in err
+
+
+async def test_dispatch_classifies_and_survives_a_classifier_outage(dispatch_factory, spans) -> None:  # type: ignore[no-untyped-def]
+    """Plan carries the classifier's answer and the Ask span its labels; a dead classifier loses nothing."""
+    from constellation.config import load_config
+    from services.classifier.config import ClassifierConfig
+    from services.classifier.main import running_classifier
+
+    config = load_config(ClassifierConfig, None, port=0, policy="keyword", encoder=False, shutdown_grace_s=0.5)
+    async with running_classifier(config) as classifier:
+        address = await dispatch_factory(
+            triton_url=f"127.0.0.1:{free_port()}", classifier_url=f"127.0.0.1:{classifier.port}"
+        )
+        async with DispatchClient(address) as client:
+            response = await client.plan(ask_request("Solve 12 * 7 + 3. What is the result?"))
+            assert response.classification.task == common_pb2.TASK_TYPE_MATH
+            assert response.classification.decided_by == "keyword"
+            with pytest.raises(Unavailable):  # no Triton: the Ask fails after classification
+                await collect(address, ask_request("Solve 12 * 7 + 3. What is the result?", max_tokens=4))
+    ask_spans = [s for s in spans.get_finished_spans() if s.name.endswith("DispatchService/Ask")]
+    assert any((s.attributes or {}).get("constellation.task") == "TASK_TYPE_MATH" for s in ask_spans)
+    # The classifier is gone now: dispatch goes on unclassified instead of failing the request.
+    async with DispatchClient(address) as client:
+        response = await client.plan(ask_request("Solve 12 * 7 + 3. What is the result?"))
+    assert not response.HasField("classification")
+    assert [c.model for c in response.plan.candidates] == ["smollm2"]

@@ -219,8 +219,13 @@ def _fmt_ms(stats: dict[str, float]) -> str:
     return " / ".join(f"{stats[p]:.0f}" if stats[p] >= 10 else f"{stats[p]:.1f}" for p in ("p50", "p95", "p99"))
 
 
-def markdown(report: EvalReport) -> str:
-    """The results table plus one verdict line per non-single policy."""
+def markdown(report: EvalReport, whole_file: dict[str, float] | None = None) -> str:
+    """The results table plus one verdict line per non-single policy.
+
+    Args:
+        whole_file: Optional recorded quality of each model over the whole pool file (both splits), shown
+            beside the split's figures so they can be checked against the pool's own documentation.
+    """
     baselines = [r for r in report.results if not r.policy.startswith("single:")]
     singles = sorted(
         (r for r in report.results if r.policy.startswith("single:")), key=lambda r: (-r.quality, r.mean_cost_usd)
@@ -230,7 +235,11 @@ def markdown(report: EvalReport) -> str:
         f"| policy | {report.metric} % | mean cost $ | total cost $ | simulated model ms p50 / p95 / p99 "
         "| real mesh ms p50 / p95 / p99 | models per query |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    separator = "|---|---|---|---|---|---|---|"
+    if whole_file is not None:
+        header += " whole file % (recorded) |"
+        separator += "---|"
+    lines = [header, separator]
     for r in [*baselines, *singles]:
         name = r.policy.removeprefix("single:")
         if r.mean_cost_usd == 0:
@@ -243,6 +252,9 @@ def markdown(report: EvalReport) -> str:
             f"| {name} | {r.quality * scale:.2f} | {r.mean_cost_usd:.6f} | {r.total_cost_usd:.4f} | "
             f"{_fmt_ms(r.simulated_ms)} | {_fmt_ms(r.mesh_ms)} | {r.mean_models:.1f} |"
         )
+        if whole_file is not None:
+            model = r.policy.removeprefix("single:").split(" (recorded")[0]
+            lines[-1] += f" {whole_file[model] * scale:.2f} |" if model in whole_file else " |"
     verdicts = [f"- {verdict(r, report.best_single)}" for r in baselines]
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
 
