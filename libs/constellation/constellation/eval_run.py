@@ -313,7 +313,7 @@ def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = report.task
     data = {
-        "pool": report.pool,
+        "pool": Path(report.pool).name,
         "task": report.task,
         "answer_kind": report.answer_kind,
         "metric": report.metric,
