@@ -58,9 +58,10 @@ def registry_names() -> set[str]:
 
 
 def model_names() -> set[str]:
-    """Metric families the Triton models declare with ``pb_utils.MetricFamily(name=...)``."""
+    """Metric families the Triton models declare with ``pb_utils.MetricFamily(name=...)`` (in their
+    ``model.py`` or the shared ``generation_metrics.py``)."""
     names: set[str] = set()
-    for source in MODEL_REPOSITORY.glob("*/*/model.py"):
+    for source in [*MODEL_REPOSITORY.glob("*/*/model.py"), MODEL_REPOSITORY.parent / "generation_metrics.py"]:
         names |= set(re.findall(r'MetricFamily\(\s*name="([a-z0-9_]+)"', source.read_text(encoding="utf-8")))
     return names
 

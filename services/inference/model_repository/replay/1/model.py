@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from services.inference.generation_metrics import GenerationMetrics
 from services.inference.replay import (
     ChunkStep,
     LatencyModel,
@@ -191,28 +192,10 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{_TAG}: {exc}") from None
         self._latency = LatencyModel(profile, seed=seed, cards=self._index.cards)
 
-        self._in_flight_family = pb_utils.MetricFamily(
-            name="constellation_generations_in_flight",
-            description="Generation requests accepted and not yet closed (queued or generating)",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self._tokens_family = pb_utils.MetricFamily(
-            name="constellation_generated_tokens_total",
-            description="Tokens sampled by the generation loop",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        self._generations_family = pb_utils.MetricFamily(
-            name="constellation_generations_total",
-            description="Generation requests closed, by finish reason",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        labels = {"model": self._model_name}
-        self._in_flight = self._in_flight_family.Metric(labels=labels)
-        self._tokens = self._tokens_family.Metric(labels=labels)
-        self._generations = {
-            reason: self._generations_family.Metric(labels={**labels, "finish_reason": reason})
-            for reason in ("stop", "length", "cancelled", "error")
-        }
+        self._metrics = GenerationMetrics(pb_utils, self._model_name)
+        self._in_flight = self._metrics.in_flight
+        self._tokens = self._metrics.tokens
+        self._generations = self._metrics.generations
         self._in_flight_count = 0  # only touched on the event loop's thread
         self._stopping = False
         pb_utils.Logger.log_info(
@@ -379,5 +362,5 @@ class TritonPythonModel:
             time.sleep(0.05)
         # Metrics must go before their families.
         del self._in_flight, self._tokens, self._generations
-        del self._in_flight_family, self._tokens_family, self._generations_family
+        self._metrics.close()
         pb_utils.Logger.log_info(f"{_TAG}: {self._model_name} finalized")

@@ -58,6 +58,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from services.inference.generation_metrics import GenerationMetrics
+
 LOADERS: dict[str, str] = {
     "smollm2": "services.inference.smollm2:ensure_model",
 }
@@ -306,28 +308,10 @@ class TritonPythonModel:
             f"(torch threads {torch.get_num_threads()}, context {self._context_length}, eos {sorted(self._eos_ids)})"
         )
 
-        self._in_flight_family = pb_utils.MetricFamily(
-            name="constellation_generations_in_flight",
-            description="Generation requests accepted and not yet closed (queued or generating)",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self._tokens_family = pb_utils.MetricFamily(
-            name="constellation_generated_tokens_total",
-            description="Tokens sampled by the generation loop",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        self._generations_family = pb_utils.MetricFamily(
-            name="constellation_generations_total",
-            description="Generation requests closed, by finish reason",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        labels = {"model": self._model_name}
-        self._in_flight = self._in_flight_family.Metric(labels=labels)
-        self._tokens = self._tokens_family.Metric(labels=labels)
-        self._generations = {
-            reason: self._generations_family.Metric(labels={**labels, "finish_reason": reason})
-            for reason in ("stop", "length", "cancelled", "error")
-        }
+        self._metrics = GenerationMetrics(pb_utils, self._model_name)
+        self._in_flight = self._metrics.in_flight
+        self._tokens = self._metrics.tokens
+        self._generations = self._metrics.generations
         self._in_flight_count = 0
         self._count_lock = threading.Lock()
 
@@ -568,7 +552,7 @@ class TritonPythonModel:
                 self._close_with_error(job.sender, "model is unloading", pb_utils.TritonError.UNAVAILABLE)
         # Metrics must go before their families.
         del self._in_flight, self._tokens, self._generations
-        del self._in_flight_family, self._tokens_family, self._generations_family
+        self._metrics.close()
         pb_utils.Logger.log_info(f"{self._model_name}: finalized in {time.monotonic() - started:.3f} s")
 
 
