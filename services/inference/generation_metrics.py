@@ -21,7 +21,7 @@ class GenerationMetrics:
     """
 
     def __init__(self, pb_utils: Any, model_name: str):
-        self._families = (
+        self._families: tuple[Any, ...] = (
             pb_utils.MetricFamily(
                 name="constellation_generations_in_flight",
                 description="Generation requests accepted and not yet closed (queued or generating)",
