@@ -246,12 +246,15 @@ class Dispatcher:
                         input_tokens = chunk.input_tokens or input_tokens
                         output_tokens = chunk.output_tokens or output_tokens
                         if chunk.text:
+                            pieces.append(chunk.text)
+                            first_ms: float | None = None
                             if first_at is None:
                                 first_at = time.perf_counter()
+                                first_ms = (first_at - received_at) * 1000
                                 span.add_event("first_token")
-                                yield CandidateProgress(model, "first_token", (first_at - received_at) * 1000)
-                            pieces.append(chunk.text)
-                            yield Delta(chunk.text, model)
+                            yield Delta(chunk.text, model)  # the text first: it is what the caller waits for
+                            if first_ms is not None:
+                                yield CandidateProgress(model, "first_token", first_ms)
                         if chunk.final:
                             finish_reason = chunk.finish_reason
                             reported_cost = chunk.cost_usd
