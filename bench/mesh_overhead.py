@@ -210,10 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     lines = []
     for name, summary in summaries.items():
         added_p50 = summary["mesh_ttft"]["p50"] - summary["direct_ttft"]["p50"]
-        verdict = "meets" if added_p50 <= 1.5 else "misses"
+        paired = summary["paired_added_ttft_median"]
+        # The paired median is the robust estimate: the difference of two p50s swings with the model's noise.
+        verdict = "meets" if paired <= 1.5 else "misses"
         lines.append(
-            f"- {name}: added time to first token at p50 {added_p50:+.2f} ms (median of paired differences "
-            f"{summary['paired_added_ttft_median']:+.2f} ms): **{verdict}** the 1.5 ms target."
+            f"- {name}: median of paired differences in time to first token {paired:+.2f} ms (difference of "
+            f"the p50s {added_p50:+.2f} ms): **{verdict}** the 1.5 ms target."
         )
     body = f"""## Mesh overhead: direct Triton vs `Ask`
 
