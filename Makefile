@@ -55,6 +55,7 @@ lint: setup
 	$(BIN)/buf lint
 
 bench: setup
+	$(PY) -m bench.dispatch_hop
 	$(PY) -m bench.mesh_overhead
 	$(PY) -m bench.pools
 	$(PY) -m bench.tail_latency
