@@ -16,9 +16,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import descriptor_pool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from constellation.config import load_config
 from constellation.errors import InvalidArgument
@@ -31,6 +28,7 @@ from services.classifier.heads import TrainingSettings, fit_heads, load_artifact
 from services.classifier.labels import ANSWER_KINDS, COMPLEXITIES, TASKS
 from services.classifier.main import build_classifier, running_classifier
 from services.classifier.rules import KeywordRules
+from tests.grpc_checks import SERVING, reflected, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -177,22 +175,8 @@ async def test_encoder_can_be_switched_off() -> None:
 
 async def test_health_and_reflection(servers: dict[str, str]) -> None:
     address = servers["keyword"]
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "constellation.v1.ClassifierService"):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    def reflect() -> tuple[set[str], str]:
-        # The reflection client is synchronous: run it off the event loop that serves it.
-        with grpc.insecure_channel(address) as channel:
-            database = ProtoReflectionDescriptorDatabase(channel)
-            services = set(database.get_services())
-            pool = descriptor_pool.DescriptorPool(database)
-            method = pool.FindServiceByName("constellation.v1.ClassifierService").FindMethodByName("ClassifyBatch")
-            return services, method.output_type.full_name
-
-    services, output = await asyncio.to_thread(reflect)
+    assert await serving(address, ("", "constellation.v1.ClassifierService")) == [SERVING, SERVING]
+    services, output = await reflected(address, "constellation.v1.ClassifierService", "ClassifyBatch")
     assert {"constellation.v1.ClassifierService", "grpc.health.v1.Health"} <= services
     assert output == "constellation.v1.ClassifyBatchResponse"
 

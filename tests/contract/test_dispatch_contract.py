@@ -8,14 +8,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import InvalidArgument, Unavailable
 from constellation.v1 import common_pb2
 from tests.conftest import free_port
+from tests.grpc_checks import SERVING, reflected, serving
 
 
 async def collect(address: str, request: object) -> list[object]:
@@ -25,22 +23,8 @@ async def collect(address: str, request: object) -> list[object]:
 
 async def test_health_and_reflection(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
     address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "constellation.v1.DispatchService"):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    def reflect() -> tuple[set[str], str]:
-        # The reflection client is synchronous: run it off the event loop that serves it.
-        with grpc.insecure_channel(address) as channel:
-            database = ProtoReflectionDescriptorDatabase(channel)
-            services = set(database.get_services())
-            pool = descriptor_pool.DescriptorPool(database)
-            ask = pool.FindServiceByName("constellation.v1.DispatchService").FindMethodByName("Ask")
-            return services, ask.output_type.full_name
-
-    services, output = await asyncio.to_thread(reflect)
+    assert await serving(address, ("", "constellation.v1.DispatchService")) == [SERVING, SERVING]
+    services, output = await reflected(address, "constellation.v1.DispatchService", "Ask")
     assert {"constellation.v1.DispatchService", "grpc.health.v1.Health"} <= services
     assert output == "constellation.v1.AskResponse"
 

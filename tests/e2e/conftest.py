@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from services.inference.launcher import SHM_DIR, TritonServer, free_port
+from tests.e2e.processes import process_group_alive
 
 E2E_DIR = Path(__file__).resolve().parent
 
@@ -26,14 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if E2E_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
 
-
-def _process_group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -67,6 +60,6 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     assert not server.is_running()
     # 0 = Triton shut down cleanly; 1 = its exit timeout expired because a request or stream was left open.
     assert server.returncode == 0, f"tritonserver exit status {server.returncode}; log tail:\n{server.log_tail()}"
-    assert not _process_group_alive(pgid), f"processes of group {pgid} survived stop()"
+    assert not process_group_alive(pgid), f"processes of group {pgid} survived stop()"
     leftovers = list(SHM_DIR.glob(f"{server.shm_prefix}*"))
     assert leftovers == [], f"/dev/shm leftovers: {leftovers}"

@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import importlib.util
 import json
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +28,7 @@ from constellation.errors import NotFound
 from constellation.triton import Chunk, Sampling, TritonClient
 from services.inference.launcher import SHM_DIR, TritonServer, free_port
 from services.inference.replay import LatencyModel, ReplayIndex
+from tests.e2e.processes import process_group_alive
 from tests.e2e.triton_metrics import generations, in_flight, scrape
 
 MODEL = "replay"
@@ -87,14 +87,6 @@ def _write_pool(directory: Path) -> Path:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return pool
 
-
-def _process_group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -129,7 +121,7 @@ def replay_triton(tmp_path_factory: pytest.TempPathFactory, pool: Path) -> Itera
     finally:
         server.stop()
     assert server.returncode == 0, f"tritonserver exit status {server.returncode}; log tail:\n{server.log_tail()}"
-    assert not _process_group_alive(pgid), f"processes of group {pgid} survived stop()"
+    assert not process_group_alive(pgid), f"processes of group {pgid} survived stop()"
     assert list(SHM_DIR.glob(f"{server.shm_prefix}*")) == []
     log = server.log_file.read_text(errors="replace")
     assert "latency is SIMULATED" in log
