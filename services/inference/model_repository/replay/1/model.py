@@ -193,10 +193,6 @@ class TritonPythonModel:
         self._latency = LatencyModel(profile, seed=seed, cards=self._index.cards)
 
         self._metrics = GenerationMetrics(pb_utils, self._model_name)
-        self._in_flight = self._metrics.in_flight
-        self._tokens = self._metrics.tokens
-        self._generations = self._metrics.generations
-        self._in_flight_count = 0  # only touched on the event loop's thread
         self._stopping = False
         pb_utils.Logger.log_info(
             f"{_TAG}: {self._model_name} loaded {len(self._index)} recorded answers of "
@@ -225,7 +221,7 @@ class TritonPythonModel:
 
     async def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
-        self._change_in_flight(+1)
+        self._metrics.opened()
         try:
             try:
                 parsed = self._parse(request)
@@ -280,10 +276,9 @@ class TritonPythonModel:
                 pb_utils.Logger.log_verbose(f"{_TAG}: send failed ({exc!r}); treating the request as cancelled")
                 self._finish_cancelled(sender, replay, sent_tokens, ttft, total)
                 return
-            self._tokens.increment(step.output_tokens - sent_tokens)
+            self._metrics.add_tokens(step.output_tokens - sent_tokens)
             sent_tokens = step.output_tokens
-        self._generations[replay.finish_reason].increment(1)
-        self._change_in_flight(-1)
+        self._metrics.closed(replay.finish_reason)
         pb_utils.Logger.log_verbose(
             f"{_TAG}: {replay.model} answered with {replay.output_tokens} tokens ({replay.finish_reason}) in "
             f"{len(steps)} response(s); simulated ttft {ttft:.0f} ms, total {total:.0f} ms, real "
@@ -335,32 +330,17 @@ class TritonPythonModel:
                 sender.send(flags=_FINAL)
             except Exception as exc:
                 pb_utils.Logger.log_warn(f"{_TAG}: could not close a cancelled request: {exc!r}")
-        self._generations["cancelled"].increment(1)
-        self._change_in_flight(-1)
+        self._metrics.closed("cancelled")
         pb_utils.Logger.log_verbose(f"{_TAG}: {replay.model} cancelled after {sent_tokens} tokens")
 
     def _close_with_error(self, sender: Any, message: str, code: Any) -> None:
-        try:
-            sender.send(
-                pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)),
-                flags=_FINAL,
-            )
-        except Exception as exc:
-            pb_utils.Logger.log_warn(f"{_TAG}: could not send error {message!r}: {exc!r}")
-        self._generations["error"].increment(1)
-        self._change_in_flight(-1)
-
-    def _change_in_flight(self, delta: int) -> None:
-        self._in_flight_count += delta
-        self._in_flight.set(self._in_flight_count)
+        self._metrics.close_with_error(sender, message, code, _TAG)
 
     def finalize(self) -> None:
         """Stop waiting requests (they close as cancelled within CANCEL_POLL_S) and release the metrics."""
         self._stopping = True
         deadline = time.monotonic() + 5.0
-        while self._in_flight_count > 0 and time.monotonic() < deadline:
+        while self._metrics.in_flight_count > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        # Metrics must go before their families.
-        del self._in_flight, self._tokens, self._generations
         self._metrics.close()
         pb_utils.Logger.log_info(f"{_TAG}: {self._model_name} finalized")

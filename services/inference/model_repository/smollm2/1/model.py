@@ -309,11 +309,6 @@ class TritonPythonModel:
         )
 
         self._metrics = GenerationMetrics(pb_utils, self._model_name)
-        self._in_flight = self._metrics.in_flight
-        self._tokens = self._metrics.tokens
-        self._generations = self._metrics.generations
-        self._in_flight_count = 0
-        self._count_lock = threading.Lock()
 
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -338,7 +333,7 @@ class TritonPythonModel:
         """Validate, tokenise and queue each request; answer invalid ones at once. Returns None at once."""
         for request in requests:
             sender = request.get_response_sender()
-            self._change_in_flight(+1)
+            self._metrics.opened()
             try:
                 job = self._prepare(request, sender)
             except _InvalidInput as exc:
@@ -441,7 +436,7 @@ class TritonPythonModel:
             while True:
                 token = self._sample(logits, sampling, generator)
                 n_out += 1
-                self._tokens.increment(1)
+                self._metrics.add_tokens(1)
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                 if token in self._eos_ids:
@@ -514,24 +509,10 @@ class TritonPythonModel:
                 sender.send(flags=_FINAL)
             except Exception as exc2:
                 pb_utils.Logger.log_warn(f"{self._model_name}: could not close request: {exc2!r}")
-        self._generations[finish_reason].increment(1)
-        self._change_in_flight(-1)
+        self._metrics.closed(finish_reason)
 
     def _close_with_error(self, sender: Any, message: str, code: Any) -> None:
-        try:
-            sender.send(
-                pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)),
-                flags=_FINAL,
-            )
-        except Exception as exc:
-            pb_utils.Logger.log_warn(f"{self._model_name}: could not send error {message!r}: {exc!r}")
-        self._generations["error"].increment(1)
-        self._change_in_flight(-1)
-
-    def _change_in_flight(self, delta: int) -> None:
-        with self._count_lock:
-            self._in_flight_count += delta
-            self._in_flight.set(self._in_flight_count)
+        self._metrics.close_with_error(sender, message, code, self._model_name)
 
     # ----------------------------------------------------------------------------------------- shutdown
 
@@ -550,8 +531,6 @@ class TritonPythonModel:
                 break
             if job is not None:
                 self._close_with_error(job.sender, "model is unloading", pb_utils.TritonError.UNAVAILABLE)
-        # Metrics must go before their families.
-        del self._in_flight, self._tokens, self._generations
         self._metrics.close()
         pb_utils.Logger.log_info(f"{self._model_name}: finalized in {time.monotonic() - started:.3f} s")
 
