@@ -165,16 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-encoder", action="store_true", help="rules only: no torch, no embeddings")
     args = parser.parse_args(argv)
     overrides = {
-        k: v
-        for k, v in {
-            "port": args.port,
-            "metrics_port": args.metrics_port,
-            "artifact": args.artifact,
-            "policy": args.policy,
-            "keyword_min_confidence": args.keyword_min_confidence,
-            "encoder": False if args.no_encoder else None,
-        }.items()
-        if v is not None
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "artifact": args.artifact,
+        "policy": args.policy,
+        "keyword_min_confidence": args.keyword_min_confidence,
+        "encoder": False if args.no_encoder else None,
     }
     config = load_config(ClassifierConfig, args.config, **overrides)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -74,16 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)")
     args = parser.parse_args(argv)
     overrides = {
-        k: v
-        for k, v in {
-            "port": args.port,
-            "triton_url": args.triton_url,
-            "metrics_port": args.metrics_port,
-            "models_file": args.models_file,
-            "max_tokens_limit": args.max_tokens_limit,
-            "classifier_url": args.classifier_url,
-        }.items()
-        if v is not None
+        "port": args.port,
+        "triton_url": args.triton_url,
+        "metrics_port": args.metrics_port,
+        "models_file": args.models_file,
+        "max_tokens_limit": args.max_tokens_limit,
+        "classifier_url": args.classifier_url,
     }
     config = load_config(DispatchConfig, args.config, **overrides)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

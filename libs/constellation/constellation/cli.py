@@ -270,11 +270,7 @@ def _traces_collect(args: argparse.Namespace) -> int:
     from constellation.config import load_config
     from constellation.traces.collector import CollectorConfig, running_collector
 
-    config = load_config(
-        CollectorConfig,
-        args.config,
-        **{k: v for k, v in {"port": args.port, "http_port": args.http_port, "db": args.db}.items() if v is not None},
-    )
+    config = load_config(CollectorConfig, args.config, port=args.port, http_port=args.http_port, db=args.db)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -97,6 +97,8 @@ S = TypeVar("S", bound=ServiceConfig)
 def load_config(cls: type[S], path: Path | str | None = None, **overrides: Any) -> S:
     """Builds ``cls`` from ``path`` (or the default file), the environment, then ``overrides``.
 
+    Overrides that are None (command-line flags not given) are ignored.
+
     Raises:
         InvalidArgument: the file or a variable holds a value of the wrong type or range; the message
             names the field and the variable that would set it.
@@ -104,6 +106,7 @@ def load_config(cls: type[S], path: Path | str | None = None, **overrides: Any) 
     from pydantic import ValidationError
 
     prefix = str(cls.model_config.get("env_prefix", ""))
+    overrides = {key: value for key, value in overrides.items() if value is not None}
 
     class _Bound(cls):  # type: ignore[valid-type,misc]
         config_file = Path(path) if path is not None else None

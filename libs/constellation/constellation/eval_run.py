@@ -138,10 +138,11 @@ def run_eval(
     from constellation.mesh import Mesh, MeshPorts
     from services.inference.launcher import free_port
 
-    evaluated = [r for r in read_pool(pool) if split == "all" or r.split == split]
+    records = list(read_pool(pool))  # one pass over the file for both splits
+    evaluated = [r for r in records if split == "all" or r.split == split]
     if limit:
         evaluated = evaluated[:limit]
-    train = list(read_pool(pool, split="train"))
+    train = [r for r in records if r.split == "train"]
     if not evaluated:
         raise ValueError(f"{pool} has no {split} records")
     judge = Judge(evaluated, train, seed=seed)

@@ -8,7 +8,8 @@ them, on :data:`REGISTRY`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -54,6 +55,22 @@ def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> 
     return code.name
 
 
+@contextmanager
+def _observed(service: str, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Counts one RPC and records its duration and final status code; re-raises whatever ends it."""
+    RPC_STARTED.labels(service, method).inc()
+    start = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        RPC_DURATION.labels(service, method).observe(time.perf_counter() - start)
+        RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
+
+
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every unary-unary and unary-stream RPC; other kinds pass through unmeasured."""
 
@@ -73,17 +90,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                RPC_STARTED.labels(service, method).inc()
-                start = time.perf_counter()
-                error: BaseException | None = None
-                try:
+                with _observed(service, method, context):
                     return await inner_unary(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    RPC_DURATION.labels(service, method).observe(time.perf_counter() - start)
-                    RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
 
@@ -91,18 +99,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                RPC_STARTED.labels(service, method).inc()
-                start = time.perf_counter()
-                error: BaseException | None = None
-                try:
+                with _observed(service, method, context):
                     async for message in inner_stream(request, context):
                         yield message
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    RPC_DURATION.labels(service, method).observe(time.perf_counter() - start)
-                    RPC_HANDLED.labels(service, method, _code_of(context, error)).inc()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
