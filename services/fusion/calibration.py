@@ -1,0 +1,327 @@
+"""Calibrated confidence of a vote: P(the voted answer is correct) from its agreement features.
+
+A :class:`Calibrator` is a logistic regression over the standardised features of
+:func:`services.fusion.vote.features`, optionally followed by an isotonic map of its output (a
+monotone step function fitted by pool-adjacent-violators, interpolated linearly between steps). Both
+are fitted here in numpy (Newton's method with a small L2 penalty; no scikit-learn), in well under a
+second for tens of thousands of rows. ``uncertain`` is ``confidence < threshold``, with the threshold
+chosen on train.
+
+The artifact is a directory holding one JSON file::
+
+    <root>/fusion/<hash12>/manifest.json   coefficients, isotonic steps, threshold, training metrics
+    <root>/fusion/CURRENT                  the name of the directory to load by default
+
+``content_hash`` is the SHA-256 of the manifest without its volatile fields (the hash itself, the
+creation time and training wall time). Writing is atomic (a temporary directory renamed into place, then
+``CURRENT`` replaced). Predicting is plain Python and thread-safe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from constellation.errors import FailedPrecondition
+from services.fusion.vote import FEATURE_NAMES
+
+ARTIFACT_KIND = "constellation.fusion.calibrator"
+SCHEMA_VERSION = 1
+CURRENT = "CURRENT"
+_VOLATILE = ("content_hash", "created_at")
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """Maps agreement features to a calibrated probability of being right.
+
+    Attributes:
+        mean: Feature means used for standardising (one per :data:`FEATURE_NAMES`).
+        std: Feature spreads (1 where a feature was constant).
+        coef: Logistic-regression weights on the standardised features.
+        intercept: Its intercept.
+        iso_x: Isotonic step positions on the regression's probability (ascending); empty: none.
+        iso_y: Calibrated probabilities at those positions (non-decreasing).
+        threshold: Confidence below which a vote is flagged ``uncertain``.
+        weighting: The vote weighting the calibrator was fitted for (see :data:`~services.fusion.vote.WEIGHTINGS`).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    iso_x: tuple[float, ...]
+    iso_y: tuple[float, ...]
+    threshold: float
+    weighting: str
+
+    def regression(self, features: Sequence[float]) -> float:
+        """The logistic regression's probability alone (before the isotonic map)."""
+        z = self.intercept + sum(
+            c * (f - m) / s for c, f, m, s in zip(self.coef, features, self.mean, self.std, strict=True)
+        )
+        return 1.0 / (1.0 + math.exp(-max(min(z, 40.0), -40.0)))
+
+    def confidence(self, features: Sequence[float]) -> float:
+        """P(correct) for one vote's features, in [0, 1]."""
+        p = self.regression(features)
+        if not self.iso_x:
+            return p
+        return float(np.interp(p, self.iso_x, self.iso_y))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "features": list(FEATURE_NAMES),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "coef": list(self.coef),
+            "intercept": self.intercept,
+            "isotonic": {"x": list(self.iso_x), "y": list(self.iso_y)},
+            "threshold": self.threshold,
+            "weighting": self.weighting,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Calibrator:
+        if list(raw["features"]) != list(FEATURE_NAMES):
+            raise ValueError(f"calibrator features {raw['features']} differ from this code's {list(FEATURE_NAMES)}")
+        return cls(
+            mean=tuple(float(v) for v in raw["mean"]),
+            std=tuple(float(v) for v in raw["std"]),
+            coef=tuple(float(v) for v in raw["coef"]),
+            intercept=float(raw["intercept"]),
+            iso_x=tuple(float(v) for v in raw["isotonic"]["x"]),
+            iso_y=tuple(float(v) for v in raw["isotonic"]["y"]),
+            threshold=float(raw["threshold"]),
+            weighting=str(raw["weighting"]),
+        )
+
+
+# --- fitting ------------------------------------------------------------------------------------
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iterations: int = 50) -> tuple[np.ndarray, float]:
+    """Weights and intercept of an L2-penalised logistic regression (Newton's method; intercept unpenalised).
+
+    Args:
+        x: ``[n, d]`` standardised features.
+        y: ``[n]`` labels in {0, 1}.
+        l2: Penalty on the weights, per row.
+        iterations: Most Newton steps (it converges in under 15 on these features).
+    """
+    n, d = x.shape
+    design = np.hstack([np.ones((n, 1)), x])
+    beta = np.zeros(d + 1)
+    penalty = np.full(d + 1, l2 * n)
+    penalty[0] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(design @ beta, -40, 40)))
+        gradient = design.T @ (p - y) + penalty * beta
+        hessian = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty) + 1e-9 * np.eye(d + 1)
+        step = np.linalg.solve(hessian, gradient)
+        beta -= step
+        if float(np.max(np.abs(step))) < 1e-8:
+            break
+    return beta[1:], float(beta[0])
+
+
+def fit_isotonic(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing fit of ``y`` on ``scores`` (pool-adjacent-violators).
+
+    Returns:
+        Step positions (the mean score of each pooled block) and the block means of ``y``.
+    """
+    order = np.argsort(scores, kind="stable")
+    xs, ys = scores[order].astype(float), y[order].astype(float)
+    blocks: list[list[float]] = []  # [sum_y, count, sum_x]
+    for xv, yv in zip(xs, ys, strict=True):
+        blocks.append([yv, 1.0, xv])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
+            last = blocks.pop()
+            for i in range(3):
+                blocks[-1][i] += last[i]
+    positions = np.array([b[2] / b[1] for b in blocks])
+    values = np.array([b[0] / b[1] for b in blocks])
+    return positions, values
+
+
+def fit_calibrator(
+    x: np.ndarray, y: np.ndarray, *, isotonic: bool, weighting: str, threshold: float = 0.5
+) -> Calibrator:
+    """Fits a calibrator on raw (unstandardised) features ``x`` and labels ``y``."""
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    std[std < 1e-9] = 1.0
+    coef, intercept = fit_logistic((x - mean) / std, y)
+    calibrator = Calibrator(
+        tuple(float(v) for v in mean), tuple(float(v) for v in std), tuple(float(v) for v in coef),
+        intercept, (), (), threshold, weighting,
+    )  # fmt: skip
+    if not isotonic:
+        return calibrator
+    scores = np.array([calibrator.regression(row) for row in x])
+    iso_x, iso_y = fit_isotonic(scores, y)
+    return Calibrator(
+        calibrator.mean, calibrator.std, calibrator.coef, intercept,
+        tuple(float(v) for v in iso_x), tuple(float(v) for v in iso_y), threshold, weighting,
+    )  # fmt: skip
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[float], bins: int = 10) -> float:
+    """ECE over ``bins`` equal-width confidence bins on [0, 1]: sum over bins of share x |accuracy - confidence|."""
+    conf = np.asarray(confidence, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    if conf.size == 0:
+        return math.nan
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            total += mask.mean() * abs(float(hit[mask].mean()) - float(conf[mask].mean()))
+    return total
+
+
+def reliability_bins(confidence: Sequence[float], correct: Sequence[float], bins: int = 10) -> list[dict[str, float]]:
+    """Per equal-width bin: count, mean confidence and accuracy (bins with no rows are left out)."""
+    conf = np.asarray(confidence, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            rows.append(
+                {"bin": b, "n": int(mask.sum()), "confidence": float(conf[mask].mean()), "accuracy": float(hit[mask].mean())}
+            )
+    return rows
+
+
+def choose_threshold(confidence: Sequence[float], correct: Sequence[float], target: float) -> float:
+    """The lowest confidence threshold whose kept answers (confidence >= it) are right at least ``target`` of
+    the time; 1.0 when none reaches it (everything is flagged)."""
+    conf = np.asarray(confidence, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    for threshold in np.round(np.arange(0.0, 1.0001, 0.005), 3):
+        kept = conf >= threshold
+        if kept.any() and float(hit[kept].mean()) >= target:
+            return float(threshold)
+    return 1.0
+
+
+# --- artifact -----------------------------------------------------------------------------------
+
+
+def default_artifact_root() -> Path:
+    """``<cache dir>/artifacts`` (``$CONSTELLATION_CACHE_DIR``, else ``~/.cache/constellation``)."""
+    from services.inference.smollm2 import default_cache_dir
+
+    return default_cache_dir() / "artifacts"
+
+
+def content_hash(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's stable fields (see the module docstring)."""
+    stable = {k: v for k, v in manifest.items() if k not in _VOLATILE}
+    training = dict(stable.get("training", {}))
+    training.pop("seconds", None)
+    stable["training"] = training
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibrationArtifact:
+    """A loaded calibrator with its manifest and directory."""
+
+    calibrator: Calibrator
+    manifest: dict[str, Any]
+    path: Path
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.manifest["content_hash"])
+
+
+def save_artifact(
+    calibrator: Calibrator, manifest: Mapping[str, Any], root: Path, *, make_current: bool = True
+) -> CalibrationArtifact:
+    """Writes ``root/fusion/<hash12>/manifest.json`` and (by default) points ``CURRENT`` at it.
+
+    Saving the same calibrator and manifest twice gives the same directory and hash.
+    """
+    full = {**manifest, "kind": ARTIFACT_KIND, "schema_version": SCHEMA_VERSION, "calibrator": calibrator.to_json()}
+    full["content_hash"] = content_hash(full)
+    full["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    base = Path(root) / "fusion"
+    base.mkdir(parents=True, exist_ok=True)
+    target = base / full["content_hash"][:12]
+    if not target.exists():
+        staging = Path(tempfile.mkdtemp(prefix=".fusion-", dir=base))
+        staging.chmod(0o755)
+        (staging / "manifest.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            (staging / "manifest.json").unlink()
+            staging.rmdir()
+    if make_current:
+        pointer = base / f".{CURRENT}.{os.getpid()}"
+        pointer.write_text(target.name + "\n")
+        pointer.replace(base / CURRENT)
+    return load_artifact(target)
+
+
+def resolve_artifact(path: Path | str) -> Path:
+    """The artifact directory ``path`` names: itself, or what ``CURRENT`` names in it or in its ``fusion/``.
+
+    Raises:
+        FailedPrecondition: nothing loadable there; the message says how to train one.
+    """
+    path = Path(path)
+    for candidate in (path, path / "fusion"):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+        pointer = candidate / CURRENT
+        if pointer.is_file():
+            named = candidate / pointer.read_text().strip()
+            if (named / "manifest.json").is_file():
+                return named
+    raise FailedPrecondition(
+        f"no fusion calibrator at {path}; train one with `constellation train fusion`",
+        reason="FUSION_NOT_TRAINED",
+    )
+
+
+def load_artifact(path: Path | str) -> CalibrationArtifact:
+    """Loads and verifies a calibrator artifact (one small JSON file: milliseconds).
+
+    Raises:
+        FailedPrecondition: no artifact there, an unknown kind or schema, a content hash that does not
+            match (damaged or hand-edited), or features that differ from this code's.
+    """
+    directory = resolve_artifact(path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if manifest.get("kind") != ARTIFACT_KIND or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise FailedPrecondition(
+            f"{directory}: not a fusion calibrator of schema {SCHEMA_VERSION} "
+            f"(kind {manifest.get('kind')!r}, schema {manifest.get('schema_version')!r})",
+            reason="FUSION_ARTIFACT_SCHEMA",
+        )
+    if manifest.get("content_hash") != content_hash(manifest):
+        raise FailedPrecondition(f"{directory}: content hash mismatch; retrain it", reason="FUSION_ARTIFACT_CORRUPT")
+    try:
+        calibrator = Calibrator.from_json(manifest["calibrator"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FailedPrecondition(f"{directory}: {exc}; retrain it", reason="FUSION_ARTIFACT_SCHEMA") from exc
+    return CalibrationArtifact(calibrator, manifest, directory)
