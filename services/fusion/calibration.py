@@ -201,9 +201,8 @@ def reliability_bins(confidence: Sequence[float], correct: Sequence[float], bins
     for b in range(bins):
         mask = index == b
         if mask.any():
-            rows.append(
-                {"bin": b, "n": int(mask.sum()), "confidence": float(conf[mask].mean()), "accuracy": float(hit[mask].mean())}
-            )
+            mean_conf, accuracy = float(conf[mask].mean()), float(hit[mask].mean())
+            rows.append({"bin": b, "n": int(mask.sum()), "confidence": mean_conf, "accuracy": accuracy})
     return rows
 
 
