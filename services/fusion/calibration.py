@@ -39,6 +39,8 @@ ARTIFACT_KIND = "constellation.fusion.calibrator"
 SCHEMA_VERSION = 1
 CURRENT = "CURRENT"
 _VOLATILE = ("content_hash", "created_at")
+Values = Sequence[float] | np.ndarray
+"""Numbers given as a sequence or a 1-D array."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def fit_calibrator(
     )  # fmt: skip
 
 
-def expected_calibration_error(confidence: Sequence[float], correct: Sequence[float], bins: int = 10) -> float:
+def expected_calibration_error(confidence: Values, correct: Values, bins: int = 10) -> float:
     """ECE over ``bins`` equal-width confidence bins on [0, 1]: sum over bins of share x |accuracy - confidence|."""
     conf = np.asarray(confidence, dtype=float)
     hit = np.asarray(correct, dtype=float)
@@ -192,7 +194,7 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[fl
     return total
 
 
-def reliability_bins(confidence: Sequence[float], correct: Sequence[float], bins: int = 10) -> list[dict[str, float]]:
+def reliability_bins(confidence: Values, correct: Values, bins: int = 10) -> list[dict[str, float]]:
     """Per equal-width bin: count, mean confidence and accuracy (bins with no rows are left out)."""
     conf = np.asarray(confidence, dtype=float)
     hit = np.asarray(correct, dtype=float)
@@ -206,7 +208,7 @@ def reliability_bins(confidence: Sequence[float], correct: Sequence[float], bins
     return rows
 
 
-def choose_threshold(confidence: Sequence[float], correct: Sequence[float], target: float) -> float:
+def choose_threshold(confidence: Values, correct: Values, target: float) -> float:
     """The lowest confidence threshold whose kept answers (confidence >= it) are right at least ``target`` of
     the time; 1.0 when none reaches it (everything is flagged)."""
     conf = np.asarray(confidence, dtype=float)

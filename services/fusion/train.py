@@ -166,6 +166,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "cv_flagged_share": float(flagged[mask].mean()),
             "cv_kept_accuracy": float(y[kept].mean()) if kept.any() else float("nan"),
         }
+    metrics = {
+        "weightings": by_weighting,
+        "calibrators": candidates,
+        "per_pool": per_pool,
+        "threshold": threshold,
+        "target_accuracy": args.target_accuracy,
+        "cv_flagged_share": float(flagged.mean()),
+        "cv_kept_accuracy": float(y[~flagged].mean()) if (~flagged).any() else float("nan"),
+    }
+    training = {
+        "pools": [{"file": p.name, "sha256": _file_sha256(p)} for p in paths.values()],
+        "rows": len(rows),
+        "random_sets": args.random_sets,
+        "seed": args.seed,
+        "ks": [3, 5, 7],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     manifest = {
         "features": list(FEATURE_NAMES),
         "method": chosen,
@@ -177,25 +194,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.target_accuracy} (out-of-fold confidences)"
         ),
         "model_accuracy": accuracy,
-        "training": {
-            "pools": [{"file": p.name, "sha256": _file_sha256(p)} for p in paths.values()],
-            "rows": len(rows),
-            "random_sets": args.random_sets,
-            "seed": args.seed,
-            "ks": [3, 5, 7],
-            "seconds": 0.0,
-        },
-        "metrics": {
-            "weightings": by_weighting,
-            "calibrators": candidates,
-            "per_pool": per_pool,
-            "threshold": threshold,
-            "target_accuracy": args.target_accuracy,
-            "cv_flagged_share": float(flagged.mean()),
-            "cv_kept_accuracy": float(y[~flagged].mean()) if (~flagged).any() else float("nan"),
-        },
+        "training": training,
+        "metrics": metrics,
     }
-    manifest["training"]["seconds"] = round(time.perf_counter() - started, 1)
     root = Path(args.out) if args.out is not None else default_artifact_root()
     artifact = save_artifact(calibrator, manifest, root, make_current=not args.no_current)
     return {
@@ -205,7 +206,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "weighting": weighting,
         "method": chosen,
         "threshold": threshold,
-        "metrics": manifest["metrics"],
+        "metrics": metrics,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
