@@ -1,0 +1,390 @@
+"""The model pool as the registry keeps it: records, their live statistics, health, and watchers.
+
+:class:`Registry` is the domain core behind RegistryService; it knows nothing of gRPC. It holds every
+record in memory (reads never touch the disk) and writes each change through to a
+:class:`~services.registry.store.ModelStore`. Changes are published to watchers, each with its own
+bounded queue: a watcher that falls ``watch_queue_max`` changes behind is dropped (its next read
+raises ``ResourceExhausted``) so that no subscriber can hold the registry up. Changes that touch only
+statistics are coalesced to at most one UPDATED per model per ``coalesce_s``; everything else
+(registration, removal, a state change) is published at once.
+
+Concurrency: every method runs on the event loop thread; none awaits while it changes state, so each
+change and its publication are atomic with respect to other calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from constellation.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from constellation.v1 import common_pb2, registry_pb2
+from services.registry.health import HealthPolicy
+from services.registry.stats import ModelStats, StatsSettings
+from services.registry.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+Change = registry_pb2.WatchModelsResponse.Change
+SNAPSHOT = registry_pb2.WatchModelsResponse.CHANGE_SNAPSHOT
+ADDED = registry_pb2.WatchModelsResponse.CHANGE_ADDED
+UPDATED = registry_pb2.WatchModelsResponse.CHANGE_UPDATED
+REMOVED = registry_pb2.WatchModelsResponse.CHANGE_REMOVED
+
+READY = common_pb2.MODEL_STATE_READY
+LOADING = common_pb2.MODEL_STATE_LOADING
+UNHEALTHY = common_pb2.MODEL_STATE_UNHEALTHY
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._@:/-]{1,128}")
+NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ @ : / -"
+
+ChangeListener = Callable[[int, registry_pb2.ModelRecord], None]
+"""Called with ``(change, record)`` for every published change; must not block or raise."""
+
+
+def validate_record(record: registry_pb2.ModelRecord, prefix: str = "model") -> None:
+    """Checks the fields a caller declares.
+
+    Raises:
+        InvalidArgument: one field violation per bad field, named ``<prefix>.<field>``.
+    """
+    problems: list[FieldViolation] = []
+    if not NAME_PATTERN.fullmatch(record.name):
+        problems.append(FieldViolation(f"{prefix}.name", f"{record.name!r} is not a model name: {NAME_RULE}"))
+    for name in ("price_in_per_mtok", "price_out_per_mtok", "params_b"):
+        value = getattr(record, name)
+        if not value >= 0.0:  # also catches NaN
+            problems.append(FieldViolation(f"{prefix}.{name}", f"must be >= 0, got {value}"))
+    if not 0.0 <= record.traffic_weight <= 1.0:
+        problems.append(FieldViolation(f"{prefix}.traffic_weight", f"must be in [0, 1], got {record.traffic_weight}"))
+    for i, estimate in enumerate(record.quality):
+        if not 0.0 <= estimate.quality <= 1.0:
+            problems.append(
+                FieldViolation(f"{prefix}.quality[{i}].quality", f"must be in [0, 1], got {estimate.quality}")
+            )
+    if record.state not in common_pb2.ModelState.values():
+        problems.append(FieldViolation(f"{prefix}.state", f"unknown model state {record.state}"))
+    if problems:
+        raise InvalidArgument(f"invalid model record {record.name!r}", problems, reason="INVALID_MODEL_RECORD")
+
+
+def _copy(record: registry_pb2.ModelRecord) -> registry_pb2.ModelRecord:
+    clone = registry_pb2.ModelRecord()
+    clone.CopyFrom(record)
+    return clone
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Behaviour of a :class:`Registry`.
+
+    Attributes:
+        stats: Statistics windows and EWMA weight.
+        health: Thresholds that turn a model unhealthy from its outcomes.
+        coalesce_s: Least time between two statistics-only UPDATED changes of one model, in seconds.
+        watch_queue_max: Changes a watcher may fall behind before it is dropped.
+        min_unhealthy_s: Least time a model stays UNHEALTHY before a ready probe may bring it back, in
+            seconds (a model that fails calls while Triton calls it ready must not flap).
+    """
+
+    stats: StatsSettings = field(default_factory=StatsSettings)
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    coalesce_s: float = 0.5
+    watch_queue_max: int = 1024
+    min_unhealthy_s: float = 5.0
+
+
+class Watcher:
+    """One subscriber's queue of changes. Read it with :meth:`next`."""
+
+    def __init__(self, limit: int):
+        # One slot more than the limit, so the drop marker always fits.
+        self._queue: asyncio.Queue[tuple[int, registry_pb2.ModelRecord] | None] = asyncio.Queue(limit + 1)
+        self.limit = limit
+        self.dropped = False
+
+    def offer(self, change: int, record: registry_pb2.ModelRecord) -> bool:
+        """Queues a change without waiting; False (and the watcher is dropped) when it is ``limit`` behind."""
+        if self.dropped:
+            return False
+        if self._queue.qsize() >= self.limit:
+            self.dropped = True
+            self._queue.put_nowait(None)
+            return False
+        self._queue.put_nowait((change, record))
+        return True
+
+    async def next(self) -> tuple[int, registry_pb2.ModelRecord]:
+        """The next change, waiting for one.
+
+        Raises:
+            ResourceExhausted: the watcher fell too far behind and was dropped; start a new watch.
+        """
+        item = await self._queue.get()
+        if item is None:
+            raise ResourceExhausted(
+                f"the watcher fell {self.limit} changes behind and was dropped; watch again for a fresh snapshot",
+                reason="WATCHER_TOO_SLOW",
+            )
+        return item
+
+
+class Registry:
+    """The pool of model records (see the module doc).
+
+    Args:
+        store: Where records persist; records already in it are loaded.
+        settings: Statistics, health and watch behaviour.
+        clock: Wall-clock time in seconds (``time.time``), for ``stats.updated_at``.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        settings: RegistrySettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.settings = settings or RegistrySettings()
+        self.clock = clock
+        self.records: dict[str, registry_pb2.ModelRecord] = {}
+        self.stats: dict[str, ModelStats] = {}
+        self._unhealthy_since: dict[str, float] = {}
+        self._watchers: set[Watcher] = set()
+        self._listeners: list[ChangeListener] = []
+        self._pending: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        for record in store.all():
+            self.records[record.name] = record
+            self.stats[record.name] = ModelStats(self.settings.stats, record)
+            if record.state == UNHEALTHY:
+                self._unhealthy_since[record.name] = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the task that publishes coalesced statistics updates. Needs a running loop."""
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="registry-coalesce")
+
+    async def close(self) -> None:
+        """Publishes pending updates, stops the background task and closes the store."""
+        task, self._flusher = self._flusher, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.flush_pending()
+        self.store.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.coalesce_s)
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        """Publishes one UPDATED for each model whose statistics changed since the last one."""
+        pending, self._pending = self._pending, set()
+        for name in sorted(pending):
+            record = self.records.get(name)
+            if record is not None:
+                self._publish(UPDATED, record)
+
+    # -- publication ---------------------------------------------------------------------------------
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Calls ``listener`` for every change from now on (the Consul mirror uses this)."""
+        self._listeners.append(listener)
+
+    def _publish(self, change: int, record: registry_pb2.ModelRecord) -> None:
+        self._pending.discard(record.name)
+        shared = _copy(record)
+        for watcher in list(self._watchers):
+            if not watcher.offer(change, shared):
+                self._watchers.discard(watcher)
+                log.warning("dropped a watcher %d changes behind", watcher.limit)
+        for listener in self._listeners:
+            try:
+                listener(change, shared)
+            except Exception:
+                log.exception("change listener failed")
+
+    @contextmanager
+    def watch(self) -> Iterator[tuple[list[registry_pb2.ModelRecord], Watcher]]:
+        """Subscribes to changes: yields ``(snapshot, watcher)``, the records now and every change after.
+
+        Nothing can happen between the snapshot and the subscription. The watcher is removed on exit.
+        """
+        watcher = Watcher(self.settings.watch_queue_max)
+        snapshot = [_copy(self.records[name]) for name in sorted(self.records)]
+        self._watchers.add(watcher)
+        try:
+            yield snapshot, watcher
+        finally:
+            self._watchers.discard(watcher)
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    # -- records -------------------------------------------------------------------------------------
+
+    def register(self, incoming: registry_pb2.ModelRecord) -> tuple[registry_pb2.ModelRecord, bool]:
+        """Adds or replaces a record; idempotent for the same record.
+
+        Declared fields come from ``incoming``. Learned data is kept: live statistics always, and
+        quality estimates for every slice already observed (``incoming.quality`` only seeds the others).
+        ``state`` UNSPECIFIED keeps the current state (READY for a new model).
+
+        Returns:
+            The stored record and whether it was new.
+
+        Raises:
+            InvalidArgument: a declared field is out of range (see :func:`validate_record`).
+        """
+        validate_record(incoming)
+        name = incoming.name
+        existing = self.records.get(name)
+        record = _copy(incoming)
+        stats = self.stats.get(name) or ModelStats(self.settings.stats)
+        stats.seed_quality(list(incoming.quality))
+        if existing is not None:
+            record.stats.CopyFrom(existing.stats)
+        if record.state == common_pb2.MODEL_STATE_UNSPECIFIED:
+            record.state = existing.state if existing is not None else READY
+        stats.write_to(record, now=self.clock())
+        if existing is not None:
+            record.stats.updated_at.CopyFrom(existing.stats.updated_at)
+            if existing.SerializeToString(deterministic=True) == record.SerializeToString(deterministic=True):
+                return _copy(existing), False
+        if record.state == UNHEALTHY:
+            self._unhealthy_since.setdefault(name, time.monotonic())
+        else:
+            self._unhealthy_since.pop(name, None)
+            if existing is not None and existing.state == UNHEALTHY:
+                stats.reset_errors()
+        self.store.put([record])
+        self.records[name] = record
+        self.stats[name] = stats
+        self._publish(ADDED if existing is None else UPDATED, record)
+        return _copy(record), existing is None
+
+    def deregister(self, name: str) -> registry_pb2.ModelRecord:
+        """Removes a record and returns it.
+
+        Raises:
+            NotFound: no model has that name.
+        """
+        record = self.get(name)
+        self.store.delete(name)
+        del self.records[name]
+        self.stats.pop(name, None)
+        self._unhealthy_since.pop(name, None)
+        self._pending.discard(name)
+        self._publish(REMOVED, record)
+        return record
+
+    def get(self, name: str) -> registry_pb2.ModelRecord:
+        """One record (a copy).
+
+        Raises:
+            NotFound: no model has that name; the message lists the known ones.
+        """
+        record = self.records.get(name)
+        if record is None:
+            known = ", ".join(sorted(self.records)) or "none"
+            raise NotFound(f"no model {name!r} in the registry; known: {known}", metadata={"model": name})
+        return _copy(record)
+
+    def list(self, state: int = 0, required_capabilities: Sequence[str] = ()) -> list[registry_pb2.ModelRecord]:
+        """Records by name that are in ``state`` (0: any) and have every one of ``required_capabilities``."""
+        wanted = set(required_capabilities)
+        return [
+            _copy(record)
+            for name, record in sorted(self.records.items())
+            if (not state or record.state == state) and wanted <= set(record.capabilities)
+        ]
+
+    # -- outcomes and health -------------------------------------------------------------------------
+
+    def report(self, outcomes: Sequence[registry_pb2.Outcome]) -> int:
+        """Folds a batch of call outcomes into the statistics and persists the touched records.
+
+        Outcomes of unknown models, or with negative times, are rejected (not counted), never an error.
+        A model whose outcomes cross the health thresholds turns UNHEALTHY at once.
+
+        Returns:
+            How many outcomes were accepted.
+        """
+        accepted = 0
+        touched: dict[str, bool] = {}
+        for outcome in outcomes:
+            stats = self.stats.get(outcome.model)
+            if stats is None or outcome.time_to_first_token_ms < 0 or outcome.total_ms < 0:
+                continue
+            stats.observe(outcome)
+            accepted += 1
+            touched.setdefault(outcome.model, False)
+            record = self.records[outcome.model]
+            if record.state == READY and self.settings.health.unhealthy(stats):
+                record.state = UNHEALTHY
+                self._unhealthy_since[outcome.model] = time.monotonic()
+                touched[outcome.model] = True
+                log.warning(
+                    "%s is unhealthy: error rate %.0f%% over %d calls, %d failures in a row",
+                    outcome.model,
+                    stats.error_rate * 100,
+                    stats.recent_calls,
+                    stats.consecutive_failures,
+                )
+        if not touched:
+            return accepted
+        now = self.clock()
+        for name in touched:
+            self.stats[name].write_to(self.records[name], now=now)
+        self.store.put(self.records[name] for name in touched)
+        for name, state_changed in touched.items():
+            if state_changed:
+                self._publish(UPDATED, self.records[name])
+            else:
+                self._pending.add(name)
+        return accepted
+
+    def apply_probe(self, name: str, ready: bool) -> None:
+        """Takes a readiness probe's answer for ``name``.
+
+        Ready brings an UNHEALTHY model (after ``min_unhealthy_s``) or a LOADING one to READY and
+        resets its error window; not ready turns a READY model UNHEALTHY. COLD models are left alone
+        (scaled to zero is not a fault). Unknown names are ignored (the model was just removed).
+        """
+        record = self.records.get(name)
+        if record is None:
+            return
+        if ready:
+            if record.state == UNHEALTHY:
+                since = self._unhealthy_since.get(name, 0.0)
+                if time.monotonic() - since < self.settings.min_unhealthy_s:
+                    return
+            elif record.state != LOADING:
+                return
+            record.state = READY
+            self._unhealthy_since.pop(name, None)
+            self.stats[name].reset_errors()
+            log.info("%s is ready again", name)
+        else:
+            if record.state != READY:
+                return
+            record.state = UNHEALTHY
+            self._unhealthy_since[name] = time.monotonic()
+            log.warning("%s is unhealthy: its backend says it is not ready or cannot be reached", name)
+        self.stats[name].write_to(record, now=self.clock())
+        self.store.put([record])
+        self._publish(UPDATED, record)
