@@ -1,0 +1,83 @@
+"""A small async client for FusionService, for dispatch, the benchmarks and the tests.
+
+Errors come back as the library's exception tree (:mod:`constellation.errors`), never as raw
+``grpc.RpcError``: a bad request as ``InvalidArgument`` with its field violations, an unreachable
+service as ``Unavailable``, a passed deadline as ``DeadlineExceeded``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from constellation import telemetry
+from constellation.errors import from_rpc_error
+from constellation.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
+
+class FusionClient:
+    """One channel to a fusion server. An async context manager; safe for concurrent calls.
+
+    Args:
+        address: ``host:port`` of the fusion service.
+        traced: Add the OpenTelemetry client interceptors (propagates ``traceparent``).
+    """
+
+    def __init__(self, address: str, *, traced: bool = True):
+        interceptors = telemetry.client_interceptors() if traced else []
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        self.stub = fusion_pb2_grpc.FusionServiceStub(self.channel)
+
+    async def __aenter__(self) -> FusionClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def fuse(
+        self,
+        prompt: str,
+        candidates: Sequence[common_pb2.ScoredCandidate],
+        answer_kind: common_pb2.AnswerKind.ValueType,
+        fuser_model: str = "",
+        sampling: common_pb2.SamplingParams | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[fusion_pb2.FuseResponse]:
+        """Streams the fused answer: ``delta`` messages, then one ``summary`` (whose text is the answer).
+
+        Args:
+            prompt: The user's query (required for open answers).
+            candidates: Ranked candidates.
+            answer_kind: How to fuse: vote for NUMBER/CHOICE, top candidate for CODE, generative for OPEN.
+            fuser_model: Triton model that writes open answers; empty: the service default.
+            sampling: The fuser's decoding settings; None: the service defaults.
+            timeout_s: Deadline of the whole stream in seconds (pass ``min(own budget, time remaining)``;
+                the service keeps a margin of it to return its fallback); None waits indefinitely.
+
+        Raises:
+            constellation.errors.ConstellationError: the call failed (mapped from its status).
+
+        Leaving the loop early cancels the call, and with it the fuser's request to Triton.
+        """
+        request = fusion_pb2.FuseRequest(
+            prompt=prompt,
+            candidates=list(candidates),
+            answer_kind=answer_kind,
+            fuser_model=fuser_model,
+            sampling=sampling,
+        )
+        call = self.stub.Fuse(request, timeout=timeout_s)
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()

@@ -1,0 +1,133 @@
+"""Runs the fusion service: ``python -m services.fusion.main`` (or ``constellation serve fusion``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from constellation.config import load_config
+from constellation.errors import ConstellationError
+from constellation.server import Registration, RunningServer, create_server, serve
+from constellation.triton import TritonClient
+from constellation.v1 import fusion_pb2_grpc
+from services.fusion.calibration import Calibrator, default_artifact_root, load_artifact
+from services.fusion.config import FusionConfig
+from services.fusion.fuse import Fuser, FuserSettings
+from services.fusion.servicer import SERVICE_NAME, FusionServicer
+
+log = logging.getLogger(__name__)
+
+
+def load_calibrator(config: FusionConfig) -> Calibrator | None:
+    """The calibrator ``config`` names (or the current one); None, with a warning, when there is none."""
+    where = Path(config.artifact) if config.artifact else default_artifact_root()
+    try:
+        artifact = load_artifact(where)
+    except ConstellationError as error:
+        log.warning(
+            "fusion: %s; vote confidence is the weighted share of the winner (uncalibrated), uncertain below %.2f",
+            error.message,
+            config.uncalibrated_threshold,
+        )
+        return None
+    log.info(
+        "fusion: calibrator %s from %s (%s, %s weighting, uncertain below %.3f)",
+        artifact.content_hash[:12],
+        artifact.path,
+        artifact.manifest.get("method"),
+        artifact.calibrator.weighting,
+        artifact.calibrator.threshold,
+    )
+    return artifact.calibrator
+
+
+def settings_of(config: FusionConfig) -> FuserSettings:
+    return FuserSettings(
+        fuser_model=config.fuser_model,
+        fuse_timeout_s=config.fuse_timeout_s,
+        deadline_reserve_s=config.deadline_reserve_s,
+        prompt_budget_chars=config.prompt_budget_chars,
+        max_fused_candidates=config.max_fused_candidates,
+        uncalibrated_threshold=config.uncalibrated_threshold,
+        price_in_per_mtok=config.fuser_price_in_per_mtok,
+        price_out_per_mtok=config.fuser_price_out_per_mtok,
+    )
+
+
+@asynccontextmanager
+async def running_fusion(config: FusionConfig, *, calibrator: Calibrator | None = None) -> AsyncIterator[RunningServer]:
+    """Starts a fusion server for ``config`` (port 0 picks a free one) and stops it on exit.
+
+    Triton is not contacted at start: the fuser is called per open-answer request, and a Triton that
+    cannot be reached then makes that request fall back to its top candidate.
+
+    Args:
+        config: Service settings.
+        calibrator: A calibrator to use instead of loading ``config.artifact`` (tests).
+    """
+    if calibrator is None:
+        calibrator = await asyncio.to_thread(load_calibrator, config)
+    async with TritonClient(config.triton_url) as triton:
+        fuser = Fuser(triton, calibrator, settings_of(config))
+        registration = Registration(
+            FusionServicer(fuser, config),
+            fusion_pb2_grpc.add_FusionServiceServicer_to_server,  # type: ignore[arg-type]
+            SERVICE_NAME,
+        )
+        running = await create_server([registration], config)
+        try:
+            yield running
+        finally:
+            await running.stop(config.shutdown_grace_s)
+
+
+async def _main(config: FusionConfig) -> None:
+    calibrator = await asyncio.to_thread(load_calibrator, config)
+    async with TritonClient(config.triton_url) as triton:
+        fuser = Fuser(triton, calibrator, settings_of(config))
+        registration = Registration(
+            FusionServicer(fuser, config),
+            fusion_pb2_grpc.add_FusionServiceServicer_to_server,  # type: ignore[arg-type]
+            SERVICE_NAME,
+        )
+        await serve(
+            [registration],
+            config,
+            on_started=lambda r: print(f"fusion listening on {config.host}:{r.port}", flush=True),
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="constellation serve fusion",
+        description="Run the fusion service (FusionService/Fuse): a reliability-weighted vote with calibrated "
+        "confidence for closed answers, the top candidate for code, and generative fusion by a Triton model for "
+        "open answers. Settings come from the [fusion] table of the config file and CONSTELLATION_FUSION_* "
+        "variables; flags override both. Train the calibrator first with `constellation train fusion`; without "
+        "it, confidence is the uncalibrated weighted share.",
+    )
+    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
+    parser.add_argument("--port", type=int, help="gRPC port (default 50055; 0 picks a free one)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
+    parser.add_argument("--triton-url", help="Triton gRPC host:port serving the fuser model (default 127.0.0.1:8001)")
+    parser.add_argument("--fuser-model", help="default fuser model (default smollm2)")
+    parser.add_argument("--artifact", help="calibrator: an artifact directory or one holding CURRENT")
+    args = parser.parse_args(argv)
+    overrides = {
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "triton_url": args.triton_url,
+        "fuser_model": args.fuser_model,
+        "artifact": args.artifact,
+    }
+    config = load_config(FusionConfig, args.config, **overrides)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_main(config))
+
+
+if __name__ == "__main__":
+    main()
