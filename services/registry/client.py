@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 
 import grpc
 
@@ -98,7 +98,7 @@ class RegistryClient:
             raise from_rpc_error(exc) from exc
         return int(response.accepted)
 
-    async def watch(self) -> AsyncIterator[registry_pb2.WatchModelsResponse]:
+    async def watch(self) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]:
         """The WatchModels stream: the snapshot, CHANGE_SNAPSHOT_END, then changes until cancelled.
 
         Raises:
