@@ -1,0 +1,159 @@
+"""Voting, confidence and answer reading of the fusion service on hand-made candidates (no artifact needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from constellation.triton import Sampling
+from services.fusion.answers import candidate_answer, extract_answer
+from services.fusion.calibration import (
+    choose_threshold,
+    expected_calibration_error,
+    fit_calibrator,
+    fit_isotonic,
+    load_artifact,
+    save_artifact,
+)
+from services.fusion.fuse import FuseCandidate, FuseInput, Fuser, FuserSettings
+from services.fusion.prompt import fuser_prompt, share_budget
+from services.fusion.vote import FEATURE_NAMES, UNKNOWN_RELIABILITY, Ballot, features, tally, weight
+
+
+class _NoGenerator:
+    """Closed answers never reach a model; calling one is a bug in the test."""
+
+    def generate(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        raise AssertionError("a vote must not call the fuser")
+
+
+def _fuser(calibrator=None) -> Fuser:  # type: ignore[no-untyped-def]
+    return Fuser(_NoGenerator(), calibrator, FuserSettings())  # type: ignore[arg-type]
+
+
+def _input(kind: str, *candidates: tuple[str, float], answers: tuple[str, ...] = ()) -> FuseInput:
+    return FuseInput(
+        prompt="q",
+        candidates=[
+            FuseCandidate(f"m{i}", text, answers[i] if answers else "", reliability, rank=i)
+            for i, (text, reliability) in enumerate(candidates)
+        ],
+        kind=kind,
+        sampling=Sampling(),
+    )
+
+
+def test_reading_answers_from_text() -> None:
+    assert extract_answer("number", 'so {"reasoning": "...", "answer": "1,250.0"}') == "1250"
+    assert extract_answer("number", r"The total is \boxed{42} dollars, not 7.") == "42"
+    assert extract_answer("number", "First 3, then 5, so the answer is 18.") == "18"
+    assert extract_answer("number", "no digits here") is None
+    assert extract_answer("choice", "B") == "B"
+    assert extract_answer("choice", "(C) because ...") == "C"
+    assert extract_answer("choice", "The answer is (d).") == "D"
+    assert extract_answer("choice", "I do not know") is None
+    assert extract_answer("choice", "A first step would be") is None
+    assert candidate_answer("number", "$1,000", "whatever 7") == "1000"
+
+
+def test_weights_decide_over_headcount() -> None:
+    strong, weak = 0.97, 0.55
+    result = tally([Ballot("7", strong, 0), Ballot("9", weak, 1), Ballot("9", weak, 2)])
+    assert weight(strong) > 2 * weight(weak)
+    assert result.answer == "7"
+    assert (result.votes_for, result.votes_total) == (1, 3)
+    assert 0.5 < result.weighted_share < 1.0
+    assert result.runner_up == "9"
+    # Plurality ignores reliability: headcount wins.
+    assert tally([Ballot("7", strong, 0), Ballot("9", weak, 1), Ballot("9", weak, 2)], "plurality").answer == "9"
+
+
+def test_exact_tie_goes_to_the_better_ranked_voter_whatever_the_order() -> None:
+    ballots = [Ballot("B", 0.8, 1), Ballot("A", 0.8, 0)]
+    assert tally(ballots).answer == "A"
+    assert tally(list(reversed(ballots))).answer == "A"
+    assert tally(ballots).weighted_share == pytest.approx(0.5)
+
+
+def test_nobody_answered_returns_the_top_candidate_flagged() -> None:
+    result = _fuser().vote(_input("choice", ("I do not know", 0.9), ("Unfortunately I cannot", 0.8)))
+    assert result.method == "top_candidate"
+    assert result.text == "I do not know"
+    assert result.uncertain is True and result.confidence == 0.0
+    assert result.agreement is not None and result.agreement.votes_total == 0
+
+
+def test_unset_reliability_counts_as_unknown() -> None:
+    assert Ballot("1", 0.0).p == UNKNOWN_RELIABILITY
+    result = tally([Ballot("1", 0.0), Ballot("1", 0.0), Ballot("2", 0.0)])
+    assert result.answer == "1" and result.weighted_share == pytest.approx(2 / 3)
+
+
+def test_vote_text_is_the_best_ranked_winner_and_abstainers_do_not_count() -> None:
+    fused = _fuser().vote(
+        _input("number", ("... so 12", 0.6), ("I think 12", 0.9), ("it is 15", 0.7), ("no idea", 0.9))
+    )
+    assert fused.method == "vote"
+    assert fused.text == "... so 12"
+    assert fused.agreement is not None
+    assert (fused.agreement.answer, fused.agreement.votes_for, fused.agreement.votes_total) == ("12", 2, 3)
+    # Without a calibrator the confidence is the weighted share, and says so by being exactly it.
+    assert fused.confidence == pytest.approx(fused.agreement.weighted_share)
+
+
+def _toy_calibrator(threshold: float):  # type: ignore[no-untyped-def]
+    """A calibrator fitted on synthetic votes where agreement predicts correctness."""
+    rng = np.random.default_rng(0)
+    rows, labels = [], []
+    for _ in range(600):
+        n = int(rng.integers(3, 8))
+        agree = int(rng.integers(1, n + 1))
+        ballots = [Ballot("x", 0.8, i) for i in range(agree)] + [
+            Ballot(f"y{i}", 0.8, agree + i) for i in range(n - agree)
+        ]
+        result = tally(ballots)
+        rows.append(features(result, "choice"))
+        labels.append(float(rng.random() < 0.2 + 0.75 * agree / n))
+    x, y = np.array(rows), np.array(labels)
+    return fit_calibrator(x, y, isotonic=True, weighting="log_odds", threshold=threshold), x, y
+
+
+def test_all_disagree_is_uncertain_and_unanimity_is_confident() -> None:
+    calibrator, _, _ = _toy_calibrator(threshold=0.6)
+    fuser = _fuser(calibrator)
+    split = fuser.vote(_input("choice", *[(letter, 0.8) for letter in "ABCDE"]))
+    unanimous = fuser.vote(_input("choice", *[("C", 0.8)] * 5))
+    assert split.uncertain is True
+    assert unanimous.uncertain is False
+    assert unanimous.confidence > 0.85 > split.confidence
+    assert 0.0 <= split.confidence <= 1.0
+
+
+def test_calibrator_is_calibrated_on_its_own_data_and_survives_the_artifact(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    calibrator, x, y = _toy_calibrator(threshold=0.5)
+    confidence = [calibrator.confidence(row) for row in x]
+    assert expected_calibration_error(confidence, y) < 0.05
+    saved = save_artifact(calibrator, {"training": {"rows": len(y)}}, tmp_path)
+    loaded = load_artifact(tmp_path)
+    assert loaded.path == saved.path and loaded.calibrator == calibrator
+    assert (tmp_path / "fusion" / "CURRENT").read_text().strip() == saved.path.name
+
+
+def test_isotonic_is_monotone_and_threshold_reaches_the_target() -> None:
+    positions, values = fit_isotonic(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.0, 1.0, 0.0, 1.0]))
+    assert list(values) == sorted(values) and len(positions) == len(values) == 3
+    confidence = [0.1, 0.3, 0.6, 0.9, 0.95]
+    correct = [0, 0, 1, 1, 1]
+    assert choose_threshold(confidence, correct, 1.0) == pytest.approx(0.305)
+    assert choose_threshold([0.2], [0], 0.9) == 1.0
+    assert len(features(tally([Ballot("1", 0.9)]), "number")) == len(FEATURE_NAMES)
+
+
+def test_prompt_fits_the_budget_and_keeps_short_candidates_whole() -> None:
+    assert share_budget([10, 1000, 1000], 610) == [10, 300, 300]
+    short, long = "Paris.", "Paris is the capital of France. " * 200
+    prompt, cut = fuser_prompt("What is the capital of France?", [long, short, long], 3000)
+    assert len(prompt) <= 3000
+    assert cut > 0
+    assert "\nParis.\n" in prompt
+    assert prompt.index("Answer 1:") < prompt.index("Answer 2:") < prompt.index("Answer 3:")
