@@ -94,7 +94,7 @@ class _SeedFile(BaseModel):
 def _to_record(model: _SeedModel, where: str) -> registry_pb2.ModelRecord:
     problems: list[FieldViolation] = []
 
-    def enum(enum_type: Any, prefix: str, name: str, field: str) -> int:
+    def enum(enum_type: Any, prefix: str, name: str, field: str) -> Any:
         try:
             return _enum_value(enum_type, prefix, name)
         except ValueError:
@@ -178,8 +178,8 @@ def records_from_model_cards(
     pool_models: Iterable[str],
     backend: common_pb2.Backend,
     *,
-    tasks: Iterable[int] = (),
-    answer_kinds: Iterable[int] = (),
+    tasks: Iterable[common_pb2.TaskType.ValueType] = (),
+    answer_kinds: Iterable[common_pb2.AnswerKind.ValueType] = (),
 ) -> list[registry_pb2.ModelRecord]:
     """Records for recorded-pool models, served by Triton's replay model.
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
-from constellation.v1 import registry_pb2
+from constellation.v1 import common_pb2, registry_pb2
 
 TIMEOUT_CODE = "DEADLINE_EXCEEDED"
+QualityKey = tuple[common_pb2.TaskType.ValueType, common_pb2.Complexity.ValueType]
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class ModelStats:
         self.consecutive_failures = 0
         self.consecutive_timeouts = 0
         self.calls = 0
-        self.quality: dict[tuple[int, int], tuple[float, int]] = {}
+        self.quality: dict[QualityKey, tuple[float, int]] = {}
         if restored is not None:
             for estimate in restored.quality:
                 self.quality[(estimate.task, estimate.complexity)] = (estimate.quality, int(estimate.observations))

@@ -41,8 +41,8 @@ def test_percentiles_are_nearest_rank() -> None:
 
 def test_latency_window_ewma_and_per_token_time() -> None:
     stats = ModelStats(StatsSettings(ewma_alpha=0.5, window=4))
-    for ttft in (100.0, 200.0, 300.0, 400.0, 500.0):
-        stats.observe(_ok(ttft, ttft + 90.0, 10))
+    for first in (100.0, 200.0, 300.0, 400.0, 500.0):
+        stats.observe(_ok(first, first + 90.0, 10))
     record = registry_pb2.ModelRecord(name="m")
     stats.write_to(record, now=1_700_000_000.0)
     ttft = record.stats.time_to_first_token

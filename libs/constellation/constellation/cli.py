@@ -8,6 +8,7 @@ Examples::
     constellation ask --max-tokens 64 --temperature 0 "Name three prime numbers."
     constellation plan "Solve 12*7"  # which model(s) would be asked, without asking
     constellation health             # health of every service of the running mesh
+    constellation models list        # the registry's pool: state, prices, latency, errors
     constellation eval --pool ../shared/data/gsm8k.jsonl.gz   # judge policies on a recorded pool
     constellation down               # stop a mesh started by `up` in another terminal
 """
@@ -368,6 +369,11 @@ def _serve(args: argparse.Namespace) -> int:
 
         classifier_main(args.rest)
         return 0
+    if args.service == "registry":
+        from services.registry.main import main as registry_main
+
+        registry_main(args.rest)
+        return 0
     from services.inference.launcher import main as triton_main
 
     triton_main(args.rest)
@@ -510,9 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
-    serve.add_argument("service", choices=["dispatch", "classifier", "triton"])
+    serve.add_argument("service", choices=["dispatch", "classifier", "registry", "triton"])
     serve.add_argument("rest", nargs=argparse.REMAINDER, help="the service's own flags (see `serve X --help`)")
     serve.set_defaults(handler=_serve)
+
+    from services.registry.cli import add_models_command
+
+    add_models_command(sub)
     return parser
 
 
