@@ -142,6 +142,7 @@ class MeshPorts:
     triton_http: int = 8000
     triton_metrics: int = 8002
     classifier: int = 50052
+    registry: int = 50053
 
 
 class Mesh:
@@ -166,6 +167,7 @@ class Mesh:
         dispatch_env: dict[str, str] | None = None,
         triton_args: Sequence[str] = (),
         classifier: bool = False,
+        registry: bool = False,
     ):
         from services.inference.launcher import TritonServer
 
@@ -193,6 +195,14 @@ class Mesh:
                 run_dir / "classifier.log",
             )
             dispatch_args = [*dispatch_args, "--classifier-url", f"127.0.0.1:{ports.classifier}"]
+        self.registry: ServiceProcess | None = None
+        if registry:
+            self.registry = ServiceProcess(
+                "registry",
+                "services.registry.main",
+                ["--port", str(ports.registry), "--metrics-port", "-1"],
+                run_dir / "registry.log",
+            )
         self.dispatch = ServiceProcess(
             "dispatch",
             "services.dispatch.main",
@@ -229,6 +239,15 @@ class Mesh:
             except (TimeoutError, RuntimeError) as exc:
                 raise RuntimeError(f"classifier did not start: {exc}\n{self.classifier.log_tail()}") from exc
             self.say(f"  classifier serving on {address} in {time.perf_counter() - step:.1f} s")
+        if self.registry is not None:
+            step = time.perf_counter()
+            self.registry.start()
+            address = f"127.0.0.1:{self.ports.registry}"
+            try:
+                wait_serving(address, 60.0, alive=self.registry.alive)
+            except (TimeoutError, RuntimeError) as exc:
+                raise RuntimeError(f"registry did not start: {exc}\n{self.registry.log_tail()}") from exc
+            self.say(f"  registry serving on {address} in {time.perf_counter() - step:.1f} s")
         step = time.perf_counter()
         self.dispatch.start()
         try:
@@ -254,6 +273,8 @@ class Mesh:
             return f"dispatch exited:\n{self.dispatch.log_tail()}"
         if self.classifier is not None and not self.classifier.alive():
             return f"classifier exited:\n{self.classifier.log_tail()}"
+        if self.registry is not None and not self.registry.alive():
+            return f"registry exited:\n{self.registry.log_tail()}"
         if not self.triton.is_running():
             return "Triton exited; see " + str(self.run_dir / "triton.log")
         return None
@@ -263,6 +284,8 @@ class Mesh:
         self.dispatch.stop()
         if self.classifier is not None:
             self.classifier.stop()
+        if self.registry is not None:
+            self.registry.stop()
         self.triton.stop()
 
     def leftovers(self) -> list[str]:
@@ -272,11 +295,15 @@ class Mesh:
             found.append(f"dispatch process {self.dispatch.process.pid if self.dispatch.process else '?'}")
         if self.classifier is not None and self.classifier.alive():
             found.append("classifier process")
+        if self.registry is not None and self.registry.alive():
+            found.append("registry process")
         if self.triton.is_running():
             found.append(f"tritonserver process {self.triton.pid}")
         ports = [self.ports.dispatch, self.ports.triton_grpc, self.ports.triton_http, self.ports.triton_metrics]
         if self.classifier is not None:
             ports.append(self.ports.classifier)
+        if self.registry is not None:
+            ports.append(self.ports.registry)
         for port in ports:
             if port_in_use(port):
                 found.append(f"port {port} still bound")
