@@ -103,7 +103,12 @@ def code_score(text: str) -> float:
         return 1.0 if defines else 0.5
     lines = source.rstrip().split("\n")
     for drop in (1, 2):
-        if len(lines) > drop and _parses("\n".join(lines[:-drop])):
+        if len(lines) <= drop:
+            break
+        kept = lines[:-drop]
+        indent = len(kept[-1]) - len(kept[-1].lstrip())
+        # A cut often leaves a block header without its body: close it to see whether the rest parses.
+        if _parses("\n".join(kept)) or _parses("\n".join([*kept, " " * (indent + 4) + "pass"])):
             return 0.75 if defines else 0.5
     return 0.25 if defines else 0.0
 

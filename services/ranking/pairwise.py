@@ -131,7 +131,7 @@ class PairRanker:
         rows, cols = np.triu_indices(n, k=1)
         phi_ab = pair_features(query, embeddings[rows], embeddings[cols], side[rows], side[cols], shared)
         phi_ba = pair_features(query, embeddings[cols], embeddings[rows], side[cols], side[rows], shared)
-        p = 1.0 / (1.0 + np.exp(-self.pair_logits(phi_ab, phi_ba).astype(np.float64)))
+        p = 0.5 * (1.0 + np.tanh(self.pair_logits(phi_ab, phi_ba).astype(np.float64) / 2.0))  # sigmoid, no overflow
         probabilities[rows, cols] = p
         probabilities[cols, rows] = 1.0 - p
         return probabilities
@@ -368,7 +368,8 @@ def _fit(
     sample = all_rows if len(all_rows) <= 20000 else np.random.default_rng(settings.seed).choice(all_rows, 20000)
     both = np.concatenate([pairs.features(sample), pairs.features(sample, swap=True)])
     mean = both.mean(axis=0).astype(np.float32)
-    std = (both.std(axis=0) + 1e-4).astype(np.float32)
+    # Floor: a feature (nearly) constant in training must not be blown up at serving time.
+    std = np.maximum(both.std(axis=0), 1e-3).astype(np.float32)
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
     held = pairs.held_out
     report = FitReport()
