@@ -45,6 +45,10 @@ FEATURE_NAMES = (
     "evidence",
     "is_choice",
     "unanimous",
+    "top_agrees",
+    "top_reliability",
+    "choice_x_weighted_share",
+    "choice_x_top_agrees",
 )
 """The agreement features of a vote, in the order :func:`features` returns them."""
 
@@ -156,7 +160,10 @@ def features(result: Tally, kind: str) -> list[float]:
 
     ``evidence`` is the naive-Bayes log-odds of the winner against the rest: the summed logits of its
     voters' reliabilities minus those of the other answering voters, divided by 5 to keep it near the
-    other features' scale. Everything else is a share or a reliability in [0, 1], or a count's log.
+    other features' scale. ``top_agrees`` says whether the most reliable candidate (ties: the better
+    ranked) voted for the winner; the last two let the fit treat choices (few options, so wrong answers
+    collide more often) apart from numbers. Everything else is a share or a reliability in [0, 1], or a
+    count's log.
     """
     ballots = result.ballots
     answered = [b for b in ballots if b.answer is not None]
@@ -164,6 +171,9 @@ def features(result: Tally, kind: str) -> list[float]:
     runners = [b for b in answered if result.runner_up is not None and b.answer == result.runner_up]
     others = [b for b in answered if b.answer != result.answer]
     evidence = sum(_logit(b.p) for b in winners) - sum(_logit(b.p) for b in others)
+    top = min(ballots, key=lambda b: (-b.p, b.rank)) if ballots else None
+    top_agrees = 1.0 if top is not None and top.answer is not None and top.answer == result.answer else 0.0
+    is_choice = 1.0 if kind == "choice" else 0.0
     return [
         result.weighted_share,
         result.raw_share,
@@ -175,6 +185,10 @@ def features(result: Tally, kind: str) -> list[float]:
         max((b.p for b in runners), default=0.0),
         result.weighted_share - result.runner_up_share,
         evidence / 5.0,
-        1.0 if kind == "choice" else 0.0,
+        is_choice,
         1.0 if result.votes_total >= 2 and result.votes_for == result.votes_total else 0.0,
+        top_agrees,
+        top.p if top is not None else 0.0,
+        is_choice * result.weighted_share,
+        is_choice * top_agrees,
     ]
