@@ -354,6 +354,10 @@ def _train(args: argparse.Namespace) -> int:
         from services.classifier.train import main as train_classifier
 
         return int(train_classifier(args.rest) or 0)
+    if args.what == "ranker":
+        from services.ranking.train import main as train_ranker
+
+        return int(train_ranker(args.rest) or 0)
     _err(f"training {args.what!r} is not available yet")
     return EXIT_USAGE
 
@@ -368,6 +372,11 @@ def _serve(args: argparse.Namespace) -> int:
         from services.classifier.main import main as classifier_main
 
         classifier_main(args.rest)
+        return 0
+    if args.service == "ranking":
+        from services.ranking.main import main as ranking_main
+
+        ranking_main(args.rest)
         return 0
     if args.service == "registry":
         from services.registry.main import main as registry_main
@@ -509,14 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a component on the recorded pools' train splits",
         description="Trains a component on the train splits of recorded pools and writes a versioned "
-        "artifact. `constellation train classifier --help` lists the classifier's options.",
+        "artifact. `constellation train classifier --help` (or `train ranker --help`) lists a trainer's options.",
     )
-    train.add_argument("what", choices=["classifier"], help="what to train")
+    train.add_argument("what", choices=["classifier", "ranker"], help="what to train")
     train.add_argument("rest", nargs=argparse.REMAINDER, help="the trainer's own flags")
     train.set_defaults(handler=_train)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
-    serve.add_argument("service", choices=["dispatch", "classifier", "registry", "triton"])
+    serve.add_argument("service", choices=["dispatch", "classifier", "registry", "ranking", "triton"])
     serve.add_argument("rest", nargs=argparse.REMAINDER, help="the service's own flags (see `serve X --help`)")
     serve.set_defaults(handler=_serve)
 
