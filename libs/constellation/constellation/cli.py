@@ -358,6 +358,10 @@ def _train(args: argparse.Namespace) -> int:
         from services.ranking.train import main as train_ranker
 
         return int(train_ranker(args.rest) or 0)
+    if args.what == "fusion":
+        from services.fusion.train import main as train_fusion
+
+        return int(train_fusion(args.rest) or 0)
     _err(f"training {args.what!r} is not available yet")
     return EXIT_USAGE
 
@@ -382,6 +386,11 @@ def _serve(args: argparse.Namespace) -> int:
         from services.registry.main import main as registry_main
 
         registry_main(args.rest)
+        return 0
+    if args.service == "fusion":
+        from services.fusion.main import main as fusion_main
+
+        fusion_main(args.rest)
         return 0
     from services.inference.launcher import main as triton_main
 
@@ -520,12 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a component on the train splits of recorded pools and writes a versioned "
         "artifact. `constellation train classifier --help` (or `train ranker --help`) lists a trainer's options.",
     )
-    train.add_argument("what", choices=["classifier", "ranker"], help="what to train")
+    train.add_argument("what", choices=["classifier", "ranker", "fusion"], help="what to train")
     train.add_argument("rest", nargs=argparse.REMAINDER, help="the trainer's own flags")
     train.set_defaults(handler=_train)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
-    serve.add_argument("service", choices=["dispatch", "classifier", "registry", "ranking", "triton"])
+    serve.add_argument("service", choices=["dispatch", "classifier", "registry", "ranking", "fusion", "triton"])
     serve.add_argument("rest", nargs=argparse.REMAINDER, help="the service's own flags (see `serve X --help`)")
     serve.set_defaults(handler=_serve)
 
