@@ -24,7 +24,6 @@ candidate was pruned.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -289,8 +288,3 @@ class Fuser:
             output_tokens=usage[1],
             cost_usd=self._cost(*usage),
         )
-
-
-def finite_in(value: float, low: float, high: float) -> bool:
-    """True when ``value`` is a finite number in [low, high]."""
-    return math.isfinite(value) and low <= value <= high
