@@ -29,7 +29,7 @@ _NUMBERS = re.compile(_NUMBER)
 _LONE_LETTER = re.compile(r"^\s*\(?([A-Ea-e])\)?\s*(?:[.:)]|$)")
 _LETTER_IS = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*\(?([A-E])\b\)?", re.IGNORECASE)
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\s*\n(.*?)(?:```|\Z)", re.DOTALL)
-_SENTENCE_END = tuple(".!?)]}\"'`*:;>|") + ("\u3002", "\u201d", "\u2019")
+_SENTENCE_END = (*".!?)]}\"'`*:;>|", "\u3002", "\u201d", "\u2019")
 
 
 def _first_number(text: str) -> str | None:
@@ -119,7 +119,7 @@ def open_score(text: str) -> float:
     stripped = text.rstrip()
     if not stripped:
         return 0.0
-    if stripped.endswith(_SENTENCE_END) or stripped.count("```") % 2 == 0 and stripped.endswith("```"):
+    if stripped.endswith(_SENTENCE_END) or (stripped.count("```") % 2 == 0 and stripped.endswith("```")):
         return 1.0
     last_line = stripped.rsplit("\n", 1)[-1].lstrip()
     if re.match(r"^(?:[-*+]|\d+[.)])\s", last_line) and len(last_line) < 120:

@@ -69,9 +69,7 @@ def side_features(
 ) -> np.ndarray:
     """Per-candidate scalars, ``float32 [n, len(SIDE_FEATURES)]`` (relevance is 0 without embeddings)."""
     n = len(texts)
-    relevance = (
-        embeddings @ query if embeddings is not None and query is not None else np.zeros(n, dtype=np.float32)
-    )
+    relevance = embeddings @ query if embeddings is not None and query is not None else np.zeros(n, dtype=np.float32)
     columns = [
         np.log1p(np.array([len(t) for t in texts], dtype=np.float32)) / 8.0,
         np.asarray(form, dtype=np.float32),
@@ -98,9 +96,7 @@ def pair_features(
     m = a.shape[0]
     diff = a - b
     shared_rows = np.broadcast_to(shared, (m, shared.shape[-1]))
-    return np.concatenate([query * diff, diff, np.abs(diff), side_a - side_b, shared_rows], axis=1).astype(
-        np.float32
-    )
+    return np.concatenate([query * diff, diff, np.abs(diff), side_a - side_b, shared_rows], axis=1).astype(np.float32)
 
 
 @dataclass
@@ -119,9 +115,7 @@ class PairRanker:
         """Antisymmetric logits of ``P(A > B)`` for pair rows (``phi_ba`` is ``phi`` with A and B swapped)."""
         return (self._g(phi_ab) - self._g(phi_ba)) / 2.0
 
-    def win_matrix(
-        self, query: np.ndarray, embeddings: np.ndarray, side: np.ndarray, shared: np.ndarray
-    ) -> np.ndarray:
+    def win_matrix(self, query: np.ndarray, embeddings: np.ndarray, side: np.ndarray, shared: np.ndarray) -> np.ndarray:
         """``P[i, j]`` = probability that candidate i beats candidate j; ``P + P.T = 1`` off the diagonal,
         0.5 on it. Cost: one MLP pass over n*(n-1)/2 pairs (milliseconds for 64 candidates)."""
         n = embeddings.shape[0]

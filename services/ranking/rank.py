@@ -227,7 +227,5 @@ class Ranker:
             ordered = [int(i) for i in kept]
             scores = {i: float(first[i]) for i in ordered}
         ranked = [Ranked(i, scores[i], position, False) for position, i in enumerate(ordered)]
-        ranked += [
-            Ranked(int(i), float(first[i]), len(ordered) + position, True) for position, i in enumerate(pruned)
-        ]
+        ranked += [Ranked(int(i), float(first[i]), len(ordered) + position, True) for position, i in enumerate(pruned)]
         return Ranking(ranked, "pairwise" if pairwise else "first_stage")

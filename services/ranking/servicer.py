@@ -68,9 +68,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> ranking_pb2.RankResponse:
         try:
-            candidates = [
-                CandidateText(c.text, c.normalized_answer, c.reliability) for c in request.candidates
-            ]
+            candidates = [CandidateText(c.text, c.normalized_answer, c.reliability) for c in request.candidates]
             validate_request(
                 request.prompt,
                 candidates,

@@ -457,7 +457,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "content_hash": artifact.content_hash,
         "pools": [p.name for p in paths],
         "sets": len(sets),
-        "pairs": int(len(pairs.a)),
+        "pairs": len(pairs.a),
         "epochs": report.epochs,
         "held_out": manifest["metrics"],
         "seconds": {

@@ -23,7 +23,7 @@ from services.classifier.encoder import Encoder
 from services.ranking.client import RankingClient
 from services.ranking.config import RankingConfig
 from services.ranking.main import build_ranker, running_ranking
-from services.ranking.pairwise import FitSettings, PairSet, SIDE_FEATURES, fit_pair_ranker, save_ranker, shared_features
+from services.ranking.pairwise import SIDE_FEATURES, FitSettings, PairSet, fit_pair_ranker, save_ranker, shared_features
 from tests.grpc_checks import SERVING, reflected, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

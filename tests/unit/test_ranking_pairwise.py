@@ -42,7 +42,7 @@ def _random_ranker(seed: int = 0, hidden: int = 8) -> PairRanker:
             "w1": rng.normal(size=(FEATURES, hidden)).astype(np.float32),
             "b1": rng.normal(size=hidden).astype(np.float32),
             "w2": rng.normal(size=hidden).astype(np.float32),
-            "b2": np.float32(0.3),
+            "b2": np.array(0.3, dtype=np.float32),
         }
     )
 
