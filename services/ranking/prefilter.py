@@ -7,11 +7,15 @@ Signals of candidate *i* among the *n* candidates of one query (numpy, no model)
 * ``agreement``: for number and choice answers, the share of the *other* candidates with the same
   normalised answer (0 when it has none; 0 for code and open answers).
 * ``format``: :func:`services.ranking.checks.format_score`.
+* ``length``: ``log(1 + characters)``, for open text only.
 
 The first-stage score mixes them with per-kind weights (:data:`WEIGHTS`): agreement dominates for closed
-answers, form and centrality for code, centrality for open text (on AlpacaEval the judge likes long
-answers that the recorded outputs often cut mid-sentence, so form weighs little there). Centrality is
-min-max scaled within the query so the weights mean the same for every query.
+answers, form and centrality for code, length for open text. The open weights come from AlpacaEval's
+train split: keeping 5 of 14 answers by centrality kept the best one's score at 0.60 on average, below
+a random 5 (0.67); the judge prefers long, specific answers, and central answers are the generic ones.
+Length kept 0.89, and 0.2 centrality + 0.2 form + 0.6 length 0.88 (the form and centrality terms are
+kept so that a long empty-ish or off-topic answer does not pass on length alone). Centrality and length
+are min-max scaled within the query so the weights mean the same for every query.
 
 Pure functions; thread-safe.
 """
@@ -27,13 +31,13 @@ import numpy as np
 
 from services.ranking.checks import closed_answer, format_score
 
-WEIGHTS: dict[str, tuple[float, float, float]] = {
-    "number": (0.2, 0.6, 0.2),
-    "choice": (0.2, 0.6, 0.2),
-    "code": (0.5, 0.0, 0.5),
-    "open": (0.8, 0.0, 0.2),
+WEIGHTS: dict[str, tuple[float, float, float, float]] = {
+    "number": (0.2, 0.6, 0.2, 0.0),
+    "choice": (0.2, 0.6, 0.2, 0.0),
+    "code": (0.5, 0.0, 0.5, 0.0),
+    "open": (0.2, 0.0, 0.2, 0.6),
 }
-"""Weights of (centrality, agreement, format) in the first-stage score, per answer kind."""
+"""Weights of (centrality, agreement, format, length) in the first-stage score, per answer kind."""
 DEFAULT_KEEP_FRACTION = 0.35
 MIN_KEEP = 2
 
@@ -46,6 +50,7 @@ class Signals:
         centrality: Mean cosine to the other candidates, in [-1, 1].
         agreement: Share of the other candidates giving the same closed answer, in [0, 1].
         format: Form check, in [0, 1].
+        length: ``log1p(characters)``, min-max scaled within the set, in [0, 1].
         answers: Each candidate's normalised closed answer (None when unreadable or not closed).
         score: The weighted first-stage score, in [0, 1].
     """
@@ -53,6 +58,7 @@ class Signals:
     centrality: np.ndarray
     agreement: np.ndarray
     format: np.ndarray
+    length: np.ndarray
     answers: list[str | None]
     score: np.ndarray
 
@@ -97,14 +103,23 @@ def signals(
     central = centrality(embeddings, n)
     agree = agreement(answers)
     form = np.array([format_score(kind, t, a) for t, a in zip(texts, given, strict=True)], dtype=np.float32)
-    spread = float(central.max() - central.min()) if n else 0.0
-    scaled = (central - central.min()) / spread if spread > 1e-6 else np.zeros(n, dtype=np.float32)
-    w_central, w_agree, w_format = WEIGHTS.get(kind, WEIGHTS["open"])
-    if embeddings is None:  # no centrality: share its weight between the other two
-        total = w_agree + w_format
-        w_central, w_agree, w_format = 0.0, w_agree / total, w_format / total
-    score = (w_central * scaled + w_agree * agree + w_format * form).astype(np.float32)
-    return Signals(central, agree, form, answers, np.clip(score, 0.0, 1.0))
+    length = _scaled(np.log1p(np.array([len(t) for t in texts], dtype=np.float32)))
+    w_central, w_agree, w_format, w_length = WEIGHTS.get(kind, WEIGHTS["open"])
+    if embeddings is None:  # no centrality: share its weight among the others
+        total = w_agree + w_format + w_length
+        w_central, w_agree, w_format, w_length = 0.0, w_agree / total, w_format / total, w_length / total
+    score = w_central * _scaled(central) + w_agree * agree + w_format * form + w_length * length
+    return Signals(central, agree, form, length, answers, np.clip(score.astype(np.float32), 0.0, 1.0))
+
+
+def _scaled(values: np.ndarray) -> np.ndarray:
+    """Min-max scaled to [0, 1] within the set; zeros when all values are (nearly) equal."""
+    if values.size == 0:
+        return values.astype(np.float32)
+    spread = float(values.max() - values.min())
+    if spread <= 1e-6:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - values.min()) / spread).astype(np.float32)  # type: ignore[no-any-return]
 
 
 def keep_count(n: int, keep: int = 0, *, fraction: float = DEFAULT_KEEP_FRACTION, min_candidates: int = 8) -> int:

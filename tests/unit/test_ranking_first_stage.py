@@ -107,3 +107,14 @@ def test_validation_names_each_bad_field() -> None:
     with pytest.raises(InvalidArgument) as long_text:
         validate_request("q", [CandidateText("a"), CandidateText("b" * 101, reliability=2.0)], max_chars=100)
     assert [v.field for v in long_text.value.violations] == ["candidates[1].text", "candidates[1].reliability"]
+
+
+def test_open_answers_are_pruned_by_length_form_and_centrality() -> None:
+    long_answer = "Paris is the capital of France. " * 20
+    texts = ["Paris.", long_answer, "It is Paris, which is", "Hmm", "", "France's capital is Paris, on the Seine."]
+    texts += ["Paris, I think."] * 3
+    found = signals("open", texts)
+    assert found.length.max() == pytest.approx(1.0) and found.length[4] == 0.0
+    assert int(np.argmax(found.score)) == 1
+    kept = survivors(found.score, keep_count(len(texts)))
+    assert 1 in kept and 4 not in kept
