@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
@@ -23,6 +23,8 @@ class ModelEntry(BaseModel):
         price_out_per_mtok: USD per million output tokens.
         family: Model family, for routing priors.
         params_b: Parameters in billions, when known.
+        capabilities: What the model can do (``code``, ``long_context``...), matched against
+            ``Ceilings.required_capabilities``; empty means unknown (not excluded).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -33,6 +35,7 @@ class ModelEntry(BaseModel):
     price_out_per_mtok: float = Field(default=0.0, ge=0)
     family: str | None = None
     params_b: float | None = None
+    capabilities: list[str] = Field(default_factory=list)
 
 
 class DispatchConfig(ServiceConfig):
@@ -54,6 +57,15 @@ class DispatchConfig(ServiceConfig):
         models: The pool: model name -> how to reach it and its price. A name not listed is sent to
             the Triton model of the same name, at no cost.
         models_file: A JSON file of more entries (``{"name": {...ModelEntry...}}``), merged over ``models``.
+        router_artifact: The trained router (``constellation train router``): an artifact directory or
+            a root holding ``router/CURRENT``. Empty: the default root's CURRENT when there is one.
+        routing: Route requests that name no model over the pool (the catalog and the registry's
+            models). Off, or with an empty pool, they go to ``default_model``.
+        default_profile: Profile of requests that leave ``profile`` unspecified.
+        max_fallbacks: How many next-best models a routed request may fall back to when its model fails.
+        registry_url: RegistryService ``host:port``: live latency and health for routing, and every
+            model call's outcome reported back. Empty: the catalog alone.
+        registry_wait_s: How long startup waits for the registry's first snapshot before serving anyway.
     """
 
     service_name: ClassVar[str] = "dispatch"
@@ -71,6 +83,12 @@ class DispatchConfig(ServiceConfig):
     classify_embedding: bool = False
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     models_file: str = ""
+    router_artifact: str = ""
+    routing: bool = True
+    default_profile: Literal["quality", "cost", "speed", "balanced"] = "balanced"
+    max_fallbacks: int = Field(default=2, ge=0, le=8)
+    registry_url: str = ""
+    registry_wait_s: float = Field(default=5.0, ge=0)
 
     def catalog(self) -> dict[str, ModelEntry]:
         """``models`` merged with the entries of ``models_file`` (read once, at call time)."""

@@ -9,13 +9,18 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from constellation.config import load_config
+from constellation.errors import DeadlineExceeded, FailedPrecondition
 from constellation.server import Registration, RunningServer, create_server, serve
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig
 from services.dispatch.pipeline import Dispatcher
+from services.dispatch.routing import Router, try_load_router
 from services.dispatch.servicer import SERVICE_NAME, DispatchServicer
+from services.registry.client import OutcomeReporter, RegistryView
+
+log = logging.getLogger(__name__)
 
 
 def registrations(dispatcher: Dispatcher) -> list[Registration]:
@@ -28,15 +33,39 @@ def registrations(dispatcher: Dispatcher) -> list[Registration]:
     ]
 
 
+def load_routing(config: DispatchConfig) -> Router | None:
+    """The router dispatch uses: the trained artifact when there is one, else an untrained one (cost and
+    latency decide, every model's quality is assumed 0.5), or None when routing is off."""
+    if not config.routing:
+        return None
+    router, why = try_load_router(config.router_artifact or None)
+    if why:
+        if config.router_artifact:
+            raise FailedPrecondition(why)
+        log.warning("routing without a trained quality predictor: %s", why)
+    elif router.predictor is not None:
+        predictor = router.predictor
+        log.info("router loaded: %d train prompts, %d models", len(predictor.embeddings), len(predictor.models))
+    return router
+
+
 @asynccontextmanager
 async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
-    """A Dispatcher with its Triton client and, when configured, its classifier client."""
+    """A Dispatcher with its Triton client and, when configured, its classifier and registry clients."""
     async with AsyncExitStack() as stack:
         triton = await stack.enter_async_context(TritonClient(config.triton_url))
         classifier = None
         if config.classifier_url:
             classifier = await stack.enter_async_context(ClassifierClient(config.classifier_url))
-        yield Dispatcher(config, triton, classifier)
+        registry = reporter = None
+        if config.registry_url:
+            registry = await stack.enter_async_context(RegistryView(config.registry_url))
+            reporter = await stack.enter_async_context(OutcomeReporter(config.registry_url))
+            try:
+                await registry.ready(config.registry_wait_s)
+            except DeadlineExceeded:
+                log.warning("registry at %s not reachable yet; routing on the catalog until it is", config.registry_url)
+        yield Dispatcher(config, triton, classifier, router=load_routing(config), registry=registry, reporter=reporter)
 
 
 @asynccontextmanager
@@ -72,6 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models-file", help="JSON file of pool models: name -> {triton_model, parameters, prices}")
     parser.add_argument("--classifier-url", help="ClassifierService host:port (default: none, no classification)")
     parser.add_argument("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)")
+    parser.add_argument(
+        "--router-artifact", help="trained router (`constellation train router`); default: the CURRENT one if any"
+    )
+    parser.add_argument("--no-routing", action="store_true", help="send requests that name no model to --default-model")
+    parser.add_argument("--default-model", help="model asked when routing is off or the pool is empty (smollm2)")
+    parser.add_argument("--default-profile", choices=["quality", "balanced", "cost", "speed"])
+    parser.add_argument("--classify-timeout", type=float, help="seconds to wait for the classifier (default 0.5)")
+    parser.add_argument("--registry-url", help="RegistryService host:port: live health/latency, outcomes reported")
     args = parser.parse_args(argv)
     overrides = {
         "port": args.port,
@@ -80,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         "models_file": args.models_file,
         "max_tokens_limit": args.max_tokens_limit,
         "classifier_url": args.classifier_url,
+        "router_artifact": args.router_artifact,
+        "routing": False if args.no_routing else None,
+        "default_model": args.default_model,
+        "default_profile": args.default_profile,
+        "registry_url": args.registry_url,
+        "classify_timeout_s": args.classify_timeout,
     }
     config = load_config(DispatchConfig, args.config, **overrides)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

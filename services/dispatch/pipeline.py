@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import numpy as np
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
@@ -25,11 +26,15 @@ from constellation import telemetry
 from constellation.errors import ConstellationError, DeadlineExceeded, NotFound
 from constellation.metrics import REGISTRY
 from constellation.triton import TritonClient
-from constellation.v1 import common_pb2
+from constellation.v1 import common_pb2, registry_pb2
 from constellation.v1.common_pb2 import Classification
 from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.query import Query
+from services.dispatch.routing import PoolModel, Router, ScoredModel, Weights
+from services.fusion.answers import extract_answer
+from services.fusion.vote import Ballot, tally, weight
+from services.registry.client import OutcomeReporter, RegistryView
 
 tracer = trace.get_tracer("constellation.dispatch")
 log = logging.getLogger(__name__)
@@ -58,6 +63,27 @@ CLASSIFY_FAILURES = Counter(
     ["code"],
     registry=REGISTRY,
 )
+FANOUT = Histogram(
+    "constellation_fanout_size",
+    "Models planned per request.",
+    buckets=(1, 2, 3, 4, 5, 7, 9, 12, 16),
+    registry=REGISTRY,
+)
+EARLY_STOPS = Counter(
+    "constellation_early_terminations_total",
+    "Fan-out waves ended before every member finished (quorum or agreement settled); stragglers cancelled.",
+    ["policy"],
+    registry=REGISTRY,
+)
+ESCALATIONS = Counter(
+    "constellation_cascade_escalations_total", "Cascades that went on to their next wave.", registry=REGISTRY
+)
+FALLBACKS = Counter(
+    "constellation_fallbacks_total",
+    "Model calls that failed and were replaced by the next-best model.",
+    ["model"],
+    registry=REGISTRY,
+)
 TOKENS = Counter("constellation_tokens_total", "Tokens processed by models.", ["model", "direction"], registry=REGISTRY)
 
 
@@ -70,15 +96,35 @@ class Classified:
 
 @dataclass(frozen=True)
 class PlannedModel:
+    """One model of a plan: why it was considered and, when chosen, in which wave it is asked."""
+
     model: str
     reason: str
+    score: float = 1.0
+    chosen: bool = True
+    wave: int = 0
+    quality: float = 0.0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
 
 
 @dataclass(frozen=True)
 class PlanMade:
+    """The plan: ``members`` are asked (by wave), ``candidates`` are every model considered."""
+
     policy: str
     members: list[PlannedModel]
     summary: str
+    candidates: list[PlannedModel] = field(default_factory=list)
+    profile: str = ""
+    quorum: int = 0
+    time_budget_ms: float = 0.0
+
+    def waves(self) -> list[list[PlannedModel]]:
+        grouped: dict[int, list[PlannedModel]] = {}
+        for member in self.members:
+            grouped.setdefault(member.wave, []).append(member)
+        return [grouped[w] for w in sorted(grouped)]
 
 
 @dataclass(frozen=True)
@@ -109,6 +155,9 @@ class Finished:
     trace_id: str
     finish_reason: str
     models: list[str] = field(default_factory=list)
+    confidence: float = 0.0
+    uncertain: bool = False
+    problems: list[ConstellationError] = field(default_factory=list)
 
 
 Event = Classified | PlanMade | CandidateProgress | Delta | Finished
@@ -128,14 +177,68 @@ def cost_of(entry: ModelEntry, input_tokens: int, output_tokens: int) -> float:
     return (input_tokens * entry.price_in_per_mtok + output_tokens * entry.price_out_per_mtok) / 1e6
 
 
-class Dispatcher:
-    """Runs queries against the pool. Shared by all RPCs of a dispatch server; holds no per-query state."""
+@dataclass
+class CallResult:
+    """What one model call produced; filled in while the call runs."""
 
-    def __init__(self, config: DispatchConfig, triton: TritonClient, classifier: ClassifierClient | None = None):
+    model: str
+    reliability: float = 0.0
+    text: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    finish_reason: str = ""
+    started_at: float = 0.0
+    first_at: float | None = None
+    ended_at: float = 0.0
+    simulated: tuple[float, float] | None = None
+    error: ConstellationError | None = None
+    outcome: str = "error"
+    answer: str | None = None
+    role: str = "member"
+
+    @property
+    def simulated_total_ms(self) -> float:
+        return self.simulated[1] if self.simulated is not None else 0.0
+
+
+FALLBACK_CODES = ("UNAVAILABLE", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNKNOWN")
+"""Member errors that another model may succeed where this one failed."""
+
+
+class Dispatcher:
+    """Runs queries against the pool. Shared by all RPCs of a dispatch server; holds no per-query state.
+
+    Args:
+        config: Dispatch settings (catalog, limits, deadlines).
+        triton: Client of the Triton server that serves the pool.
+        classifier: Classifier client; None runs unclassified.
+        router: The routing policy; None asks ``config.default_model`` unless a request names one.
+        registry: A live view of the registry (health, latency); None uses the catalog alone.
+        reporter: Sends every model call's outcome to the registry; None reports nothing.
+    """
+
+    def __init__(
+        self,
+        config: DispatchConfig,
+        triton: TritonClient,
+        classifier: ClassifierClient | None = None,
+        *,
+        router: Router | None = None,
+        registry: RegistryView | None = None,
+        reporter: OutcomeReporter | None = None,
+    ):
         self.config = config
         self.triton = triton
         self.classifier = classifier
+        self.router = router
+        self.registry = registry
+        self.reporter = reporter
         self.catalog = config.catalog()
+
+    @property
+    def wants_embedding(self) -> bool:
+        return self.config.classify_embedding or (self.router is not None and self.router.predictor is not None)
 
     async def classify(self, prompt: str, remaining_s: float | None) -> Classification | None:
         """The classifier's answer, or None when there is no classifier or it failed in time.
@@ -149,9 +252,7 @@ class Dispatcher:
             self.config.classify_timeout_s if remaining_s is None else min(self.config.classify_timeout_s, remaining_s)
         )
         try:
-            return await self.classifier.classify(
-                prompt, timeout_s=timeout, omit_embedding=not self.config.classify_embedding
-            )
+            return await self.classifier.classify(prompt, timeout_s=timeout, omit_embedding=not self.wants_embedding)
         except ConstellationError as exc:
             CLASSIFY_FAILURES.labels(exc.code.name).inc()
             trace.get_current_span().add_event("classification_failed", {"error": str(exc)})
@@ -159,18 +260,105 @@ class Dispatcher:
             return None
 
     def entry(self, model: str) -> ModelEntry:
-        """How to reach ``model``: its catalog entry, else the Triton model of the same name."""
-        return self.catalog.get(model) or ModelEntry(triton_model=model)
+        """How to reach ``model``: its catalog entry, the registry's record, else the Triton model of that name."""
+        found = self.catalog.get(model)
+        if found is not None:
+            return found
+        record = self.registry.models.get(model) if self.registry is not None else None
+        if record is not None:
+            return entry_from_record(record)
+        return ModelEntry(triton_model=model)
 
-    def plan(self, query: Query) -> PlanMade:
-        """The single-model route: the requested model, else the configured default."""
+    def pool(self) -> list[PoolModel]:
+        """The models routing may choose: the catalog, plus registry records served by our Triton.
+
+        Registry statistics (p50 time to first token, per-token time) replace the size priors once
+        observed, and a model the registry marks unhealthy is kept out.
+        """
+        records = dict(self.registry.models) if self.registry is not None else {}
+        names = list(self.catalog)
+        names += [
+            name
+            for name, known in records.items()
+            if name not in self.catalog and known.backend.endpoint in ("", self.triton.url)
+        ]
+        pool = []
+        for name in names:
+            entry = self.entry(name)
+            record = records.get(name)
+            ttft = per_token = None
+            healthy = True
+            capabilities = frozenset(entry.capabilities)
+            if record is not None:
+                healthy = record.state != common_pb2.MODEL_STATE_UNHEALTHY
+                stats = record.stats
+                if stats.time_to_first_token.p50_ms > 0:
+                    ttft = stats.time_to_first_token.p50_ms
+                if stats.per_token.p50_ms > 0:
+                    per_token = stats.per_token.p50_ms
+                capabilities = capabilities | frozenset(record.capabilities)
+            pool.append(
+                PoolModel(
+                    name,
+                    entry.price_in_per_mtok,
+                    entry.price_out_per_mtok,
+                    entry.family,
+                    entry.params_b,
+                    capabilities,
+                    ttft,
+                    per_token,
+                    healthy,
+                    live=ttft is not None,
+                )
+            )
+        return pool
+
+    def plan(self, query: Query, classification: Classification | None = None) -> PlanMade:
+        """Who answers: the requested model, else the router's choice over the pool, else the default model.
+
+        Raises:
+            FailedPrecondition: routing found no model within the request's ceilings.
+        """
         if query.model:
             member = PlannedModel(query.model, "requested by the caller (AskRequest.model)")
-        else:
-            member = PlannedModel(
-                self.config.default_model, "default model (no routing policy configured for this pool)"
-            )
-        return PlanMade("single", [member], f"ask {member.model} alone")
+            return PlanMade("requested", [member], f"ask {member.model} alone", [member], query.profile)
+        pool = self.pool()
+        if self.router is None or not pool:
+            member = PlannedModel(self.config.default_model, "default model (no routing policy or no pool configured)")
+            return PlanMade("single", [member], f"ask {member.model} alone", [member], query.profile)
+        embedding = None
+        answer_kind = ""
+        expected_tokens = None
+        if classification is not None:
+            if classification.embedding:
+                embedding = np.asarray(classification.embedding, dtype=np.float32)
+            answer_kind = _ANSWER_KINDS.get(classification.answer_kind, "")
+            expected_tokens = classification.expected_output_tokens or None
+        route = self.router.route(
+            pool,
+            embedding=embedding,
+            answer_kind=answer_kind,
+            input_tokens=max(1, len(query.prompt) // 4),
+            expected_output_tokens=expected_tokens,
+            profile=query.profile,
+            weights=Weights(*query.weights) if query.weights is not None else None,
+            max_cost_usd=query.max_cost_usd,
+            max_latency_ms=query.max_latency_ms,
+            required_capabilities=query.required_capabilities,
+        )
+
+        def planned(c: ScoredModel) -> PlannedModel:
+            return PlannedModel(c.model, c.reason, c.score, c.chosen, c.wave, c.quality, c.cost_usd, c.latency_ms)
+
+        return PlanMade(
+            route.policy,
+            [planned(c) for c in route.members],
+            route.summary,
+            [planned(c) for c in route.candidates],
+            route.profile,
+            route.quorum,
+            query.time_budget_ms,
+        )
 
     async def ask(self, query: Query, *, deadline_s: float | None, received_at: float) -> AsyncGenerator[Event, None]:
         """Streams the events of one query.
@@ -181,8 +369,8 @@ class Dispatcher:
             received_at: ``time.perf_counter()`` when the request arrived, for the stage breakdown.
 
         Raises:
-            NotFound, Unavailable, DeadlineExceeded, InvalidArgument, InternalError: the request
-            cannot be answered; events sent before stay valid.
+            NotFound, Unavailable, DeadlineExceeded, InvalidArgument, FailedPrecondition, InternalError:
+            the request cannot be answered; events sent before stay valid.
         """
         stages: list[Stage] = []
         classify_start = time.perf_counter()
@@ -194,35 +382,288 @@ class Dispatcher:
             span.set_attribute("constellation.complexity", common_pb2.Complexity.Name(classification.complexity))
             span.set_attribute("constellation.classified_by", classification.decided_by)
             stages.append(Stage("classify", (time.perf_counter() - classify_start) * 1000))
-            yield Classified(classification)
+            yield Classified(_without_embedding(classification))
         plan_start = time.perf_counter()
-        plan = self.plan(query)
+        plan = self.plan(query, classification)
         stages.append(Stage("plan", (time.perf_counter() - plan_start) * 1000))
-        member = plan.members[0]
-        model = member.model
-        entry = self.entry(model)
-        triton_model = entry.triton_model or model
+        trace.get_current_span().set_attribute("constellation.route", plan.policy)
         budget = self.config.default_timeout_s if deadline_s is None else deadline_s
         if query.time_budget_ms:
             budget = min(budget, query.time_budget_ms / 1000)
-        start = time.perf_counter()
-        first_at: float | None = None
-        pieces: list[str] = []
-        input_tokens = output_tokens = 0
-        finish_reason = ""
+        ends_at = received_at + budget
+        answer_kind = _ANSWER_KINDS.get(classification.answer_kind, "") if classification is not None else ""
+        FANOUT.observe(len(plan.members))
+        if len(plan.members) > 1:
+            async with aclosing(self._constellation(query, plan, answer_kind, received_at, ends_at, stages)) as events:
+                async for event in events:
+                    yield event
+            return
+        async with aclosing(self._single(query, plan, received_at, ends_at, stages)) as events:
+            async for event in events:
+                yield event
+
+    async def _single(
+        self, query: Query, plan: PlanMade, received_at: float, ends_at: float, stages: list[Stage]
+    ) -> AsyncGenerator[Event, None]:
+        """One model, streamed as it writes; a routed plan falls back to the next-best model on failure."""
+        order = [plan.members[0]]
+        if plan.policy not in ("requested",):
+            order += sorted((c for c in plan.candidates if not c.chosen and "left out" not in c.reason),
+                            key=lambda c: -c.score)[: self.config.max_fallbacks]  # fmt: skip
+        problems: list[ConstellationError] = []
+        results: list[CallResult] = []
+        result = CallResult(order[0].model)
+        for attempt, member in enumerate(order):
+            result = CallResult(member.model, member.quality, role="fallback" if attempt else "member")
+            results.append(result)
+            try:
+                stream = self._generate(result, query, ends_at, pre_events=[plan] if attempt == 0 else [])
+                async with aclosing(stream) as events:
+                    async for event in events:
+                        yield event
+                break
+            except ConstellationError as exc:
+                last = attempt == len(order) - 1
+                if result.first_at is not None or last or exc.code.name not in FALLBACK_CODES:
+                    if isinstance(exc, NotFound) and plan.policy == "requested":
+                        await self.triton.require_model(self.entry(member.model).triton_model or member.model)
+                    raise
+                if time.perf_counter() >= ends_at:
+                    raise
+                FALLBACKS.labels(member.model).inc()
+                problems.append(exc)
+                yield CandidateProgress(member.model, "failed", (time.perf_counter() - received_at) * 1000, error=exc)
+        end = result.ended_at
+        first = result.first_at if result.first_at is not None else end
+        stages.append(Stage("first_token", (first - result.started_at) * 1000))
+        stages.append(Stage("generate", (end - first) * 1000))
+        if result.simulated is not None:
+            stages.append(Stage("first_token", result.simulated[0], simulated=True))
+            stages.append(Stage("generate", result.simulated[1] - result.simulated[0], simulated=True))
+        yield CandidateProgress(
+            result.model,
+            "finished",
+            (end - received_at) * 1000,
+            result.input_tokens,
+            result.output_tokens,
+            result.cost_usd,
+            text=result.text,
+        )
+        stages.append(Stage("total", (time.perf_counter() - received_at) * 1000))
+        yield Finished(
+            text=result.text,
+            input_tokens=sum(r.input_tokens for r in results),
+            output_tokens=sum(r.output_tokens for r in results),
+            cost_usd=sum(r.cost_usd for r in results),
+            stages=stages,
+            trace_id=telemetry.current_trace_id(),
+            finish_reason=result.finish_reason,
+            models=[result.model],
+            problems=problems,
+        )
+
+    async def _constellation(
+        self,
+        query: Query,
+        plan: PlanMade,
+        answer_kind: str,
+        received_at: float,
+        ends_at: float,
+        stages: list[Stage],
+    ) -> AsyncGenerator[Event, None]:
+        """Asks the plan's waves concurrently and votes; stops a wave as soon as its outcome is settled.
+
+        A ``vote`` plan stops when the leading answer can no longer be overtaken by the members still
+        running (or ``plan.quorum`` members agree); a ``cascade`` plan escalates to its next wave as soon
+        as the first wave disagrees, and stops when it agrees. Members still running are cancelled
+        inside Triton. A member that fails is replaced by the next-best unused model while time is left.
+        """
+        yield plan
+        queue: asyncio.Queue[CandidateProgress | CallResult] = asyncio.Queue()
+        results: list[CallResult] = []
+        problems: list[ConstellationError] = []
+        spare = sorted((c for c in plan.candidates if not c.chosen and "left out" not in c.reason),
+                       key=lambda c: -c.score)  # fmt: skip
+        waves = plan.waves()
+        deciding: list[CallResult] = []
+        simulated_ms = 0.0
+        fanout_start = time.perf_counter()
+        early = False
+        for index, wave in enumerate(waves):
+            last_wave = index == len(waves) - 1
+            tasks: dict[str, asyncio.Task[None]] = {}
+            running: dict[str, CallResult] = {}
+
+            def start(
+                member: PlannedModel,
+                role: str,
+                running: dict[str, CallResult] = running,
+                tasks: dict[str, asyncio.Task[None]] = tasks,
+            ) -> None:
+                result = CallResult(member.model, member.quality, role=role)
+                results.append(result)
+                running[member.model] = result
+                tasks[member.model] = asyncio.create_task(self._member(result, query, ends_at, queue))
+
+            for member in wave:
+                start(member, "member")
+            answered: list[CallResult] = []
+            settled: bool | None = False
+            try:
+                while running:
+                    remaining = ends_at - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                    if isinstance(item, CandidateProgress):
+                        yield item
+                        continue
+                    running.pop(item.model, None)
+                    tasks.pop(item.model, None)
+                    elapsed = (time.perf_counter() - received_at) * 1000
+                    if item.error is not None:
+                        problems.append(item.error)
+                        yield CandidateProgress(item.model, "failed", elapsed, error=item.error)
+                        if spare and ends_at - time.perf_counter() > 0:
+                            FALLBACKS.labels(item.model).inc()
+                            start(spare.pop(0), "fallback")
+                        continue
+                    item.answer = extract_answer(answer_kind, item.text)
+                    answered.append(item)
+                    yield CandidateProgress(
+                        item.model,
+                        "finished",
+                        elapsed,
+                        item.input_tokens,
+                        item.output_tokens,
+                        item.cost_usd,
+                        text=item.text,
+                    )
+                    settled = self._settled(plan, answered, list(running.values()), last_wave)
+                    if settled is not None:
+                        break
+            finally:
+                stragglers = list(tasks.values())
+                for task in stragglers:
+                    task.cancel()
+                if stragglers:
+                    await asyncio.gather(*stragglers, return_exceptions=True)
+            if running:
+                early = True
+                EARLY_STOPS.labels(plan.policy).inc()
+                for model, result in running.items():
+                    result.outcome = "cancelled"
+                    yield CandidateProgress(model, "cancelled", (time.perf_counter() - received_at) * 1000)
+            if answered:
+                simulated_ms += max(r.simulated_total_ms for r in answered)
+            if settled or last_wave or ends_at - time.perf_counter() <= 0:
+                deciding = answered
+                break
+            ESCALATIONS.inc()
+        if not deciding:
+            if problems:
+                raise problems[-1]
+            raise DeadlineExceeded("no model of the plan answered within the request's time budget")
+        ballots = [Ballot(r.answer, r.reliability, rank) for rank, r in enumerate(deciding)]
+        outcome = tally(ballots)
+        if outcome.answer is None:
+            chosen = max(deciding, key=lambda r: r.reliability)
+        else:
+            chosen = max((deciding[i] for i in outcome.winners), key=lambda r: r.reliability)
+        stages.append(Stage("fanout", (time.perf_counter() - fanout_start) * 1000))
+        if simulated_ms:
+            stages.append(Stage("first_token", simulated_ms, simulated=True))
+            stages.append(Stage("generate", 0.0, simulated=True))
+        yield Delta(chosen.text, chosen.model)
+        stages.append(Stage("total", (time.perf_counter() - received_at) * 1000))
+        span = trace.get_current_span()
+        span.set_attribute("constellation.fanout.members", len(results))
+        span.set_attribute("constellation.fanout.early_stop", early)
+        span.set_attribute("constellation.fanout.agreement", outcome.weighted_share)
+        yield Finished(
+            text=chosen.text,
+            input_tokens=sum(r.input_tokens for r in results),
+            output_tokens=sum(r.output_tokens for r in results),
+            cost_usd=sum(r.cost_usd for r in results),
+            stages=stages,
+            trace_id=telemetry.current_trace_id(),
+            finish_reason=chosen.finish_reason,
+            models=[chosen.model, *(r.model for r in results if r is not chosen)],
+            confidence=outcome.weighted_share,
+            uncertain=outcome.answer is None or outcome.weighted_share < 0.5,
+            problems=problems,
+        )
+
+    @staticmethod
+    def _settled(plan: PlanMade, answered: list[CallResult], running: list[CallResult], last_wave: bool) -> bool | None:
+        """True: the wave's answer is settled; False: escalate now; None: wait for more members."""
+        if plan.policy == "cascade" and not last_wave:
+            first = answered[0].answer
+            if first is None or any(r.answer != first for r in answered):
+                return False  # disagreement: the next wave decides
+            return True if not running else None
+        if not running:
+            return True
+        outcome = tally([Ballot(r.answer, r.reliability, i) for i, r in enumerate(answered)])
+        if outcome.answer is None:
+            return None
+        if plan.quorum and outcome.votes_for >= plan.quorum:
+            return True
+        lead = sum(weight(answered[i].reliability or 0.6) for i in outcome.winners)
+        others = sum(weight(r.reliability or 0.6) for r in answered if r.answer != outcome.answer)
+        pending = sum(weight(r.reliability or 0.6) for r in running)
+        return True if lead > others + pending else None
+
+    async def _member(
+        self, result: CallResult, query: Query, ends_at: float, queue: asyncio.Queue[CandidateProgress | CallResult]
+    ) -> None:
+        """One member of a fan-out: progress events and, at the end, its result go to ``queue``."""
+        try:
+            async with aclosing(self._generate(result, query, ends_at, stream=False)) as events:
+                async for event in events:
+                    if isinstance(event, CandidateProgress):
+                        queue.put_nowait(event)
+        except ConstellationError as exc:
+            result.error = exc
+        except asyncio.CancelledError:
+            result.outcome = "cancelled"
+            raise
+        queue.put_nowait(result)
+
+    async def _generate(
+        self,
+        result: CallResult,
+        query: Query,
+        ends_at: float,
+        *,
+        pre_events: Sequence[Event] = (),
+        stream: bool = True,
+    ) -> AsyncGenerator[Event, None]:
+        """Calls one model through Triton, filling ``result``; yields progress (and text deltas when ``stream``).
+
+        ``pre_events`` are yielded once the request has left for Triton, so the caller sees the plan
+        while the model already works. The model's span carries model, tokens, cost, time to first
+        token and the member's role; its outcome is reported to the registry.
+        """
+        model = result.model
+        entry = self.entry(model)
+        triton_model = entry.triton_model or model
+        received = time.perf_counter()
+        result.started_at = received
         reported_cost: float | None = None
-        simulated: tuple[float, float] | None = None
         with tracer.start_as_current_span("model.generate", kind=trace.SpanKind.CLIENT) as span:
             span.set_attribute("constellation.model", model)
-            span.set_attribute("constellation.route", plan.policy)
+            span.set_attribute("constellation.member.role", result.role)
             span.set_attribute("constellation.triton.endpoint", self.triton.url)
             span.set_attribute("constellation.triton.model", triton_model)
-            outcome = "error"
             try:
-                remaining = budget - (time.perf_counter() - received_at)
+                remaining = ends_at - time.perf_counter()
                 if remaining <= 0:
                     raise DeadlineExceeded("the request's deadline passed before the model was called")
-                stream = self.triton.generate(
+                chunks_stream = self.triton.generate(
                     triton_model,
                     query.prompt,
                     query.sampling,
@@ -230,92 +671,126 @@ class Dispatcher:
                     headers=telemetry.inject_headers(),
                     parameters=entry.parameters,
                 )
-                async with aclosing(stream) as chunks:
+                async with aclosing(chunks_stream) as chunks:
                     # The request leaves for Triton now; the plan and "started" events go to the
                     # caller while the model works, not before it starts.
                     head = asyncio.ensure_future(anext(chunks, None))
                     try:
-                        yield plan
-                        yield CandidateProgress(model, "started", (start - received_at) * 1000)
+                        for event in pre_events:
+                            yield event
+                        yield CandidateProgress(model, "started", 0.0)
                         chunk = await head
                     except BaseException:
                         head.cancel()
                         await asyncio.wait([head])
                         raise
+                    pieces: list[str] = []
                     while chunk is not None:
-                        input_tokens = chunk.input_tokens or input_tokens
-                        output_tokens = chunk.output_tokens or output_tokens
+                        result.input_tokens = chunk.input_tokens or result.input_tokens
+                        result.output_tokens = chunk.output_tokens or result.output_tokens
                         if chunk.text:
                             pieces.append(chunk.text)
-                            first_ms: float | None = None
-                            if first_at is None:
-                                first_at = time.perf_counter()
-                                first_ms = (first_at - received_at) * 1000
+                            first = result.first_at is None
+                            if first:
+                                result.first_at = time.perf_counter()
                                 span.add_event("first_token")
-                            yield Delta(chunk.text, model)  # the text first: it is what the caller waits for
-                            if first_ms is not None:
-                                yield CandidateProgress(model, "first_token", first_ms)
+                            if stream:
+                                yield Delta(chunk.text, model)  # the text first: it is what the caller waits for
+                            if first:
+                                yield CandidateProgress(model, "first_token", 0.0)
                         if chunk.final:
-                            finish_reason = chunk.finish_reason
+                            result.finish_reason = chunk.finish_reason
                             reported_cost = chunk.cost_usd
                             if chunk.simulated_ttft_ms is not None and chunk.simulated_total_ms is not None:
-                                simulated = (chunk.simulated_ttft_ms, chunk.simulated_total_ms)
+                                result.simulated = (chunk.simulated_ttft_ms, chunk.simulated_total_ms)
                         chunk = await anext(chunks, None)
-                outcome = "ok"
+                    result.text = "".join(pieces)
+                result.outcome = "ok"
             except NotFound:
-                outcome = "not_found"
-                await self.triton.require_model(triton_model)  # raises NotFound naming the models that exist
+                result.outcome = "not_found"
                 raise
             except BaseException as exc:
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
                 if not isinstance(exc, Exception):
-                    outcome = "cancelled"
+                    result.outcome = "cancelled"
+                if isinstance(exc, ConstellationError):
+                    result.error = exc
                 raise
             finally:
-                MODEL_CALLS.labels(model, outcome).inc()
-                end = time.perf_counter()
-                cost = reported_cost if reported_cost is not None else cost_of(entry, input_tokens, output_tokens)
-                span.set_attribute("constellation.input_tokens", input_tokens)
-                span.set_attribute("constellation.output_tokens", output_tokens)
-                span.set_attribute("constellation.cost_usd", cost)
-                span.set_attribute("constellation.finish_reason", finish_reason or outcome)
-                if simulated is not None:
-                    span.set_attribute("constellation.simulated_time_to_first_token_ms", simulated[0])
-                    span.set_attribute("constellation.simulated_total_ms", simulated[1])
-                if first_at is not None:
-                    ttft = first_at - start
-                    span.set_attribute("constellation.time_to_first_token_ms", ttft * 1000)
-                    TTFT.labels(model).observe(ttft)
-                    if output_tokens > 1:
-                        PER_TOKEN.labels(model).observe((end - first_at) / (output_tokens - 1))
-                TOKENS.labels(model, "input").inc(input_tokens)
-                TOKENS.labels(model, "output").inc(output_tokens)
-                COST.labels(model).inc(cost)
-        first = first_at if first_at is not None else end
-        stages.append(Stage("first_token", (first - start) * 1000))
-        stages.append(Stage("generate", (end - first) * 1000))
-        if simulated is not None:
-            stages.append(Stage("first_token", simulated[0], simulated=True))
-            stages.append(Stage("generate", simulated[1] - simulated[0], simulated=True))
-        text = "".join(pieces)
-        yield CandidateProgress(
-            model,
-            "finished",
-            (end - received_at) * 1000,
-            input_tokens,
-            output_tokens,
-            cost,
-            text=text,
-        )
-        stages.append(Stage("total", (time.perf_counter() - received_at) * 1000))
-        yield Finished(
-            text=text,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=cost,
-            stages=stages,
-            trace_id=telemetry.current_trace_id(),
-            finish_reason=finish_reason,
-            models=[model],
-        )
+                self._account(result, entry, reported_cost, span)
+
+    def _account(self, result: CallResult, entry: ModelEntry, reported_cost: float | None, span: trace.Span) -> None:
+        """Metrics, span attributes and the registry outcome of one finished (or failed) call."""
+        model = result.model
+        result.ended_at = end = time.perf_counter()
+        MODEL_CALLS.labels(model, result.outcome).inc()
+        cost = reported_cost if reported_cost is not None else cost_of(entry, result.input_tokens, result.output_tokens)
+        result.cost_usd = cost
+        span.set_attribute("constellation.input_tokens", result.input_tokens)
+        span.set_attribute("constellation.output_tokens", result.output_tokens)
+        span.set_attribute("constellation.cost_usd", cost)
+        span.set_attribute("constellation.finish_reason", result.finish_reason or result.outcome)
+        span.set_attribute("constellation.cancelled", result.outcome == "cancelled")
+        if result.simulated is not None:
+            span.set_attribute("constellation.simulated_time_to_first_token_ms", result.simulated[0])
+            span.set_attribute("constellation.simulated_total_ms", result.simulated[1])
+        ttft_ms = 0.0
+        if result.first_at is not None:
+            ttft = result.first_at - result.started_at
+            ttft_ms = ttft * 1000
+            span.set_attribute("constellation.time_to_first_token_ms", ttft_ms)
+            TTFT.labels(model).observe(ttft)
+            if result.output_tokens > 1:
+                PER_TOKEN.labels(model).observe((end - result.first_at) / (result.output_tokens - 1))
+        TOKENS.labels(model, "input").inc(result.input_tokens)
+        TOKENS.labels(model, "output").inc(result.output_tokens)
+        COST.labels(model).inc(cost)
+        if self.reporter is not None and result.outcome != "cancelled":
+            if result.simulated is not None:  # replayed models: their latency is the simulated one
+                ttft_ms, total_ms = result.simulated
+            else:
+                total_ms = (end - result.started_at) * 1000
+            self.reporter.report(
+                registry_pb2.Outcome(
+                    model=model,
+                    success=result.outcome == "ok",
+                    time_to_first_token_ms=ttft_ms,
+                    total_ms=total_ms,
+                    usage=common_pb2.Usage(
+                        input_tokens=result.input_tokens, output_tokens=result.output_tokens, cost_usd=cost
+                    ),
+                    error_code=result.error.code.name if result.error is not None else "",
+                )
+            )
+
+
+_ANSWER_KINDS = {
+    common_pb2.ANSWER_KIND_NUMBER: "number",
+    common_pb2.ANSWER_KIND_CHOICE: "choice",
+    common_pb2.ANSWER_KIND_CODE: "code",
+    common_pb2.ANSWER_KIND_OPEN: "open",
+}
+
+
+def _without_embedding(classification: Classification) -> Classification:
+    """The classification as the caller sees it: the 384 floats of the embedding stay inside dispatch."""
+    if not classification.embedding:
+        return classification
+    copy = Classification()
+    copy.CopyFrom(classification)
+    del copy.embedding[:]
+    return copy
+
+
+def entry_from_record(record: registry_pb2.ModelRecord) -> ModelEntry:
+    """A catalog entry for a model known only to the registry."""
+    return ModelEntry(
+        triton_model=record.backend.model_name or record.name,
+        parameters=dict(record.backend.parameters),
+        price_in_per_mtok=record.price_in_per_mtok,
+        price_out_per_mtok=record.price_out_per_mtok,
+        family=record.family or None,
+        params_b=record.params_b or None,
+        capabilities=list(record.capabilities),
+    )

@@ -17,6 +17,8 @@ from constellation.triton import Sampling
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/\-]{0,127}$")
+PROFILES = ("quality", "cost", "speed", "balanced")
+MAX_CAPABILITIES = 16
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,12 @@ class Query:
     model: str
     time_budget_ms: float
     request_tag: str
+    profile: str = "balanced"
+    weights: tuple[float, float, float] | None = None
+    """Per-request (quality, cost, latency) weights; None uses the profile's."""
+    max_cost_usd: float = 0.0
+    max_latency_ms: float = 0.0
+    required_capabilities: tuple[str, ...] = ()
 
 
 def validate(
@@ -44,6 +52,11 @@ def validate(
     max_prompt_chars: int,
     max_tokens_limit: int,
     default_max_tokens: int,
+    profile: str = "balanced",
+    weights: tuple[float, float, float] | None = None,
+    max_cost_usd: float = 0.0,
+    max_latency_ms: float = 0.0,
+    required_capabilities: Sequence[str] = (),
 ) -> Query:
     """Checks every field and returns the query, or raises with all violations at once.
 
@@ -77,6 +90,27 @@ def validate(
         violations.append(FieldViolation("time_budget_ms", f"must be >= 0, got {time_budget_ms:g}"))
     if len(request_tag) > 256:
         violations.append(FieldViolation("request_tag", "must be at most 256 characters"))
+    if profile not in PROFILES:
+        violations.append(FieldViolation("profile", f"must be one of {', '.join(PROFILES)}, got {profile!r}"))
+    if weights is not None:
+        for name, value in zip(("quality", "cost", "latency"), weights, strict=True):
+            if not (0.0 <= value <= 1.0):
+                violations.append(FieldViolation(f"weights.{name}", f"must be in [0, 1], got {value:g}"))
+        if sum(weights) <= 0:
+            violations.append(FieldViolation("weights", "at least one weight must be positive when weights are set"))
+    if not (max_cost_usd >= 0 and math.isfinite(max_cost_usd)):
+        violations.append(FieldViolation("ceilings.max_cost_usd", f"must be >= 0, got {max_cost_usd:g}"))
+    if not (max_latency_ms >= 0 and math.isfinite(max_latency_ms)):
+        violations.append(FieldViolation("ceilings.max_latency_ms", f"must be >= 0, got {max_latency_ms:g}"))
+    if len(required_capabilities) > MAX_CAPABILITIES:
+        violations.append(
+            FieldViolation(
+                "ceilings.required_capabilities", f"at most {MAX_CAPABILITIES}, got {len(required_capabilities)}"
+            )
+        )
+    for i, capability in enumerate(required_capabilities):
+        if not capability or len(capability) > 64:
+            violations.append(FieldViolation(f"ceilings.required_capabilities[{i}]", "must be 1 to 64 characters long"))
     if violations:
         fields = ", ".join(v.field for v in violations)
         raise InvalidArgument(f"invalid AskRequest: {fields}", violations)
@@ -87,4 +121,15 @@ def validate(
         stop=tuple(stop),
         seed=seed,
     )
-    return Query(prompt, sampling, model, time_budget_ms, request_tag)
+    return Query(
+        prompt,
+        sampling,
+        model,
+        time_budget_ms,
+        request_tag,
+        profile=profile,
+        weights=weights,
+        max_cost_usd=max_cost_usd,
+        max_latency_ms=max_latency_ms,
+        required_capabilities=tuple(required_capabilities),
+    )

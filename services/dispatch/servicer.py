@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+from google.rpc import status_pb2
 
 from constellation.errors import ConstellationError, abort, to_status_proto
 from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
@@ -41,17 +42,59 @@ def to_query(request: dispatch_pb2.AskRequest, config: DispatchConfig) -> Query:
         max_prompt_chars=config.max_prompt_chars,
         max_tokens_limit=config.max_tokens_limit,
         default_max_tokens=config.default_max_tokens,
+        profile=_profile_name(request.profile, config.default_profile),
+        weights=(
+            (request.weights.quality, request.weights.cost, request.weights.latency)
+            if request.HasField("weights")
+            else None
+        ),
+        max_cost_usd=request.ceilings.max_cost_usd,
+        max_latency_ms=request.ceilings.max_latency_ms,
+        required_capabilities=list(request.ceilings.required_capabilities),
     )
+
+
+def _profile_name(value: common_pb2.Profile.ValueType, default: str) -> str:
+    """``PROFILE_BALANCED`` -> ``balanced``; unspecified -> the configured default; unknown numbers stay visible."""
+    if value == common_pb2.PROFILE_UNSPECIFIED:
+        return default
+    try:
+        return common_pb2.Profile.Name(value).removeprefix("PROFILE_").lower()
+    except ValueError:
+        return f"unknown profile {value}"
 
 
 def plan_message(event: PlanMade) -> common_pb2.Plan:
+    """The plan with every candidate considered: chosen ones first, by wave, then the rest by score."""
+    candidates = event.candidates or event.members
     return common_pb2.Plan(
         policy=event.policy,
+        profile=_PROFILES.get(event.profile, common_pb2.PROFILE_UNSPECIFIED),
         summary=event.summary,
+        quorum=event.quorum,
+        time_budget_ms=event.time_budget_ms,
         candidates=[
-            common_pb2.PlanCandidate(model=m.model, chosen=True, reason=m.reason, score=1.0) for m in event.members
+            common_pb2.PlanCandidate(
+                model=c.model,
+                score=c.score,
+                predicted_quality=c.quality,
+                predicted_cost_usd=c.cost_usd,
+                predicted_latency_ms=c.latency_ms,
+                chosen=c.chosen,
+                reason=c.reason,
+                wave=c.wave,
+            )
+            for c in sorted(candidates, key=lambda c: (not c.chosen, c.wave, -c.score))
         ],
     )
+
+
+_PROFILES = {
+    "quality": common_pb2.PROFILE_QUALITY,
+    "cost": common_pb2.PROFILE_COST,
+    "speed": common_pb2.PROFILE_SPEED,
+    "balanced": common_pb2.PROFILE_BALANCED,
+}
 
 
 def to_response(event: Event) -> dispatch_pb2.AskResponse:
@@ -93,9 +136,22 @@ def to_response(event: Event) -> dispatch_pb2.AskResponse:
                 trace_id=event.trace_id,
                 finish_reason=event.finish_reason,
                 models=event.models,
+                confidence=event.confidence,
+                uncertain=event.uncertain,
+                status=_survived(event.problems),
             )
         )
     raise TypeError(f"unknown event {event!r}")
+
+
+def _survived(problems: list[ConstellationError]) -> status_pb2.Status:
+    """OK, or the first problem the request survived (a member that failed and was replaced)."""
+    if not problems:
+        return status_pb2.Status(code=0, message="")
+    first = to_status_proto(problems[0], service="dispatch")
+    if len(problems) > 1:
+        first.message += f" (and {len(problems) - 1} more member failures)"
+    return first
 
 
 class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
@@ -125,7 +181,12 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
         except ConstellationError as error:
             await abort(context, error, service="dispatch")
         classification = await self.dispatcher.classify(query.prompt, context.time_remaining())
-        response = dispatch_pb2.PlanResponse(plan=plan_message(self.dispatcher.plan(query)))
+        try:
+            plan = self.dispatcher.plan(query, classification)
+        except ConstellationError as error:
+            await abort(context, error, service="dispatch")
+        response = dispatch_pb2.PlanResponse(plan=plan_message(plan))
         if classification is not None:
             response.classification.CopyFrom(classification)
+            del response.classification.embedding[:]
         return response

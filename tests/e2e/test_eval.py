@@ -13,9 +13,35 @@ from constellation.eval_run import run_eval, write_report
 from tests.pool_fixtures import write_pool
 
 
+def test_routing_profiles_on_a_pool_the_code_has_never_seen(tmp_path: Path) -> None:
+    """`train router` then `eval` on the tiny pool: the same commands, a new pool, routed through the mesh."""
+    from services.dispatch.router_train import main as train_router
+
+    pool = write_pool(tmp_path / "tiny.jsonl.gz")
+    assert train_router([str(pool), "--out", str(tmp_path / "artifacts"), "--quiet"]) == 0
+    artifact = tmp_path / "artifacts" / "router"
+    assert (artifact / "CURRENT").is_file()
+    report = run_eval(
+        pool,
+        policies=["profile:quality", "profile:cost"],
+        concurrency=2,
+        progress=False,
+        say=lambda _: None,
+        router_artifact=str(artifact),
+    )
+    results = {r.policy: r for r in report.results}
+    assert report.failed_calls == 0
+    # On train the strong model is right 2/2 and the others 1/2: the quality profile asks it alone.
+    quality = results["profile:quality"]
+    assert quality.quality == pytest.approx(3 / 4)
+    assert all(o.models[0] == "strong" for o in quality.outcomes)
+    # The cost profile trades quality for a lower bill.
+    assert results["profile:cost"].mean_cost_usd < quality.mean_cost_usd
+
+
 def test_baselines_through_the_mesh_match_the_hand_computed_metrics(tmp_path: Path) -> None:
     pool = write_pool(tmp_path / "tiny.jsonl.gz")
-    report = run_eval(pool, concurrency=4, progress=False, say=lambda _: None)
+    report = run_eval(pool, concurrency=4, progress=False, say=lambda _: None, profiles=False)
     results = {r.policy: r for r in report.results}
     assert report.calls == 12 and report.failed_calls == 0  # 4 test prompts x 3 models, shared by all policies
     assert results["single:cheap"].quality == pytest.approx(1 / 4)

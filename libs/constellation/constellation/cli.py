@@ -254,6 +254,7 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         split=args.split,
         progress=not args.no_progress,
+        router_artifact=args.router_artifact,
     )
     paths = write_report(report, Path(args.out))
     print()
@@ -358,6 +359,10 @@ def _train(args: argparse.Namespace) -> int:
         from services.ranking.train import main as train_ranker
 
         return int(train_ranker(args.rest) or 0)
+    if args.what == "router":
+        from services.dispatch.router_train import main as train_router
+
+        return int(train_router(args.rest) or 0)
     if args.what == "fusion":
         from services.fusion.train import main as train_fusion
 
@@ -461,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", required=True, help="pool file (.jsonl or .jsonl.gz), e.g. ../shared/data/gsm8k.jsonl.gz"
     )
     evaluate.add_argument(
-        "--policy", help="comma-separated: single:<model>, static, random, oracle, majority (default: all of them)"
+        "--policy",
+        help="comma-separated: single:<model>, static, random, oracle, majority, profile:quality, profile:balanced, "
+        "profile:cost, profile:speed (default: all of them; the profiles when a router is trained)",
     )
     evaluate.add_argument("--concurrency", type=int, default=32, help="calls in flight at once (default 32)")
     evaluate.add_argument(
@@ -473,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "train", "all"], default="test")
     evaluate.add_argument("--limit", type=int, help="only the first N prompts (quick looks)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    evaluate.add_argument(
+        "--router-artifact", help="trained router for the profile:<name> policies (default: the CURRENT one)"
+    )
     evaluate.add_argument("--out", default="eval-results", help="output directory (default ./eval-results)")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=_eval)
@@ -529,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a component on the train splits of recorded pools and writes a versioned "
         "artifact. `constellation train classifier --help` (or `train ranker --help`) lists a trainer's options.",
     )
-    train.add_argument("what", choices=["classifier", "ranker", "fusion"], help="what to train")
+    train.add_argument("what", choices=["classifier", "router", "ranker", "fusion"], help="what to train")
     train.add_argument("rest", nargs=argparse.REMAINDER, help="the trainer's own flags")
     train.set_defaults(handler=_train)
 

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import ConstellationError
-from constellation.evaluation import Call, Judge, PolicyResult, verdict
+from constellation.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, verdict
 from constellation.pools import PoolRecord, model_cards_for, read_pool
+from constellation.v1 import common_pb2
 
 REPLAY_MODEL = "replay"
 MAX_TOKENS_LIMIT = 65536
@@ -74,12 +75,18 @@ def catalog_for(pool: Path, models: Sequence[str]) -> dict[str, dict[str, object
 
 
 async def _one_call(client: DispatchClient, record: PoolRecord, model: str, time_scale: float) -> Call:
+    """One Ask: ``model`` is a pool model, or ``profile:<name>`` for a routed call (no model named)."""
     start = time.perf_counter()
     text = ""
     cost = 0.0
     simulated_ttft = simulated_total = 0.0
     error = ""
-    request = ask_request(record.prompt, model=model, max_tokens=MAX_TOKENS_LIMIT)
+    models: tuple[str, ...] = ()
+    if model.startswith("profile:"):
+        profile = getattr(common_pb2, "PROFILE_" + model.split(":", 1)[1].upper())
+        request = ask_request(record.prompt, max_tokens=MAX_TOKENS_LIMIT, profile=profile)
+    else:
+        request = ask_request(record.prompt, model=model, max_tokens=MAX_TOKENS_LIMIT)
     try:
         async with aclosing(client.ask(request, timeout_s=120)) as events:
             async for event in events:
@@ -87,6 +94,7 @@ async def _one_call(client: DispatchClient, record: PoolRecord, model: str, time
                     final = event.final
                     text = final.text
                     cost = final.usage.cost_usd
+                    models = tuple(final.models)
                     simulated = {s.stage: s.milliseconds for s in final.stages if s.simulated}
                     simulated_ttft = simulated.get("first_token", 0.0)
                     simulated_total = simulated_ttft + simulated.get("generate", 0.0)
@@ -94,7 +102,7 @@ async def _one_call(client: DispatchClient, record: PoolRecord, model: str, time
         error = str(exc)
     wall_ms = (time.perf_counter() - start) * 1000
     mesh_ms = max(0.0, wall_ms - time_scale * simulated_total)
-    return Call(record.id, model, text, cost, simulated_total, simulated_ttft, mesh_ms, error)
+    return Call(record.id, model, text, cost, simulated_total, simulated_ttft, mesh_ms, error, models)
 
 
 async def run_calls(
@@ -133,8 +141,15 @@ def run_eval(
     split: str = "test",
     say: Callable[[str], None] = print,
     progress: bool = True,
+    router_artifact: str | None = None,
+    profiles: bool | None = None,
 ) -> EvalReport:
-    """Evaluates ``policies`` (default: every baseline) on ``pool``'s ``split`` through a fresh mesh."""
+    """Evaluates ``policies`` on ``pool``'s ``split`` through a fresh mesh.
+
+    The default policies are every baseline, plus the four routing profiles when a trained router is
+    found (``router_artifact``, else the CURRENT one) and ``profiles`` is not False; routed policies also
+    start the classifier, whose query embedding the router reads.
+    """
     from constellation.mesh import Mesh, MeshPorts
     from services.inference.launcher import free_port
 
@@ -146,7 +161,18 @@ def run_eval(
     if not evaluated:
         raise ValueError(f"{pool} has no {split} records")
     judge = Judge(evaluated, train, seed=seed)
-    chosen = list(policies) if policies else judge.policies()
+    artifact = _router_artifact(router_artifact)
+    if policies:
+        chosen = list(policies)
+    else:
+        chosen = judge.policies()
+        if artifact is not None and profiles is not False:
+            chosen += list(PROFILE_POLICIES)
+        elif profiles is not False:
+            say("no trained router (`constellation train router`): the routing profiles are not evaluated")
+    routed = any(p.startswith("profile:") for p in chosen)
+    if routed and artifact is None:
+        raise ValueError("profile:<name> policies need a trained router; run `constellation train router` first")
     needed: dict[tuple[str, str], tuple[PoolRecord, str]] = {}
     for policy in chosen:
         for record in evaluated:
@@ -173,7 +199,16 @@ def run_eval(
                     "tokens_per_chunk": "64",
                 }
             },
-            dispatch_args=["--models-file", str(models_file), "--max-tokens-limit", str(MAX_TOKENS_LIMIT)],
+            dispatch_args=[
+                "--models-file",
+                str(models_file),
+                "--max-tokens-limit",
+                str(MAX_TOKENS_LIMIT),
+                *(["--router-artifact", str(artifact)] if routed and artifact is not None else ["--no-routing"]),
+                # the eval measures routing decisions, not the classifier's latency under a burst
+                *(["--classify-timeout", "30"] if routed else []),
+            ],
+            classifier=routed,
         )
         try:
             mesh.start()
@@ -214,6 +249,20 @@ def run_eval(
         time_scale=time_scale,
         concurrency=concurrency,
     )
+
+
+def _router_artifact(path: str | None) -> Path | None:
+    """The router artifact directory to evaluate, or None when none is trained."""
+    from constellation import artifacts
+    from constellation.errors import FailedPrecondition
+    from services.dispatch.routing import ARTIFACT_KIND, TRAIN_COMMAND
+
+    try:
+        return artifacts.resolve(path or artifacts.default_root(), ARTIFACT_KIND, train_command=TRAIN_COMMAND)
+    except FailedPrecondition:
+        if path:
+            raise
+        return None
 
 
 def _fmt_ms(stats: dict[str, float]) -> str:
@@ -286,7 +335,16 @@ def pareto_plot(report: EvalReport, path: Path) -> None:
             xytext=(3, 2),
             textcoords="offset points",
         )
-    markers = {"static": "s", "random": "v", "oracle": "*", "majority": "D"}
+    markers = {
+        "static": "s",
+        "random": "v",
+        "oracle": "*",
+        "majority": "D",
+        "profile:quality": "P",
+        "profile:balanced": "X",
+        "profile:cost": "<",
+        "profile:speed": ">",
+    }
     for r in report.results:
         if r.policy.startswith("single:"):
             continue

@@ -13,6 +13,10 @@ answer, its cost and its latency. Baseline policies:
 - ``majority``: every model, and a plurality vote over their normalised answers (closed answers
   only: number, choice); ties go to the answer whose voters did best on ``train``. Its cost is the sum
   of its members' costs and its latency the slowest member's (they run concurrently).
+
+And the mesh's own routing: ``profile:<name>`` (quality, balanced, cost, speed) sends each prompt to
+dispatch with that profile and no model, so the router (and any fan-out it plans) decides. Its answer
+is judged by the recorded quality of the model whose recorded text the mesh returned.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Call:
         simulated_ttft_ms: The model's simulated time to first token, in ms.
         mesh_ms: Real wall time of the call at the client, less any simulated waiting, in ms.
         error: The error's code and message when the call failed, else empty.
+        models: The models the mesh says it asked (routed calls; the answering model first).
     """
 
     record_id: str
@@ -52,6 +57,10 @@ class Call:
     simulated_ttft_ms: float
     mesh_ms: float
     error: str = ""
+    models: tuple[str, ...] = ()
+
+
+PROFILE_POLICIES = ("profile:quality", "profile:balanced", "profile:cost", "profile:speed")
 
 
 @dataclass(frozen=True)
@@ -253,7 +262,11 @@ class Judge:
             return [oracle_model(record)]
         if policy == "majority":
             return list(self.models)
-        raise ValueError(f"unknown policy {policy!r}; known: single:<model>, static, random, oracle, majority")
+        if policy.startswith("profile:"):
+            return [policy]  # one routed call; the mesh chooses the models
+        raise ValueError(
+            f"unknown policy {policy!r}; known: single:<model>, static, random, oracle, majority, profile:<name>"
+        )
 
     def call_quality(self, record: PoolRecord, call: Call) -> float:
         recorded = record.responses[call.model]
@@ -261,7 +274,18 @@ class Judge:
             return 0.0
         return recorded.quality
 
+    def routed_outcome(self, record: PoolRecord, call: Call) -> Outcome:
+        """A routed call: the answer is the recorded text of one of the models the mesh asked."""
+        answering = next(
+            (m for m in call.models if m in record.responses and record.responses[m].text == call.text), None
+        )
+        failed = bool(call.error) or answering is None
+        quality = record.responses[answering].quality if answering is not None and not call.error else 0.0
+        return Outcome(record.id, quality, call.cost_usd, call.simulated_ms, call.mesh_ms, call.models, failed)
+
     def outcome(self, policy: str, record: PoolRecord, calls: dict[str, Call]) -> Outcome:
+        if policy.startswith("profile:"):
+            return self.routed_outcome(record, calls[policy])
         members = self.members(policy, record)
         used = [calls[m] for m in members]
         failed = any(c.error or c.text != record.responses[c.model].text for c in used)

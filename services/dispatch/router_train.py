@@ -1,0 +1,438 @@
+"""``constellation train router``: fits the quality predictor and the profiles on the pools' train splits.
+
+What it does, in order:
+
+1. Reads every pool given (default: every ``*.jsonl.gz`` in the data directory) and embeds each prompt
+   the way the classifier does at run time (its keyword focus, all-MiniLM-L6-v2), with an on-disk cache.
+2. Chooses the predictor's neighbourhood (k, shrinkage) by leave-one-out routing accuracy on ``train``.
+3. Calibrates it: isotonic regression of the recorded quality on the leave-one-out estimates.
+4. Learns, per answer kind, how many models the ``quality`` profile asks at once and votes over
+   (closed answers), and the ``balanced`` profile on ``train``: among a grid of weights and cascade settings, the one
+   with the lowest mean cost relative to each pool's best train model that stays within a margin of
+   that model's train quality on every pool (simulated with leave-one-out predictions and recorded
+   answers; nothing from ``test`` is used).
+5. Reports Brier score and expected calibration error on leave-one-out ``train`` and, for information
+   only, on ``test``; writes a versioned artifact and points CURRENT at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from constellation import artifacts
+from constellation.evaluation import normalize_answer
+from constellation.pools import PoolRecord, read_model_cards, read_pool
+from services.dispatch.routing import (
+    ARTIFACT_KIND,
+    CLOSED_KINDS,
+    DEFAULT_PROFILES,
+    PoolModel,
+    Prediction,
+    ProfileSettings,
+    QualityPredictor,
+    Router,
+    Weights,
+    brier,
+    expected_calibration_error,
+    isotonic,
+)
+from services.fusion.vote import Ballot, tally
+
+K_GRID = (10, 20, 40)
+ALPHA_GRID = (2.0, 8.0, 32.0, 128.0)
+COST_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+CASCADE_SIZES = (2, 3)
+CASCADE_MIN_QUALITY = (0.75, 0.85, 0.9)
+VOTE_SIZES = (1, 3, 5, 7)
+MEAN_LOSS = 0.01
+MAX_LOSS = 0.02
+"""The balanced profile may lose at most 1 point of quality to each pool's best train model on average
+over the pools of one answer kind, and at most 2 points on any one of them; among the settings that do,
+the one with the lowest mean cost relative to those models is kept (per answer kind)."""
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("CONSTELLATION_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def estimate_tokens(text: str) -> int:
+    """A prompt's length in tokens, estimated from characters (about 4 per token), as dispatch does."""
+    return max(1, len(text) // 4)
+
+
+@dataclass
+class PoolData:
+    name: str
+    path: Path
+    records: list[PoolRecord]
+    rows: np.ndarray  # indices of this pool's records in the global arrays
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="constellation train router",
+        description="Fit the routing policy on the train splits of recorded pools: a k-nearest-neighbour "
+        "quality predictor over query embeddings (calibrated), and the profiles' weights and cascades. "
+        "Writes a versioned artifact that dispatch loads (CURRENT under ~/.cache/constellation/artifacts/router).",
+        epilog="Example: constellation train router ../shared/data/gsm8k.jsonl.gz "
+        "../shared/data/routerbench_arc.jsonl.gz",
+    )
+    parser.add_argument("pools", nargs="*", type=Path, help="pool files (default: every *.jsonl.gz in --data-dir)")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="where pools are found")
+    parser.add_argument("--models-json", type=Path, help="model cards (default: models.json beside the pools)")
+    parser.add_argument("--out", type=Path, help="artifacts root (default ~/.cache/constellation/artifacts)")
+    parser.add_argument("--no-current", action="store_true", help="do not point CURRENT at the new artifact")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def embed_prompts(records: Sequence[PoolRecord], root: Path, *, quiet: bool) -> np.ndarray:
+    """Unit embeddings of each record's keyword focus, as the classifier computes them at run time."""
+    from services.classifier.encoder import Encoder
+    from services.classifier.rules import KeywordRules
+    from services.classifier.train import EmbeddingCache, embed
+
+    rules = KeywordRules()
+    encoder = Encoder()
+    identity = hashlib.sha256(json.dumps(encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+    cache = EmbeddingCache(root / "classifier" / f"embeddings-{identity}.npz")
+    focus = [rules.focus(r.prompt)[0] for r in records]
+    vectors, _, _ = embed(encoder, focus, cache, show_progress=not quiet)
+    cache.save()
+    return vectors.astype(np.float32)
+
+
+def loo_predictions(
+    predictor: QualityPredictor, queries: np.ndarray, exclude: np.ndarray | None, models: Sequence[str]
+) -> tuple[np.ndarray, ...]:
+    raws, obs, tokens = [], [], []
+    for start in range(0, len(queries), 256):
+        sims = queries[start : start + 256] @ predictor.embeddings.T
+        r, o, t = predictor.raw_batch(sims, None if exclude is None else exclude[start : start + 256], models)
+        raws.append(r)
+        obs.append(o)
+        tokens.append(t)
+    return np.concatenate(raws), np.concatenate(obs), np.concatenate(tokens)
+
+
+def pooled_loo(predictor: QualityPredictor, vectors: np.ndarray, pools: Sequence[PoolData]) -> tuple[np.ndarray, ...]:
+    """Leave-one-out estimates of every train row, each pool's rows scored against that pool's models."""
+    n, m = len(vectors), len(predictor.models)
+    raw = np.full((n, m), np.nan, dtype=np.float64)
+    obs = np.zeros((n, m))
+    tokens = np.zeros((n, m))
+    for pool in pools:
+        r, o, t = loo_predictions(predictor, vectors[pool.rows], pool.rows, list(pool.records[0].responses))
+        raw[pool.rows], obs[pool.rows], tokens[pool.rows] = r, o, t
+    return raw, obs, tokens
+
+
+def routing_accuracy(raw: np.ndarray, quality: np.ndarray, pools: Sequence[PoolData]) -> float:
+    """Mean over pools of the recorded quality of each row's highest-estimate model (no cost)."""
+    scores = []
+    for pool in pools:
+        est = raw[pool.rows]
+        truth = quality[pool.rows]
+        est = np.where(np.isnan(truth), -np.inf, np.nan_to_num(est, nan=-np.inf))
+        pick = est.argmax(1)
+        scores.append(float(np.mean(truth[np.arange(len(pick)), pick])))
+    return float(np.mean(scores))
+
+
+def _pool_models(pool: PoolData, cards: dict[str, Any]) -> list[PoolModel]:
+    out = []
+    for name in pool.records[0].responses:
+        card = cards.get(name)
+        out.append(
+            PoolModel(
+                name,
+                (card.price_in_per_mtok or 0.0) if card else 0.0,
+                (card.price_out_per_mtok or 0.0) if card else 0.0,
+                card.family if card else None,
+                card.params_b if card else None,
+            )
+        )
+    return out
+
+
+def simulate(
+    router: Router,
+    profile: str,
+    pool: PoolData,
+    models: list[PoolModel],
+    predictions: list[dict[str, Prediction]],
+    indices: Sequence[int],
+) -> tuple[float, float]:
+    """Mean recorded quality and cost of ``profile``'s plans on the pool's records at ``indices``."""
+    kind = pool.records[0].answer_kind
+    total_q = total_c = 0.0
+    for i in indices:
+        record = pool.records[i]
+        route = router.route(
+            models,
+            answer_kind=kind,
+            input_tokens=estimate_tokens(record.prompt),
+            profile=profile,
+            predictions=predictions[i],
+        )
+        waves = route.waves()
+        answered: str | None = None
+        quality = 0.0
+        cost = 0.0
+        for w, wave in enumerate(waves):
+            cost += sum(record.responses[m.model].cost_usd or 0.0 for m in wave)
+            if route.policy == "vote":
+                ballots = [
+                    Ballot(normalize_answer(kind, record.responses[m.model].answer), m.quality, rank)
+                    for rank, m in enumerate(wave)
+                ]
+                winner = tally(ballots).answer
+                quality = float(winner is not None and winner == normalize_answer(kind, record.reference))
+                break
+            if route.policy == "cascade" and w < len(waves) - 1:
+                answers = [normalize_answer(kind, record.responses[m.model].answer) for m in wave]
+                if answers[0] is not None and all(a == answers[0] for a in answers):
+                    answered = answers[0]
+                    quality = float(answered == normalize_answer(kind, record.reference))
+                    break
+                continue
+            quality = record.responses[wave[0].model].quality
+            break
+        total_q += quality
+        total_c += cost
+    n = max(len(indices), 1)
+    return total_q / n, total_c / n
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    paths = list(args.pools) or sorted(Path(args.data_dir).glob("*.jsonl.gz"))
+    if not paths:
+        raise FileNotFoundError(f"no pools given and no *.jsonl.gz in {args.data_dir}")
+    models_json = args.models_json or paths[0].parent / "models.json"
+    cards = read_model_cards(models_json) if models_json.is_file() else {}
+    pools: list[PoolData] = []
+    train_records: list[PoolRecord] = []
+    test_records: list[PoolRecord] = []
+    test_spans: list[tuple[str, int, int]] = []
+    for path in paths:
+        records = list(read_pool(path))
+        train = [r for r in records if r.split == "train"]
+        if not train:
+            continue
+        rows = np.arange(len(train_records), len(train_records) + len(train))
+        pools.append(PoolData(path.name.split(".")[0], path, train, rows))
+        train_records += train
+        test = [r for r in records if r.split == "test"]
+        test_spans.append((pools[-1].name, len(test_records), len(test_records) + len(test)))
+        test_records += test
+    if not train_records:
+        raise ValueError("the pools hold no train-split records")
+    root = args.out or artifacts.default_root()
+    vectors = embed_prompts(train_records + test_records, root, quiet=args.quiet)
+    train_vectors, test_vectors = vectors[: len(train_records)], vectors[len(train_records) :]
+    models = sorted({m for r in train_records for m in r.responses})
+    index = {m: i for i, m in enumerate(models)}
+    quality = np.full((len(train_records), len(models)), np.nan, dtype=np.float32)
+    tokens = np.full_like(quality, np.nan)
+    for row, record in enumerate(train_records):
+        for model, response in record.responses.items():
+            quality[row, index[model]] = response.quality
+            if response.output_tokens is not None:
+                tokens[row, index[model]] = response.output_tokens
+    card_pairs = {name: (card.family, card.params_b) for name, card in cards.items()}
+    groups = np.zeros(len(train_records), dtype=np.int32)
+    for number, pool in enumerate(pools):
+        groups[pool.rows] = number
+
+    # 2. neighbourhood by leave-one-out routing accuracy
+    grid = [(k, a) for k in K_GRID for a in ALPHA_GRID]
+    best: tuple[float, int, float] | None = None
+    search: list[dict[str, float]] = []
+    for k, alpha in tqdm(grid, desc="choosing k and shrinkage", disable=args.quiet):
+        predictor = QualityPredictor(
+            train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups
+        )
+        raw, _, _ = pooled_loo(predictor, train_vectors, pools)
+        accuracy = routing_accuracy(raw, quality, pools)
+        search.append({"k": k, "alpha": alpha, "loo_routing_quality": round(accuracy, 5)})
+        if best is None or accuracy > best[0] + 1e-9:
+            best = (accuracy, k, alpha)
+    assert best is not None
+    _, k, alpha = best
+
+    # 3. calibration on leave-one-out estimates
+    predictor = QualityPredictor(train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups)
+    raw, obs, out_tokens = pooled_loo(predictor, train_vectors, pools)
+    present = ~np.isnan(quality) & ~np.isnan(raw)
+    predictor.calibration = isotonic(raw[present], quality[present])
+    calibrated = predictor.calibrate(np.nan_to_num(raw))
+
+    metrics: dict[str, Any] = {"train_loo": {}, "test": {}}
+    for pool in pools:
+        mask = present[pool.rows]
+        p, y = calibrated[pool.rows][mask], quality[pool.rows][mask]
+        metrics["train_loo"][pool.name] = {
+            "brier": round(brier(p, y), 5),
+            "ece": round(expected_calibration_error(p, y), 5),
+        }
+    # test: information only (nothing is fitted on it)
+    for name, start, end in test_spans:
+        recs = test_records[start:end]
+        vectors_t = test_vectors[start:end]
+        if not recs:
+            continue
+        raw_t, _, _ = loo_predictions(predictor, vectors_t, None, list(recs[0].responses))
+        cal_t = predictor.calibrate(np.nan_to_num(raw_t))
+        ps, ys = [], []
+        for row, record in enumerate(recs):
+            for model, response in record.responses.items():
+                i = index.get(model)
+                if i is not None and not np.isnan(raw_t[row, i]):
+                    ps.append(cal_t[row, i])
+                    ys.append(response.quality)
+        metrics["test"][name] = {
+            "brier": round(brier(np.array(ps), np.array(ys)), 5),
+            "ece": round(expected_calibration_error(np.array(ps), np.array(ys)), 5),
+        }
+
+    # 4. profiles, simulated on train with leave-one-out predictions
+    def predictions_for(pool: PoolData) -> list[dict[str, Prediction]]:
+        out = []
+        for row in pool.rows:
+            preds = {}
+            for model in pool.records[0].responses:
+                i = index[model]
+                value = raw[row, i]
+                preds[model] = Prediction(
+                    float(calibrated[row, i]) if not np.isnan(value) else 0.5,
+                    float(obs[row, i]),
+                    float(out_tokens[row, i]) if out_tokens[row, i] > 0 else None,
+                    "knn",
+                )
+            out.append(preds)
+        return out
+
+    pool_preds = {pool.name: predictions_for(pool) for pool in pools}
+    pool_models = {pool.name: _pool_models(pool, cards) for pool in pools}
+    reference: dict[str, tuple[float, float]] = {}
+    for pool in pools:
+        means = {m: np.mean([r.responses[m].quality for r in pool.records]) for m in pool.records[0].responses}
+        costs = {m: np.mean([r.responses[m].cost_usd or 0.0 for r in pool.records]) for m in means}
+        top = max(means, key=lambda m: (means[m], -costs[m]))
+        reference[pool.name] = (float(means[top]), float(costs[top]))
+    candidates = [ProfileSettings(Weights(1 - c - c / 2, c, c / 2)) for c in COST_WEIGHTS] + [
+        ProfileSettings(Weights(1 - c - c / 2, c, c / 2), size, 0.25, tau)
+        for c in COST_WEIGHTS
+        for size in CASCADE_SIZES
+        for tau in CASCADE_MIN_QUALITY
+    ]
+    profile_search = []
+    quality_search: list[dict[str, Any]] = []
+    profiles = {name: settings.to_json() for name, settings in DEFAULT_PROFILES.items()}
+    kinds = sorted({pool.records[0].answer_kind for pool in pools})
+    for kind in kinds:
+        members = [pool for pool in pools if pool.records[0].answer_kind == kind]
+        chosen: tuple[tuple[int, float], ProfileSettings] | None = None
+        for settings in tqdm(candidates, desc=f"learning balanced/{kind}", disable=args.quiet):
+            if settings.cascade_size and kind not in CLOSED_KINDS:
+                continue
+            router = Router(predictor, {"balanced": settings})
+            losses = []
+            relative_costs = []
+            per_pool = {}
+            for pool in members:
+                q, c = simulate(
+                    router, "balanced", pool, pool_models[pool.name], pool_preds[pool.name], range(len(pool.records))
+                )
+                ref_q, ref_c = reference[pool.name]
+                losses.append(max(0.0, ref_q - q))
+                relative_costs.append(c / ref_c if ref_c else 1.0)
+                per_pool[pool.name] = {"quality": round(q, 4), "cost": round(c, 6)}
+            mean_cost = float(np.mean(relative_costs))
+            feasible = float(np.mean(losses)) <= MEAN_LOSS and max(losses) <= MAX_LOSS
+            profile_search.append(
+                {
+                    "answer_kind": kind,
+                    **settings.to_json(),
+                    "mean_relative_cost": round(mean_cost, 4),
+                    "feasible": feasible,
+                    "pools": per_pool,
+                }
+            )
+            key = (1, -mean_cost) if feasible else (0, -float(np.mean(losses)))
+            if chosen is None or key > chosen[0]:
+                chosen = (key, settings)
+        assert chosen is not None
+        profiles[f"balanced/{kind}"] = chosen[1].to_json()
+        if kind in CLOSED_KINDS:
+            best_vote: tuple[float, int] | None = None
+            for size in VOTE_SIZES:
+                router = Router(predictor, {"quality": ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size)})
+                qualities = [
+                    simulate(
+                        router, "quality", pool, pool_models[pool.name], pool_preds[pool.name], range(len(pool.records))
+                    )[0]
+                    for pool in members
+                ]
+                mean_quality = float(np.mean(qualities))
+                quality_search.append({"answer_kind": kind, "vote_size": size, "quality": round(mean_quality, 5)})
+                if best_vote is None or mean_quality > best_vote[0] + 1e-9:
+                    best_vote = (mean_quality, size)
+            assert best_vote is not None
+            profiles[f"quality/{kind}"] = ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=best_vote[1]).to_json()
+
+    manifest = {
+        "models": models,
+        "cards": {m: {"family": c.family, "params_b": c.params_b} for m, c in cards.items()},
+        "predictor": predictor.settings(),
+        "profiles": profiles,
+        "embedding": "all-MiniLM-L6-v2 of the classifier's keyword focus (unit length)",
+        "training": {
+            "pools": [{"file": p.path.name, "rows": len(p.records)} for p in pools],
+            "rows": len(train_records),
+            "neighbourhood_search": search,
+            "balanced_search": profile_search,
+            "quality_search": quality_search,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "metrics": metrics,
+    }
+    directory = artifacts.save(ARTIFACT_KIND, predictor.to_arrays(), manifest, root, make_current=not args.no_current)
+    return {
+        "artifact": str(directory),
+        "rows": len(train_records),
+        "models": len(models),
+        "predictor": predictor.settings(),
+        "profiles": {k: v for k, v in profiles.items() if "/" in k},
+        "calibration": metrics,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = train(args)
+    json.dump(summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

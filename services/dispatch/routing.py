@@ -1,0 +1,647 @@
+"""The routing policy: predicted quality, cost and latency per model, a normalised score, and a plan.
+
+Plain Python and numpy (no gRPC). Three parts:
+
+- :class:`QualityPredictor`: the probability that a model answers a query well, from the query
+  embedding (all-MiniLM-L6-v2, as the classifier returns it). Similarity-weighted k nearest neighbours
+  over the ``train`` prompts of the recorded pools, shrunk towards the model's record in a wider
+  neighbourhood, then calibrated (isotonic regression fitted on leave-one-out predictions). A model
+  with no recorded answers gets a prior from the models of its family and size in the neighbourhood.
+- :func:`score_candidates`: the normalised multi-objective score of Pick and Spin: quality, cost and
+  latency each scaled to [0, 1] over the candidates (cost and latency on a log scale, so a model ten
+  times dearer is as far from the cheapest as one ten times dearer than that), then weighted.
+- :class:`Router`: turns a query, the pool (prices, live latency, health, capabilities), a profile or
+  weights and hard ceilings into a :class:`Route`: the models to ask, in waves, with every
+  candidate's score and the reason it was or was not chosen. For closed answers (number, choice) a
+  profile may plan a *cascade*: a wave of cheap models that must agree, and the strongest model asked
+  only when they do not. The profiles' weights and cascade settings are learned on ``train``.
+
+Thread-safety: a :class:`Router` is immutable after construction and safe to share between requests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from constellation import artifacts
+from constellation.errors import FailedPrecondition
+
+ARTIFACT_KIND = "router"
+TRAIN_COMMAND = "constellation train router"
+PROFILES = ("quality", "cost", "speed", "balanced")
+CLOSED_KINDS = ("number", "choice")
+DEFAULT_INPUT_TOKENS = 200
+DEFAULT_OUTPUT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Relative weights of quality, cost and latency (normalised to sum to 1 when used)."""
+
+    quality: float
+    cost: float
+    latency: float
+
+    def normalised(self) -> Weights:
+        total = self.quality + self.cost + self.latency
+        if total <= 0:
+            return Weights(1.0, 0.0, 0.0)
+        return Weights(self.quality / total, self.cost / total, self.latency / total)
+
+    def to_json(self) -> dict[str, float]:
+        return {"quality": self.quality, "cost": self.cost, "latency": self.latency}
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How a profile routes.
+
+    Attributes:
+        weights: The score's weights.
+        cascade_size: For closed answers, how many cheap models form the first wave (0: no cascade).
+        cascade_cost_ratio: A first-wave model must be predicted to cost at most this fraction of the
+            strongest model's cost.
+        cascade_min_quality: Every first-wave model must have at least this predicted quality, or no
+            cascade is planned (cheap models that are often wrong agree on wrong answers too).
+        vote_size: For closed answers, ask this many of the best-scoring models at once and vote (1: one
+            model). Used when no cascade applies.
+    """
+
+    weights: Weights
+    cascade_size: int = 0
+    cascade_cost_ratio: float = 0.25
+    cascade_min_quality: float = 0.0
+    vote_size: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.to_json(),
+            "cascade_size": self.cascade_size,
+            "cascade_cost_ratio": self.cascade_cost_ratio,
+            "cascade_min_quality": self.cascade_min_quality,
+            "vote_size": self.vote_size,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ProfileSettings:
+        return cls(
+            Weights(**raw["weights"]),
+            int(raw.get("cascade_size", 0)),
+            float(raw.get("cascade_cost_ratio", 0.25)),
+            float(raw.get("cascade_min_quality", 0.0)),
+            int(raw.get("vote_size", 1)),
+        )
+
+
+DEFAULT_PROFILES: dict[str, ProfileSettings] = {
+    "quality": ProfileSettings(Weights(1.0, 0.0, 0.0)),
+    "balanced": ProfileSettings(Weights(0.7, 0.2, 0.1)),
+    "cost": ProfileSettings(Weights(0.3, 0.7, 0.0)),
+    "speed": ProfileSettings(Weights(0.3, 0.0, 0.7)),
+}
+"""Used when no trained router artifact is loaded; training replaces ``balanced`` with settings learned on train."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the predictor expects of one model on one query.
+
+    Attributes:
+        quality: Calibrated probability of a good answer, in [0, 1].
+        observations: Similarity-weighted number of recorded answers behind it (0 for a prior).
+        output_tokens: Expected answer length in tokens, or None when nothing was recorded.
+        source: ``knn`` (recorded neighbours), ``prior`` (family/size) or ``mean`` (no embedding).
+    """
+
+    quality: float
+    observations: float
+    output_tokens: float | None
+    source: str
+
+
+def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pool-adjacent-violators: a non-decreasing step function of ``x`` fitted to ``y`` (least squares).
+
+    Returns:
+        Knots ``(xs, ys)`` for ``np.interp``: the mean ``x`` and fitted ``y`` of each block.
+    """
+    order = np.argsort(x, kind="stable")
+    xs, ys = x[order].astype(np.float64), y[order].astype(np.float64)
+    means: list[float] = []
+    weights: list[float] = []
+    xsum: list[float] = []
+    for xv, yv in zip(xs, ys, strict=True):
+        means.append(yv)
+        weights.append(1.0)
+        xsum.append(xv)
+        while len(means) > 1 and means[-2] > means[-1]:
+            w = weights[-2] + weights[-1]
+            means[-2] = (means[-2] * weights[-2] + means[-1] * weights[-1]) / w
+            xsum[-2] += xsum[-1]
+            weights[-2] = w
+            del means[-1], weights[-1], xsum[-1]
+    knots_x = np.array([s / w for s, w in zip(xsum, weights, strict=True)])
+    return knots_x, np.array(means)
+
+
+def brier(p: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean((p - y) ** 2)) if len(p) else math.nan
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """ECE over ``bins`` equal-width bins of predicted probability (weighted by bin size)."""
+    if not len(p):
+        return math.nan
+    edges = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = edges == b
+        if mask.any():
+            total += mask.sum() * abs(p[mask].mean() - y[mask].mean())
+    return float(total / len(p))
+
+
+class QualityPredictor:
+    """Per-model answer quality from the nearest recorded train prompts.
+
+    Args:
+        embeddings: ``float32 [n, d]`` unit vectors of the train prompts.
+        quality: ``float32 [n, m]`` recorded quality (score) of each model on each prompt; NaN where the
+            model did not answer that prompt (pools have different model sets).
+        output_tokens: ``float32 [n, m]`` recorded output tokens; NaN where unknown.
+        models: The ``m`` model names.
+        cards: model -> (family, params_b) for priors; may cover models with no recorded answers.
+        k: Neighbours of the narrow estimate.
+        wide_k: Neighbours of the wide estimate the narrow one is shrunk towards.
+        alpha: Strength of that shrinkage, in similarity-weighted observations.
+        power: Similarities are raised to this power before weighting (sharper near neighbours).
+        calibration: Isotonic knots ``(xs, ys)`` mapping raw estimates to probabilities; None: identity.
+        groups: ``int [n]`` the pool each train prompt came from. Scores of different pools are not on
+            one scale (a judge's preference share is not an exact-match rate), so a query's estimates
+            use only the pool its ``k`` nearest prompts mostly come from. None: one pool.
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        quality: np.ndarray,
+        output_tokens: np.ndarray,
+        models: Sequence[str],
+        cards: Mapping[str, tuple[str | None, float | None]] | None = None,
+        *,
+        k: int = 10,
+        wide_k: int = 200,
+        alpha: float = 2.0,
+        power: float = 4.0,
+        calibration: tuple[np.ndarray, np.ndarray] | None = None,
+        groups: np.ndarray | None = None,
+    ):
+        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.quality = np.asarray(quality, dtype=np.float32)
+        self.output_tokens = np.asarray(output_tokens, dtype=np.float32)
+        self.models = list(models)
+        self.index = {m: i for i, m in enumerate(self.models)}
+        self.cards = dict(cards or {})
+        self.k = min(k, len(self.embeddings))
+        self.wide_k = min(max(wide_k, self.k), len(self.embeddings))
+        self.alpha = alpha
+        self.power = power
+        self.calibration = calibration
+        self.groups = np.zeros(len(self.embeddings), dtype=np.int32) if groups is None else np.asarray(groups, np.int32)
+        present = ~np.isnan(self.quality)
+        self.group_models = np.stack([present[self.groups == g].any(0) for g in range(int(self.groups.max()) + 1)])
+        self.global_mean = np.where(present.any(0), np.nansum(self.quality, 0) / np.maximum(present.sum(0), 1), np.nan)
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        if self.calibration is None:
+            return np.clip(raw, 0.0, 1.0)
+        xs, ys = self.calibration
+        # Isotonic steps are flat; a vanishing slope keeps the raw order within a step, so two models
+        # on one step are told apart by their estimates rather than tied.
+        return np.clip(np.interp(raw, xs, ys) + 1e-6 * (raw - 0.5), 0.0, 1.0)
+
+    def raw_batch(
+        self, sims: np.ndarray, exclude: np.ndarray | None = None, models: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, ...]:
+        """Uncalibrated estimates for a batch of queries.
+
+        Args:
+            sims: ``[b, n]`` cosine similarities of each query to every train prompt.
+            exclude: Optional ``[b]`` train row to leave out per query (leave-one-out), or -1.
+            models: The models that will be scored: only pools recording the most of them are used.
+
+        Returns:
+            ``(raw quality [b, m], observations [b, m], output tokens [b, m])``; NaN where no
+            neighbour in the wide neighbourhood has the model.
+        """
+        sims = np.array(sims, dtype=np.float32, copy=True)
+        if exclude is not None:
+            rows = np.nonzero(exclude >= 0)[0]
+            sims[rows, exclude[rows]] = -np.inf
+        if self.groups.max(initial=0) > 0:
+            if models:
+                columns = [self.index[m] for m in models if m in self.index]
+                coverage = self.group_models[:, columns].sum(1) if columns else np.zeros(len(self.group_models))
+                sims[:, coverage[self.groups] < coverage.max()] = -np.inf
+            nearest = np.argpartition(-sims, self.k - 1, axis=1)[:, : self.k]
+            votes = self.groups[nearest]
+            group = np.array([np.bincount(row).argmax() for row in votes])
+            sims[self.groups[None, :] != group[:, None]] = -np.inf
+        wide = np.argpartition(-sims, self.wide_k - 1, axis=1)[:, : self.wide_k]
+        order = np.argsort(-np.take_along_axis(sims, wide, 1), axis=1)
+        wide = np.take_along_axis(wide, order, 1)
+        narrow = wide[:, : self.k]
+        q_wide = self.quality[wide]  # [b, K, m]
+        wide_sims = np.take_along_axis(sims, wide, 1)
+        q_wide = np.where(np.isfinite(wide_sims)[:, :, None], q_wide, np.nan)  # rows of other pools
+        mask_wide = ~np.isnan(q_wide)
+        count_wide = mask_wide.sum(1)
+        prior = np.where(count_wide > 0, np.nansum(q_wide, 1) / np.maximum(count_wide, 1), np.nan)
+        weights = np.maximum(np.take_along_axis(sims, narrow, 1), 0.0) ** self.power  # [b, k]
+        q_narrow = self.quality[narrow]
+        mask = ~np.isnan(q_narrow)
+        w = weights[:, :, None] * mask
+        wsum = w.sum(1)
+        qsum = (w * np.nan_to_num(q_narrow)).sum(1)
+        raw = (qsum + self.alpha * np.nan_to_num(prior)) / (wsum + self.alpha)
+        raw = np.where(np.isnan(prior), np.nan, raw)
+        tokens_wide = np.where(np.isfinite(wide_sims)[:, :, None], self.output_tokens[wide], np.nan)
+        token_mask = ~np.isnan(tokens_wide)
+        narrow_mask = token_mask[:, : self.k]
+        narrow_mean = np.nansum(tokens_wide[:, : self.k], 1) / np.maximum(narrow_mask.sum(1), 1)
+        wide_mean = np.nansum(tokens_wide, 1) / np.maximum(token_mask.sum(1), 1)
+        tokens = np.where(narrow_mask.any(1), narrow_mean, wide_mean)  # 0 where nothing was recorded
+        return raw, wsum, tokens
+
+    def predict(self, embedding: np.ndarray | None, models: Sequence[str]) -> dict[str, Prediction]:
+        """Predictions for ``models`` on one query. Takes well under a millisecond for a few thousand rows.
+
+        Without an embedding (no classifier), each model's mean over all train prompts is used.
+        """
+        out: dict[str, Prediction] = {}
+        if embedding is None or not len(embedding):
+            for model in models:
+                i = self.index.get(model)
+                mean = float(self.global_mean[i]) if i is not None else math.nan
+                if math.isnan(mean):
+                    out[model] = Prediction(0.5, 0.0, None, "prior")
+                else:
+                    out[model] = Prediction(float(self.calibrate(np.array([mean]))[0]), 0.0, None, "mean")
+            return out
+        vector = np.asarray(embedding, dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        if norm > 0:
+            vector = vector / norm
+        sims = (self.embeddings @ vector)[None, :]
+        raw, obs, tokens = (a[0] for a in self.raw_batch(sims, models=models))
+        calibrated = self.calibrate(np.nan_to_num(raw))
+        known: dict[str, float] = {}
+        for model in models:
+            i = self.index.get(model)
+            if i is not None and not np.isnan(raw[i]):
+                known[model] = float(calibrated[i])
+                out[model] = Prediction(
+                    float(calibrated[i]), float(obs[i]), float(tokens[i]) if tokens[i] > 0 else None, "knn"
+                )
+        for model in models:
+            if model not in out:
+                out[model] = Prediction(self.prior(model, known), 0.0, None, "prior")
+        return out
+
+    def prior(self, model: str, neighbours: Mapping[str, float]) -> float:
+        """A quality guess for a model with no recorded answers near this query.
+
+        The mean of the same family's models among ``neighbours`` when there are any, else a
+        least-squares line of quality against log(parameters) over the neighbours with a known size,
+        else the neighbours' mean; 0.5 when there is nothing at all.
+        """
+        if not neighbours:
+            return 0.5
+        family, size = self.cards.get(model, (None, None))
+        same = [q for m, q in neighbours.items() if family and self.cards.get(m, (None, None))[0] == family]
+        if same:
+            return float(np.clip(np.mean(same), 0.0, 1.0))
+        sized = [(math.log(s), q) for m, q in neighbours.items() if (s := self.cards.get(m, (None, None))[1])]
+        if size and len(sized) >= 3:
+            x = np.array([p[0] for p in sized])
+            y = np.array([p[1] for p in sized])
+            if np.ptp(x) > 0:
+                slope, intercept = np.polyfit(x, y, 1)
+                return float(np.clip(intercept + slope * math.log(size), 0.0, 1.0))
+        return float(np.mean(list(neighbours.values())))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {
+            "embeddings": self.embeddings.astype(np.float16),
+            "quality": self.quality,
+            "output_tokens": self.output_tokens,
+            "groups": self.groups,
+        }
+        if self.calibration is not None:
+            arrays["calibration_x"], arrays["calibration_y"] = self.calibration
+        return arrays
+
+    def settings(self) -> dict[str, Any]:
+        return {"k": self.k, "wide_k": self.wide_k, "alpha": self.alpha, "power": self.power}
+
+
+@dataclass(frozen=True)
+class PoolModel:
+    """What routing knows of one model of the pool.
+
+    Attributes:
+        name: Model name as callers and the catalog know it.
+        price_in_per_mtok: USD per million input tokens.
+        price_out_per_mtok: USD per million output tokens.
+        family: Model family (for priors), when known.
+        params_b: Parameters in billions, when known.
+        capabilities: What it can do (for ``Ceilings.required_capabilities``); empty: unknown, so any.
+        ttft_ms: Expected time to first token, ms (live p50 from the registry, else a size prior).
+        per_token_ms: Expected decoding time per output token, ms.
+        healthy: False when the registry marks it unhealthy: routing skips it.
+        live: True when the latency figures come from live statistics rather than a prior.
+    """
+
+    name: str
+    price_in_per_mtok: float = 0.0
+    price_out_per_mtok: float = 0.0
+    family: str | None = None
+    params_b: float | None = None
+    capabilities: frozenset[str] = frozenset()
+    ttft_ms: float | None = None
+    per_token_ms: float | None = None
+    healthy: bool = True
+    live: bool = False
+
+
+def latency_prior(params_b: float | None) -> tuple[float, float]:
+    """(time to first token ms, per-token ms) assumed for a model with no live statistics, from its size."""
+    size = params_b if params_b and params_b > 0 else 70.0
+    return 120.0 + 3.0 * size**0.75, 8.0 + 1.2 * size**0.6
+
+
+@dataclass
+class ScoredModel:
+    """One candidate of a plan with its predictions, score and the reason for the decision."""
+
+    model: str
+    quality: float
+    cost_usd: float
+    latency_ms: float
+    output_tokens: float
+    observations: float
+    source: str
+    score: float = 0.0
+    chosen: bool = False
+    wave: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Route:
+    """A plan: who is asked, in which wave, and why.
+
+    Attributes:
+        policy: ``single`` (one model), ``vote`` (several at once, answers voted), ``cascade`` (cheap
+            wave first, escalate on disagreement) or ``requested`` (the caller named the model).
+        profile: The profile name, or ``custom`` for per-request weights.
+        members: Chosen models in order of asking: wave 0 first.
+        candidates: Every model considered, best score first.
+        quorum: Agreeing answers that end a wave early; 0 waits for the whole wave.
+        summary: One line for people.
+    """
+
+    policy: str
+    profile: str
+    members: list[ScoredModel]
+    candidates: list[ScoredModel]
+    quorum: int = 0
+    summary: str = ""
+    weights: Weights = field(default_factory=lambda: Weights(1.0, 0.0, 0.0))
+
+    def waves(self) -> list[list[ScoredModel]]:
+        grouped: dict[int, list[ScoredModel]] = {}
+        for member in self.members:
+            grouped.setdefault(member.wave, []).append(member)
+        return [grouped[w] for w in sorted(grouped)]
+
+
+def _unit(values: np.ndarray, *, log: bool) -> np.ndarray:
+    """Min-max scaling to [0, 1] over the candidates (on log scale when ``log``); all equal -> 0."""
+    v = np.log(np.maximum(values, 1e-9)) if log else values
+    span = float(v.max() - v.min()) if len(v) else 0.0
+    return (v - v.min()) / span if span > 1e-12 else np.zeros_like(v)
+
+
+def score_candidates(candidates: Sequence[ScoredModel], weights: Weights) -> None:
+    """Sets ``score`` on each candidate: w_q * q + w_c * (1 - c) + w_l * (1 - l), each term scaled to [0, 1]."""
+    if not candidates:
+        return
+    w = weights.normalised()
+    quality = _unit(np.array([c.quality for c in candidates]), log=False)
+    cost = _unit(np.array([c.cost_usd for c in candidates]), log=True)
+    latency = _unit(np.array([c.latency_ms for c in candidates]), log=True)
+    scores = w.quality * quality + w.cost * (1 - cost) + w.latency * (1 - latency)
+    for candidate, score in zip(candidates, scores, strict=True):
+        candidate.score = float(score)
+
+
+class Router:
+    """Plans which models answer a query.
+
+    Args:
+        predictor: The quality predictor; None predicts 0.5 for every model (cost and latency decide).
+        profiles: Settings per profile name, and per ``<profile>/<answer kind>`` where training learned
+            settings for one kind of answer; missing profiles take :data:`DEFAULT_PROFILES`.
+    """
+
+    def __init__(self, predictor: QualityPredictor | None, profiles: Mapping[str, ProfileSettings] | None = None):
+        self.predictor = predictor
+        self.profiles = {**DEFAULT_PROFILES, **(profiles or {})}
+
+    def settings(self, profile: str, answer_kind: str) -> ProfileSettings:
+        """The profile's settings learned for this answer kind (``balanced/code``...), else its general ones."""
+        return self.profiles.get(f"{profile}/{answer_kind}") or self.profiles.get(profile) or self.profiles["balanced"]
+
+    def predictions(self, embedding: np.ndarray | None, models: Sequence[str]) -> dict[str, Prediction]:
+        if self.predictor is None:
+            return {m: Prediction(0.5, 0.0, None, "prior") for m in models}
+        return self.predictor.predict(embedding, models)
+
+    def route(
+        self,
+        pool: Sequence[PoolModel],
+        *,
+        embedding: np.ndarray | None = None,
+        answer_kind: str = "",
+        input_tokens: int = DEFAULT_INPUT_TOKENS,
+        expected_output_tokens: int | None = None,
+        profile: str = "balanced",
+        weights: Weights | None = None,
+        max_cost_usd: float = 0.0,
+        max_latency_ms: float = 0.0,
+        required_capabilities: Sequence[str] = (),
+        predictions: Mapping[str, Prediction] | None = None,
+    ) -> Route:
+        """Scores every model of ``pool`` and plans the request.
+
+        Args:
+            pool: The models that may be asked.
+            embedding: Query embedding from the classifier, if any.
+            answer_kind: ``number``, ``choice``, ``code``, ``open`` or empty when unknown.
+            input_tokens: Prompt length in tokens (an estimate is fine).
+            expected_output_tokens: The classifier's length estimate, used where nothing was recorded.
+            profile: One of :data:`PROFILES`.
+            weights: Per-request weights; override the profile's.
+            max_cost_usd, max_latency_ms: Hard ceilings on predicted cost and latency (0: none).
+            required_capabilities: Every chosen model must list all of these.
+            predictions: Precomputed predictions (training simulates plans with leave-one-out ones).
+
+        Raises:
+            FailedPrecondition: no model is healthy, capable and within the ceilings; the message
+                says which constraint removed them.
+        """
+        settings = self.settings(profile, answer_kind)
+        used_weights = weights if weights is not None else settings.weights
+        preds = predictions if predictions is not None else self.predictions(embedding, [m.name for m in pool])
+        fallback_tokens = float(expected_output_tokens or DEFAULT_OUTPUT_TOKENS)
+        scored: list[ScoredModel] = []
+        left_out: list[ScoredModel] = []
+        required = set(required_capabilities)
+        for model in pool:
+            prediction = preds[model.name]
+            tokens = prediction.output_tokens or fallback_tokens
+            cost = (input_tokens * model.price_in_per_mtok + tokens * model.price_out_per_mtok) / 1e6
+            ttft, per_token = model.ttft_ms, model.per_token_ms
+            if ttft is None or per_token is None:
+                prior_ttft, prior_per_token = latency_prior(model.params_b)
+                ttft = prior_ttft if ttft is None else ttft
+                per_token = prior_per_token if per_token is None else per_token
+            candidate = ScoredModel(
+                model.name,
+                prediction.quality,
+                cost,
+                ttft + per_token * tokens,
+                tokens,
+                prediction.observations,
+                prediction.source,
+            )
+            if not model.healthy:
+                candidate.reason = "left out: unhealthy (registry)"
+            elif required and model.capabilities and not required <= model.capabilities:
+                candidate.reason = f"left out: lacks {', '.join(sorted(required - model.capabilities))}"
+            elif max_cost_usd and cost > max_cost_usd:
+                candidate.reason = f"left out: predicted ${cost:.6f} > max_cost_usd ${max_cost_usd:.6f}"
+            elif max_latency_ms and candidate.latency_ms > max_latency_ms:
+                candidate.reason = f"left out: predicted {candidate.latency_ms:.0f} ms > max_latency_ms"
+            else:
+                scored.append(candidate)
+                continue
+            left_out.append(candidate)
+        if not scored:
+            reasons = sorted({c.reason for c in left_out}) or ["the pool is empty"]
+            raise FailedPrecondition(
+                "no model can take this request: " + "; ".join(reasons[:4]), reason="NO_ELIGIBLE_MODEL"
+            )
+        score_candidates(scored, used_weights)
+        scored.sort(key=lambda c: (-c.score, c.cost_usd, c.model))
+        name = "custom" if weights is not None else profile
+        route = self._cascade(scored, settings, answer_kind) if weights is None else None
+        if route is None and weights is None:
+            route = self._vote(scored, settings, answer_kind)
+        if route is None:
+            best = scored[0]
+            best.chosen = True
+            best.reason = f"highest {name} score ({best.score:.3f}): quality {best.quality:.2f}, ${best.cost_usd:.6f}"
+            route = Route("single", name, [best], [], summary=f"ask {best.model} alone ({name} profile)")
+        for candidate in scored:
+            if not candidate.chosen and not candidate.reason:
+                candidate.reason = f"score {candidate.score:.3f} below the chosen"
+        route.profile = name
+        route.weights = used_weights
+        route.candidates = scored + left_out
+        return route
+
+    def _vote(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
+        """The best-scoring ``vote_size`` models asked at once, answers voted; None when it does not apply."""
+        if settings.vote_size < 2 or answer_kind not in CLOSED_KINDS or len(scored) < settings.vote_size:
+            return None
+        members = scored[: settings.vote_size]
+        for c in members:
+            c.chosen = True
+            c.reason = f"voter: score {c.score:.3f}, quality {c.quality:.2f}"
+        return Route(
+            "vote",
+            "",
+            members,
+            [],
+            quorum=settings.vote_size // 2 + 1,
+            summary=f"ask {', '.join(c.model for c in members)} at once and vote",
+        )
+
+    def _cascade(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
+        """A cheap first wave that must agree, then the strongest model; None when it does not apply."""
+        if settings.cascade_size < 1 or answer_kind not in CLOSED_KINDS or len(scored) < 2:
+            return None
+        strongest = max(scored, key=lambda c: (c.quality, -c.cost_usd))
+        cheap = [
+            c
+            for c in sorted(scored, key=lambda c: (-c.quality, c.cost_usd))
+            if c is not strongest and c.cost_usd <= settings.cascade_cost_ratio * strongest.cost_usd
+        ][: settings.cascade_size]
+        if len(cheap) < settings.cascade_size or min(c.quality for c in cheap) < settings.cascade_min_quality:
+            return None
+        for c in cheap:
+            c.chosen, c.wave = True, 0
+            c.reason = f"first wave: quality {c.quality:.2f} at ${c.cost_usd:.6f}"
+        strongest.chosen, strongest.wave = True, 1
+        strongest.reason = f"second wave, only if the first disagrees: best quality {strongest.quality:.2f}"
+        return Route(
+            "cascade",
+            "",
+            [*cheap, strongest],
+            [],
+            quorum=len(cheap),
+            summary=f"ask {', '.join(c.model for c in cheap)}; escalate to {strongest.model} unless all agree",
+        )
+
+
+def load_router(path: Path | str | None = None) -> Router:
+    """The router of a trained artifact (``path``, or the CURRENT one under the default root).
+
+    Raises:
+        FailedPrecondition: no artifact there; the message says how to train one.
+    """
+    artifact = artifacts.load(path or artifacts.default_root(), ARTIFACT_KIND, train_command=TRAIN_COMMAND)
+    manifest, arrays = artifact.manifest, artifact.arrays
+    calibration = None
+    if "calibration_x" in arrays:
+        calibration = (arrays["calibration_x"].astype(np.float64), arrays["calibration_y"].astype(np.float64))
+    cards = {m: (c.get("family"), c.get("params_b")) for m, c in manifest.get("cards", {}).items()}
+    predictor = QualityPredictor(
+        arrays["embeddings"].astype(np.float32),
+        arrays["quality"],
+        arrays["output_tokens"],
+        manifest["models"],
+        cards,
+        calibration=calibration,
+        groups=arrays.get("groups"),
+        **manifest["predictor"],
+    )
+    profiles = {name: ProfileSettings.from_json(raw) for name, raw in manifest.get("profiles", {}).items()}
+    return Router(predictor, profiles)
+
+
+def try_load_router(path: Path | str | None = None) -> tuple[Router, str]:
+    """Like :func:`load_router`, but without an artifact returns an untrained router and says why."""
+    try:
+        router = load_router(path)
+    except FailedPrecondition as exc:
+        return Router(None), str(exc)
+    return router, ""

@@ -1,0 +1,206 @@
+"""The routing policy on hand-made data: predictor, calibration, score, ceilings, cascades, votes, artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from constellation import artifacts
+from constellation.errors import FailedPrecondition
+from services.dispatch.pipeline import CallResult, Dispatcher, PlanMade, PlannedModel
+from services.dispatch.routing import (
+    ARTIFACT_KIND,
+    PoolModel,
+    Prediction,
+    ProfileSettings,
+    QualityPredictor,
+    Router,
+    ScoredModel,
+    Weights,
+    brier,
+    expected_calibration_error,
+    isotonic,
+    load_router,
+    score_candidates,
+)
+
+
+def unit(v: list[float]) -> np.ndarray:
+    a = np.array(v, dtype=np.float32)
+    return a / np.linalg.norm(a)
+
+
+def two_topics() -> QualityPredictor:
+    """Topic x prompts: `maths` is right, `prose` wrong; topic y prompts: the reverse."""
+    rng = np.random.default_rng(0)
+    rows, quality = [], []
+    for topic in range(2):
+        for _ in range(30):
+            base = [1.0, 0.0, 0.0] if topic == 0 else [0.0, 1.0, 0.0]
+            rows.append(unit([b + 0.1 * rng.standard_normal() for b in base]))
+            quality.append([1.0, 0.0] if topic == 0 else [0.0, 1.0])
+    q = np.array(quality, dtype=np.float32)
+    return QualityPredictor(
+        np.stack(rows), q, np.full_like(q, 50.0), ["maths", "prose"], {"maths": ("fam", 7.0)}, k=5, alpha=1.0
+    )
+
+
+def test_isotonic_is_monotone_and_fits_steps() -> None:
+    x = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    y = np.array([0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    xs, ys = isotonic(x, y)
+    assert np.all(np.diff(ys) >= 0)
+    assert ys[0] == pytest.approx(0.0) and ys[-1] == pytest.approx(1.0)
+    assert np.interp(0.25, xs, ys) == pytest.approx(0.5)
+
+
+def test_brier_and_ece_of_perfect_and_overconfident_predictions() -> None:
+    y = np.array([1.0, 0.0, 1.0, 0.0])
+    assert brier(y, y) == 0.0 and expected_calibration_error(y, y) == 0.0
+    overconfident = np.array([0.95, 0.95, 0.95, 0.95])
+    assert expected_calibration_error(overconfident, y) == pytest.approx(0.45)
+
+
+def test_predictor_prefers_the_model_that_did_well_on_similar_prompts() -> None:
+    predictor = two_topics()
+    on_x = predictor.predict(unit([1.0, 0.05, 0.0]), ["maths", "prose"])
+    on_y = predictor.predict(unit([0.05, 1.0, 0.0]), ["maths", "prose"])
+    assert on_x["maths"].quality > 0.8 > 0.2 > on_x["prose"].quality
+    assert on_y["prose"].quality > 0.8 > 0.2 > on_y["maths"].quality
+    assert on_x["maths"].source == "knn" and on_x["maths"].observations > 0
+    assert on_x["maths"].output_tokens == pytest.approx(50.0)
+
+
+def test_a_model_without_records_gets_a_family_prior() -> None:
+    predictor = two_topics()
+    predictor.cards["newcomer"] = ("fam", 8.0)  # same family as `maths`
+    out = predictor.predict(unit([1.0, 0.0, 0.0]), ["maths", "prose", "newcomer"])
+    assert out["newcomer"].source == "prior" and out["newcomer"].observations == 0
+    assert out["newcomer"].quality == pytest.approx(out["maths"].quality)
+
+
+def test_without_an_embedding_the_train_mean_is_used() -> None:
+    out = two_topics().predict(None, ["maths", "prose", "unknown"])
+    assert out["maths"].quality == pytest.approx(0.5) and out["maths"].source == "mean"
+    assert out["unknown"].source == "prior"
+
+
+def test_score_normalises_each_objective_to_the_unit_interval() -> None:
+    candidates = [
+        ScoredModel("good-dear", 0.9, 1e-2, 1000, 100, 1, "knn"),
+        ScoredModel("poor-cheap", 0.5, 1e-4, 100, 100, 1, "knn"),
+        ScoredModel("mid", 0.7, 1e-3, 300, 100, 1, "knn"),
+    ]
+    score_candidates(candidates, Weights(1, 0, 0))
+    assert [c.score for c in candidates] == pytest.approx([1.0, 0.0, 0.5])
+    score_candidates(candidates, Weights(0, 1, 0))
+    assert [c.score for c in candidates] == pytest.approx([0.0, 1.0, 0.5])  # log scale: 1e-3 is halfway
+
+
+POOL = [
+    PoolModel("maths", 1.0, 2.0, "fam", 7.0, frozenset({"math"})),
+    PoolModel("prose", 0.1, 0.2, "fam", 1.0, frozenset({"writing"})),
+]
+
+
+def fixed(quality: dict[str, float]) -> dict[str, Prediction]:
+    return {m: Prediction(q, 10.0, 100.0, "knn") for m, q in quality.items()}
+
+
+def test_quality_profile_picks_the_best_and_cost_profile_the_cheapest() -> None:
+    router = Router(None)
+    preds = fixed({"maths": 0.9, "prose": 0.6})
+    best = router.route(POOL, profile="quality", predictions=preds)
+    cheap = router.route(POOL, profile="cost", predictions=preds)
+    assert best.members[0].model == "maths" and best.policy == "single"
+    assert cheap.members[0].model == "prose"
+    assert {c.model for c in best.candidates} == {"maths", "prose"}
+    assert all(c.reason for c in best.candidates)
+
+
+def test_per_request_weights_override_the_profile() -> None:
+    route = Router(None).route(
+        POOL, profile="quality", weights=Weights(0, 1, 0), predictions=fixed({"maths": 0.9, "prose": 0.6})
+    )
+    assert route.members[0].model == "prose" and route.profile == "custom"
+
+
+def test_ceilings_capabilities_and_health_leave_models_out_with_reasons() -> None:
+    router = Router(None)
+    preds = fixed({"maths": 0.9, "prose": 0.6})
+    capped = router.route(POOL, profile="quality", max_cost_usd=1e-4, predictions=preds)
+    assert capped.members[0].model == "prose"
+    assert "max_cost_usd" in next(c.reason for c in capped.candidates if c.model == "maths")
+    needs_math = router.route(POOL, profile="cost", required_capabilities=["math"], predictions=preds)
+    assert needs_math.members[0].model == "maths"
+    sick = [PoolModel("maths", healthy=False), POOL[1]]
+    assert router.route(sick, profile="quality", predictions=preds).members[0].model == "prose"
+    with pytest.raises(FailedPrecondition, match="no model can take this request"):
+        router.route(POOL, profile="quality", max_cost_usd=1e-9, predictions=preds)
+
+
+def test_cascade_for_closed_answers_when_the_cheap_wave_is_good_enough() -> None:
+    pool = [PoolModel("strong", 10, 30), PoolModel("a", 0.1, 0.1), PoolModel("b", 0.2, 0.2), PoolModel("c", 5, 5)]
+    preds = fixed({"strong": 0.95, "a": 0.9, "b": 0.88, "c": 0.5})
+    router = Router(None, {"balanced": ProfileSettings(Weights(0.8, 0.2, 0), 2, 0.25, 0.85)})
+    route = router.route(pool, answer_kind="number", profile="balanced", predictions=preds)
+    assert route.policy == "cascade" and route.quorum == 2
+    assert [[m.model for m in wave] for wave in route.waves()] == [["a", "b"], ["strong"]]
+    # open answers cannot be compared for agreement, and weak first waves are not worth asking
+    assert router.route(pool, answer_kind="open", profile="balanced", predictions=preds).policy == "single"
+    weak = fixed({"strong": 0.95, "a": 0.6, "b": 0.88, "c": 0.5})
+    assert router.route(pool, answer_kind="number", profile="balanced", predictions=weak).policy == "single"
+
+
+def test_vote_plans_per_answer_kind() -> None:
+    pool = [PoolModel(n, 1, 1) for n in "abcd"]
+    router = Router(None, {"quality/number": ProfileSettings(Weights(1, 0, 0), vote_size=3)})
+    preds = fixed({"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6})
+    route = router.route(pool, answer_kind="number", profile="quality", predictions=preds)
+    assert route.policy == "vote" and [m.model for m in route.members] == ["a", "b", "c"] and route.quorum == 2
+    assert router.route(pool, answer_kind="code", profile="quality", predictions=preds).policy == "single"
+
+
+def test_artifact_round_trip(tmp_path: Path) -> None:
+    predictor = two_topics()
+    predictor.calibration = isotonic(np.array([0.0, 0.5, 1.0]), np.array([0.1, 0.5, 0.9]))
+    manifest = {
+        "models": predictor.models,
+        "cards": {"maths": {"family": "fam", "params_b": 7.0}},
+        "predictor": predictor.settings(),
+        "profiles": {"balanced/number": ProfileSettings(Weights(0.5, 0.5, 0), 2, 0.3, 0.8).to_json()},
+    }
+    directory = artifacts.save(ARTIFACT_KIND, predictor.to_arrays(), manifest, tmp_path)
+    router = load_router(tmp_path)
+    assert router.predictor is not None and router.predictor.models == ["maths", "prose"]
+    assert router.settings("balanced", "number").cascade_size == 2
+    assert router.settings("balanced", "open") == router.profiles["balanced"]
+    (directory / "arrays.npz").write_bytes(b"corrupt")
+    with pytest.raises(Exception):  # noqa: B017 - numpy's error for a bad archive
+        load_router(tmp_path)
+    with pytest.raises(FailedPrecondition, match="constellation train router"):
+        load_router(tmp_path / "nothing-here")
+
+
+def member(model: str, answer: str | None, reliability: float = 0.9) -> CallResult:
+    return CallResult(model, reliability, answer=answer)
+
+
+def test_a_vote_settles_once_the_leader_cannot_be_overtaken() -> None:
+    plan = PlanMade("vote", [PlannedModel(m, "") for m in "abc"], "", quorum=0)
+    assert Dispatcher._settled(plan, [member("a", "4")], [member("b", None), member("c", None)], True) is None
+    two = [member("a", "4"), member("b", "4")]
+    assert Dispatcher._settled(plan, two, [member("c", None)], True) is True
+    split = [member("a", "4"), member("b", "5")]
+    assert Dispatcher._settled(plan, split, [member("c", None)], True) is None
+    assert Dispatcher._settled(plan, split, [], True) is True
+
+
+def test_a_cascade_escalates_on_the_first_disagreement() -> None:
+    plan = PlanMade("cascade", [PlannedModel("a", ""), PlannedModel("b", ""), PlannedModel("s", "", wave=1)], "")
+    assert Dispatcher._settled(plan, [member("a", "4")], [member("b", None)], False) is None
+    assert Dispatcher._settled(plan, [member("a", "4"), member("b", "4")], [], False) is True
+    assert Dispatcher._settled(plan, [member("a", "4"), member("b", "5")], [], False) is False
+    assert Dispatcher._settled(plan, [member("a", None)], [member("b", None)], False) is False
