@@ -71,6 +71,7 @@ class ProfileSettings:
             cascade is planned (cheap models that are often wrong agree on wrong answers too).
         vote_size: For closed answers, ask this many of the best-scoring models at once and vote (1: one
             model). Used when no cascade applies.
+        escalate_size: How many of the strongest models the cascade's second wave asks (and votes over).
     """
 
     weights: Weights
@@ -78,6 +79,7 @@ class ProfileSettings:
     cascade_cost_ratio: float = 0.25
     cascade_min_quality: float = 0.0
     vote_size: int = 1
+    escalate_size: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +88,7 @@ class ProfileSettings:
             "cascade_cost_ratio": self.cascade_cost_ratio,
             "cascade_min_quality": self.cascade_min_quality,
             "vote_size": self.vote_size,
+            "escalate_size": self.escalate_size,
         }
 
     @classmethod
@@ -96,6 +99,7 @@ class ProfileSettings:
             float(raw.get("cascade_cost_ratio", 0.25)),
             float(raw.get("cascade_min_quality", 0.0)),
             int(raw.get("vote_size", 1)),
+            int(raw.get("escalate_size", 1)),
         )
 
 
@@ -589,26 +593,28 @@ class Router:
         """A cheap first wave that must agree, then the strongest model; None when it does not apply."""
         if settings.cascade_size < 1 or answer_kind not in CLOSED_KINDS or len(scored) < 2:
             return None
-        strongest = max(scored, key=lambda c: (c.quality, -c.cost_usd))
-        cheap = [
-            c
-            for c in sorted(scored, key=lambda c: (-c.quality, c.cost_usd))
-            if c is not strongest and c.cost_usd <= settings.cascade_cost_ratio * strongest.cost_usd
-        ][: settings.cascade_size]
+        by_quality = sorted(scored, key=lambda c: (-c.quality, c.cost_usd))
+        strongest = by_quality[0]
+        cheap = [c for c in by_quality[1:] if c.cost_usd <= settings.cascade_cost_ratio * strongest.cost_usd][
+            : settings.cascade_size
+        ]
         if len(cheap) < settings.cascade_size or min(c.quality for c in cheap) < settings.cascade_min_quality:
             return None
+        strong = [c for c in by_quality if c not in cheap][: max(1, settings.escalate_size)]
         for c in cheap:
             c.chosen, c.wave = True, 0
             c.reason = f"first wave: quality {c.quality:.2f} at ${c.cost_usd:.6f}"
-        strongest.chosen, strongest.wave = True, 1
-        strongest.reason = f"second wave, only if the first disagrees: best quality {strongest.quality:.2f}"
+        for c in strong:
+            c.chosen, c.wave = True, 1
+            c.reason = f"second wave, only if the first disagrees: quality {c.quality:.2f}"
+        names = ", ".join(c.model for c in strong)
         return Route(
             "cascade",
             "",
-            [*cheap, strongest],
+            [*cheap, *strong],
             [],
             quorum=len(cheap),
-            summary=f"ask {', '.join(c.model for c in cheap)}; escalate to {strongest.model} unless all agree",
+            summary=f"ask {', '.join(c.model for c in cheap)}; escalate to {names} unless all agree",
         )
 
 

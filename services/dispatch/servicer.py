@@ -180,7 +180,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServiceServicer):
             query = to_query(request.request, self.dispatcher.config)
         except ConstellationError as error:
             await abort(context, error, service="dispatch")
-        classification = await self.dispatcher.classify(query.prompt, context.time_remaining())
+        classification = await self.dispatcher.classify(
+            query.prompt, context.time_remaining(), embedding=not query.model
+        )
         try:
             plan = self.dispatcher.plan(query, classification)
         except ConstellationError as error:
