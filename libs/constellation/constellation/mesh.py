@@ -168,6 +168,7 @@ class Mesh:
         triton_args: Sequence[str] = (),
         classifier: bool = False,
         registry: bool = False,
+        registry_args: Sequence[str] = (),
     ):
         from services.inference.launcher import TritonServer
 
@@ -200,9 +201,10 @@ class Mesh:
             self.registry = ServiceProcess(
                 "registry",
                 "services.registry.main",
-                ["--port", str(ports.registry), "--metrics-port", "-1"],
+                ["--port", str(ports.registry), "--metrics-port", "-1", *registry_args],
                 run_dir / "registry.log",
             )
+            dispatch_args = [*dispatch_args, "--registry-url", f"127.0.0.1:{ports.registry}"]
         self.dispatch = ServiceProcess(
             "dispatch",
             "services.dispatch.main",
