@@ -66,6 +66,16 @@ class DispatchConfig(ServiceConfig):
         registry_url: RegistryService ``host:port``: live latency and health for routing, and every
             model call's outcome reported back. Empty: the catalog alone.
         registry_wait_s: How long startup waits for the registry's first snapshot before serving anyway.
+        hedging: Send a backup request to the next-best model when a routed model has produced no first
+            token by its p95 time to first token; the first to answer streams, the other is cancelled.
+        hedge_after_ms: The wait used while a model's p95 is not yet known (0: no hedge until it is).
+        hedge_factor: Multiplies the p95 (1.0 hedges about 5% of calls).
+        hedge_min_samples: Own observations needed before dispatch trusts its p95 of a model.
+        ranking_url: RankingService ``host:port``, which orders the candidates of open-answer fan-outs.
+        rank_timeout_s: Deadline of a Rank call (also bounded by the request's own deadline).
+        fusion_url: FusionService ``host:port``: calibrated votes and generated answers for fan-outs.
+            Empty: dispatch votes itself; a fusion failure also falls back to that vote.
+        fuse_timeout_s: Deadline of a Fuse call (also bounded by the request's own deadline).
     """
 
     service_name: ClassVar[str] = "dispatch"
@@ -89,6 +99,14 @@ class DispatchConfig(ServiceConfig):
     max_fallbacks: int = Field(default=2, ge=0, le=8)
     registry_url: str = ""
     registry_wait_s: float = Field(default=5.0, ge=0)
+    hedging: bool = True
+    hedge_after_ms: float = Field(default=0.0, ge=0)
+    hedge_factor: float = Field(default=1.0, gt=0)
+    hedge_min_samples: int = Field(default=20, ge=1)
+    ranking_url: str = ""
+    rank_timeout_s: float = Field(default=2.0, gt=0)
+    fusion_url: str = ""
+    fuse_timeout_s: float = Field(default=20.0, gt=0)
 
     def catalog(self) -> dict[str, ModelEntry]:
         """``models`` merged with the entries of ``models_file`` (read once, at call time)."""

@@ -18,6 +18,8 @@ from services.dispatch.config import DispatchConfig
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.routing import Router, try_load_router
 from services.dispatch.servicer import SERVICE_NAME, DispatchServicer
+from services.fusion.client import FusionClient
+from services.ranking.client import RankingClient
 from services.registry.client import OutcomeReporter, RegistryView
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,21 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
                 await registry.ready(config.registry_wait_s)
             except DeadlineExceeded:
                 log.warning("registry at %s not reachable yet; routing on the catalog until it is", config.registry_url)
-        yield Dispatcher(config, triton, classifier, router=load_routing(config), registry=registry, reporter=reporter)
+        ranking = fusion = None
+        if config.ranking_url:
+            ranking = await stack.enter_async_context(RankingClient(config.ranking_url))
+        if config.fusion_url:
+            fusion = await stack.enter_async_context(FusionClient(config.fusion_url))
+        yield Dispatcher(
+            config,
+            triton,
+            classifier,
+            router=load_routing(config),
+            registry=registry,
+            reporter=reporter,
+            ranking=ranking,
+            fusion=fusion,
+        )
 
 
 @asynccontextmanager
@@ -107,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-routing", action="store_true", help="send requests that name no model to --default-model")
     parser.add_argument("--default-model", help="model asked when routing is off or the pool is empty (smollm2)")
     parser.add_argument("--default-profile", choices=["quality", "balanced", "cost", "speed"])
+    parser.add_argument("--no-hedging", action="store_true", help="never send backup requests to slow models")
+    parser.add_argument("--hedge-after-ms", type=float, help="hedge delay while a model's p95 is unknown (0: none)")
+    parser.add_argument("--ranking-url", help="RankingService host:port (orders open-answer fan-outs)")
+    parser.add_argument("--fusion-url", help="FusionService host:port (calibrated votes, generated answers)")
     parser.add_argument("--classify-timeout", type=float, help="seconds to wait for the classifier (default 0.5)")
     parser.add_argument("--registry-url", help="RegistryService host:port: live health/latency, outcomes reported")
     args = parser.parse_args(argv)
@@ -123,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         "default_profile": args.default_profile,
         "registry_url": args.registry_url,
         "classify_timeout_s": args.classify_timeout,
+        "ranking_url": args.ranking_url,
+        "hedging": False if args.no_hedging else None,
+        "hedge_after_ms": args.hedge_after_ms,
+        "fusion_url": args.fusion_url,
     }
     config = load_config(DispatchConfig, args.config, **overrides)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

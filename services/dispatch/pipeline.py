@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.query import Query
 from services.dispatch.routing import PoolModel, Router, ScoredModel, Weights
 from services.fusion.answers import extract_answer
+from services.fusion.client import FusionClient
 from services.fusion.vote import Ballot, tally, weight
+from services.ranking.client import RankingClient
 from services.registry.client import OutcomeReporter, RegistryView
 
 tracer = trace.get_tracer("constellation.dispatch")
@@ -81,6 +84,12 @@ ESCALATIONS = Counter(
 FALLBACKS = Counter(
     "constellation_fallbacks_total",
     "Model calls that failed and were replaced by the next-best model.",
+    ["model"],
+    registry=REGISTRY,
+)
+HEDGES = Counter(
+    "constellation_hedges_total",
+    "Backup requests sent because a model had no first token by its p95 time to first token.",
     ["model"],
     registry=REGISTRY,
 )
@@ -216,6 +225,9 @@ class Dispatcher:
         router: The routing policy; None asks ``config.default_model`` unless a request names one.
         registry: A live view of the registry (health, latency); None uses the catalog alone.
         reporter: Sends every model call's outcome to the registry; None reports nothing.
+        ranking: Orders the candidates of open-answer fan-outs; None keeps the reliability order.
+        fusion: Fuses a fan-out's candidates (calibrated vote, or a generated answer); None votes in
+            dispatch (uncalibrated confidence: the winner's weighted share).
     """
 
     def __init__(
@@ -227,6 +239,8 @@ class Dispatcher:
         router: Router | None = None,
         registry: RegistryView | None = None,
         reporter: OutcomeReporter | None = None,
+        ranking: RankingClient | None = None,
+        fusion: FusionClient | None = None,
     ):
         self.config = config
         self.triton = triton
@@ -234,7 +248,10 @@ class Dispatcher:
         self.router = router
         self.registry = registry
         self.reporter = reporter
+        self.ranking = ranking
+        self.fusion = fusion
         self.catalog = config.catalog()
+        self._ttft: dict[str, deque[float]] = {}
 
     @property
     def wants_embedding(self) -> bool:
@@ -418,18 +435,32 @@ class Dispatcher:
         problems: list[ConstellationError] = []
         results: list[CallResult] = []
         result = CallResult(order[0].model)
-        for attempt, member in enumerate(order):
+        attempt = 0
+        while attempt < len(order):
+            member = order[attempt]
+            backup = order[attempt + 1] if attempt + 1 < len(order) else None
+            delay = self.hedge_delay_s(member.model) if backup is not None else 0.0
+            pre_events: list[Event] = [plan] if attempt == 0 else []
             result = CallResult(member.model, member.quality, role="fallback" if attempt else "member")
             results.append(result)
             try:
-                stream = self._generate(result, query, ends_at, pre_events=[plan] if attempt == 0 else [])
+                if backup is not None and delay > 0:
+                    spare = CallResult(backup.model, backup.quality, role="hedge")
+                    results.append(spare)
+                    stream = self._hedged(result, spare, query, ends_at, delay, received_at, pre_events)
+                else:
+                    stream = self._generate(result, query, ends_at, pre_events=pre_events)
                 async with aclosing(stream) as events:
                     async for event in events:
                         yield event
+                if delay > 0 and spare.first_at is not None and spare.outcome != "cancelled":
+                    result = spare  # the hedge won
                 break
             except ConstellationError as exc:
-                last = attempt == len(order) - 1
-                if result.first_at is not None or last or exc.code.name not in FALLBACK_CODES:
+                step = 2 if delay > 0 else 1
+                last = attempt + step >= len(order)
+                streamed = result.first_at is not None or (delay > 0 and spare.first_at is not None)
+                if streamed or last or exc.code.name not in FALLBACK_CODES:
                     if isinstance(exc, NotFound) and plan.policy == "requested":
                         await self.triton.require_model(self.entry(member.model).triton_model or member.model)
                     raise
@@ -438,6 +469,7 @@ class Dispatcher:
                 FALLBACKS.labels(member.model).inc()
                 problems.append(exc)
                 yield CandidateProgress(member.model, "failed", (time.perf_counter() - received_at) * 1000, error=exc)
+                attempt += step
         end = result.ended_at
         first = result.first_at if result.first_at is not None else end
         stages.append(Stage("first_token", (first - result.started_at) * 1000))
@@ -463,9 +495,109 @@ class Dispatcher:
             stages=stages,
             trace_id=telemetry.current_trace_id(),
             finish_reason=result.finish_reason,
-            models=[result.model],
+            models=[result.model, *(r.model for r in results if r is not result)],
             problems=problems,
         )
+
+    def hedge_delay_s(self, model: str) -> float:
+        """How long to wait for ``model``'s first token before sending a backup request (0: never).
+
+        The model's p95 time to first token: from the registry when it has measured the model for real,
+        else from this dispatch's own recent calls, else ``hedge_after_ms``; times ``hedge_factor``.
+        """
+        if not self.config.hedging:
+            return 0.0
+        p95 = 0.0
+        record = self.registry.models.get(model) if self.registry is not None else None
+        if record is not None and not record.simulated and record.stats.time_to_first_token.p95_ms > 0:
+            p95 = record.stats.time_to_first_token.p95_ms
+        else:
+            samples = self._ttft.get(model)
+            if samples is not None and len(samples) >= self.config.hedge_min_samples:
+                p95 = float(np.percentile(np.fromiter(samples, dtype=float), 95))
+            else:
+                p95 = self.config.hedge_after_ms
+        return p95 * self.config.hedge_factor / 1000
+
+    async def _hedged(
+        self,
+        primary: CallResult,
+        backup: CallResult,
+        query: Query,
+        ends_at: float,
+        delay_s: float,
+        received_at: float,
+        pre_events: Sequence[Event],
+    ) -> AsyncGenerator[Event, None]:
+        """``primary``, plus ``backup`` if the primary has no first token after ``delay_s``; the first to
+        produce text wins and streams, the other is cancelled inside Triton. A primary that fails before
+        the delay starts the backup at once (a fallback). Raises the last error when both fail."""
+        queue: asyncio.Queue[tuple[str, Event | CallResult]] = asyncio.Queue()
+        tasks: dict[str, asyncio.Task[None]] = {}
+        by_role = {"member": primary, "hedge": backup}
+
+        async def pump(result: CallResult, pre: Sequence[Event]) -> None:
+            try:
+                async with aclosing(self._generate(result, query, ends_at, pre_events=pre)) as events:
+                    async for event in events:
+                        queue.put_nowait((result.role, event))
+            except ConstellationError as exc:
+                result.error = exc
+            queue.put_nowait((result.role, result))
+
+        def launch(result: CallResult, pre: Sequence[Event] = ()) -> None:
+            tasks[result.role] = asyncio.create_task(pump(result, pre))
+
+        launch(primary, pre_events)
+        winner: str | None = None
+        hedge_at = time.perf_counter() + delay_s
+        try:
+            while True:
+                now = time.perf_counter()
+                wait = (hedge_at if "hedge" not in tasks else ends_at) - now
+                if winner is None and "hedge" not in tasks and wait <= 0:
+                    HEDGES.labels(primary.model).inc()
+                    trace.get_current_span().add_event("hedged", {"after_ms": delay_s * 1000, "backup": backup.model})
+                    launch(backup)
+                    continue
+                try:
+                    role, item = await asyncio.wait_for(queue.get(), max(wait, 0.0) if wait > 0 else None)
+                except TimeoutError:
+                    if "hedge" in tasks:
+                        raise DeadlineExceeded("neither the model nor its hedge answered in time") from None
+                    continue
+                if isinstance(item, CallResult):
+                    done = by_role[role]
+                    if done.error is None and winner is None:
+                        winner = role  # finished without text: an empty answer still wins
+                    if winner == role:
+                        if done.error is not None:
+                            raise done.error  # the winner failed mid-stream: text was sent, no fallback
+                        return
+                    other = "hedge" if role == "member" else "member"
+                    if other not in tasks:  # the primary failed before the hedge delay: ask the backup now
+                        launch(backup)
+                        continue
+                    if by_role[other].error is not None and done.error is not None:
+                        raise done.error  # both failed
+                    continue
+                if winner is None and isinstance(item, Delta):
+                    winner = role
+                    loser = "hedge" if role == "member" else "member"
+                    if loser in tasks and not tasks[loser].done():
+                        tasks[loser].cancel()
+                        await asyncio.gather(tasks[loser], return_exceptions=True)
+                        by_role[loser].outcome = "cancelled"
+                        yield CandidateProgress(
+                            by_role[loser].model, "cancelled", (time.perf_counter() - received_at) * 1000
+                        )
+                if role == winner or (winner is None and not isinstance(item, Delta)):
+                    yield item
+        finally:
+            for task in tasks.values():
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
 
     async def _constellation(
         self,
@@ -572,35 +704,115 @@ class Dispatcher:
             if problems:
                 raise problems[-1]
             raise DeadlineExceeded("no model of the plan answered within the request's time budget")
-        ballots = [Ballot(r.answer, r.reliability, rank) for rank, r in enumerate(deciding)]
-        outcome = tally(ballots)
-        if outcome.answer is None:
-            chosen = max(deciding, key=lambda r: r.reliability)
-        else:
-            chosen = max((deciding[i] for i in outcome.winners), key=lambda r: r.reliability)
         stages.append(Stage("fanout", (time.perf_counter() - fanout_start) * 1000))
         if simulated_ms:
             stages.append(Stage("first_token", simulated_ms, simulated=True))
             stages.append(Stage("generate", 0.0, simulated=True))
-        yield Delta(chosen.text, chosen.model)
+        fused: Fused | None = None
+        ordered = sorted(deciding, key=lambda r: -r.reliability)
+        if self.ranking is not None and answer_kind not in CLOSED_KINDS and len(ordered) > 2:
+            rank_start = time.perf_counter()
+            try:
+                ordered = await self._rank(query, ordered, answer_kind, ends_at)
+            except ConstellationError as exc:
+                problems.append(exc)
+                log.warning("ranking failed, keeping the reliability order: %s", exc)
+            stages.append(Stage("rank", (time.perf_counter() - rank_start) * 1000))
+        if self.fusion is not None:
+            fuse_start = time.perf_counter()
+            fused = Fused()
+            try:
+                async for piece in self._fuse(query, ordered, answer_kind, ends_at, fused):
+                    yield piece
+            except ConstellationError as exc:
+                problems.append(exc)
+                log.warning("fusion failed, voting in dispatch: %s", exc)
+                if fused.streamed:
+                    raise
+                fused = None
+            stages.append(Stage("fuse", (time.perf_counter() - fuse_start) * 1000))
+        if fused is not None:
+            text, confidence, uncertain = fused.text, fused.confidence, fused.uncertain
+            answering = next((r for r in ordered if r.text == text), None)
+            cost_extra = fused.cost_usd
+        else:
+            ballots = [Ballot(r.answer, r.reliability, rank) for rank, r in enumerate(ordered)]
+            outcome = tally(ballots)
+            if outcome.answer is None:
+                answering = ordered[0]
+            else:
+                answering = max((ordered[i] for i in outcome.winners), key=lambda r: r.reliability)
+            text = answering.text
+            confidence = outcome.weighted_share
+            uncertain = outcome.answer is None or outcome.weighted_share < 0.5
+            cost_extra = 0.0
+            yield Delta(text, answering.model)
         stages.append(Stage("total", (time.perf_counter() - received_at) * 1000))
         span = trace.get_current_span()
         span.set_attribute("constellation.fanout.members", len(results))
         span.set_attribute("constellation.fanout.early_stop", early)
-        span.set_attribute("constellation.fanout.agreement", outcome.weighted_share)
+        span.set_attribute("constellation.fused.confidence", confidence)
+        first = [answering.model] if answering is not None else ["fusion"]
         yield Finished(
-            text=chosen.text,
+            text=text,
             input_tokens=sum(r.input_tokens for r in results),
             output_tokens=sum(r.output_tokens for r in results),
-            cost_usd=sum(r.cost_usd for r in results),
+            cost_usd=sum(r.cost_usd for r in results) + cost_extra,
             stages=stages,
             trace_id=telemetry.current_trace_id(),
-            finish_reason=chosen.finish_reason,
-            models=[chosen.model, *(r.model for r in results if r is not chosen)],
-            confidence=outcome.weighted_share,
-            uncertain=outcome.answer is None or outcome.weighted_share < 0.5,
+            finish_reason=answering.finish_reason if answering is not None else "stop",
+            models=[*first, *(r.model for r in results if r is not answering)],
+            confidence=confidence,
+            uncertain=uncertain,
             problems=problems,
         )
+
+    async def _rank(
+        self, query: Query, ordered: list[CallResult], answer_kind: str, ends_at: float
+    ) -> list[CallResult]:
+        """The candidates in the ranking service's order (pruned ones last)."""
+        assert self.ranking is not None
+        timeout = min(self.config.rank_timeout_s, max(0.0, ends_at - time.perf_counter()))
+        scored = await self.ranking.rank(
+            query.prompt,
+            [candidate_message(r) for r in ordered],
+            _ANSWER_KIND_ENUMS.get(answer_kind, common_pb2.ANSWER_KIND_UNSPECIFIED),
+            timeout_s=timeout,
+        )
+        by_model = {r.model: r for r in ordered}
+        return [by_model[c.candidate.model] for c in scored if c.candidate.model in by_model]
+
+    async def _fuse(
+        self, query: Query, ordered: list[CallResult], answer_kind: str, ends_at: float, fused: Fused
+    ) -> AsyncGenerator[Delta, None]:
+        """Streams the fusion service's answer as deltas and fills ``fused`` from its summary."""
+        assert self.fusion is not None
+        timeout = min(self.config.fuse_timeout_s, max(0.0, ends_at - time.perf_counter()))
+        candidates = [
+            common_pb2.ScoredCandidate(candidate=candidate_message(r), score=r.reliability, rank=i)
+            for i, r in enumerate(ordered)
+        ]
+        stream = self.fusion.fuse(
+            query.prompt,
+            candidates,
+            _ANSWER_KIND_ENUMS.get(answer_kind, common_pb2.ANSWER_KIND_OPEN),
+            timeout_s=timeout,
+        )
+        async for message in stream:
+            if message.WhichOneof("event") == "delta":
+                if message.delta.text:
+                    fused.streamed = True
+                    yield Delta(message.delta.text, "fusion")
+            else:
+                summary = message.summary
+                fused.text = summary.text
+                fused.confidence = summary.confidence
+                fused.uncertain = summary.uncertain
+                fused.method = summary.method
+                fused.cost_usd = summary.usage.cost_usd
+        if not fused.streamed:  # a vote sends no deltas: the answer is the summary's text
+            source = next((r.model for r in ordered if r.text == fused.text), "fusion")
+            yield Delta(fused.text, source)
 
     @staticmethod
     def _settled(plan: PlanMade, answered: list[CallResult], running: list[CallResult], last_wave: bool) -> bool | None:
@@ -745,6 +957,7 @@ class Dispatcher:
             ttft = result.first_at - result.started_at
             ttft_ms = ttft * 1000
             span.set_attribute("constellation.time_to_first_token_ms", ttft_ms)
+            self._ttft.setdefault(model, deque(maxlen=256)).append(ttft_ms)
             TTFT.labels(model).observe(ttft)
             if result.output_tokens > 1:
                 PER_TOKEN.labels(model).observe((end - result.first_at) / (result.output_tokens - 1))
@@ -770,12 +983,41 @@ class Dispatcher:
             )
 
 
+@dataclass
+class Fused:
+    """What the fusion service returned."""
+
+    text: str = ""
+    confidence: float = 0.0
+    uncertain: bool = False
+    method: str = ""
+    cost_usd: float = 0.0
+    streamed: bool = False
+
+
+def candidate_message(result: CallResult) -> common_pb2.Candidate:
+    return common_pb2.Candidate(
+        model=result.model,
+        text=result.text,
+        normalized_answer=result.answer or "",
+        usage=common_pb2.Usage(
+            input_tokens=result.input_tokens, output_tokens=result.output_tokens, cost_usd=result.cost_usd
+        ),
+        latency_ms=(result.ended_at - result.started_at) * 1000,
+        reliability=min(max(result.reliability, 0.0), 1.0),
+    )
+
+
+CLOSED_KINDS = ("number", "choice")
 _ANSWER_KINDS = {
     common_pb2.ANSWER_KIND_NUMBER: "number",
     common_pb2.ANSWER_KIND_CHOICE: "choice",
     common_pb2.ANSWER_KIND_CODE: "code",
     common_pb2.ANSWER_KIND_OPEN: "open",
 }
+
+
+_ANSWER_KIND_ENUMS = {name: value for value, name in _ANSWER_KINDS.items()}
 
 
 def _without_embedding(classification: Classification) -> Classification:

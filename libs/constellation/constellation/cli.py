@@ -152,7 +152,16 @@ def _up(args: argparse.Namespace) -> int:
         triton_metrics=args.triton_metrics_port,
     )
     ports.classifier = args.classifier_port
-    mesh = Mesh(ports, models=args.models, run_dir=run_dir, classifier=not args.no_classifier)
+    mesh = Mesh(
+        ports,
+        models=args.models,
+        run_dir=run_dir,
+        classifier=not args.no_classifier,
+        registry=args.registry,
+        registry_args=["--seed-file", args.registry_seed] if args.registry_seed else [],
+        ranking=args.ranking,
+        fusion=args.fusion,
+    )
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -423,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--triton-metrics-port", type=int, default=8002)
     up.add_argument("--classifier-port", type=int, default=50052, help="classifier gRPC port (default 50052)")
     up.add_argument("--no-classifier", action="store_true", help="run without the classifier service")
+    up.add_argument("--registry", action="store_true", help="also run the registry (live health, latency, outcomes)")
+    up.add_argument("--registry-seed", help="pool file (TOML/JSON) the registry upserts at start (with --registry)")
+    up.add_argument("--ranking", action="store_true", help="also run the ranking service (orders fan-out answers)")
+    up.add_argument("--fusion", action="store_true", help="also run the fusion service (calibrated votes, fused text)")
     up.add_argument("--models", nargs="+", default=["smollm2"], help="Triton models to load (default smollm2)")
     up.add_argument("--run-dir", help="where logs go (default ~/.cache/constellation/run)")
     up.set_defaults(handler=_up)

@@ -207,6 +207,8 @@ def run_eval(
                 *(["--router-artifact", str(artifact)] if routed and artifact is not None else ["--no-routing"]),
                 # the eval measures routing decisions, not the classifier's latency under a burst
                 *(["--classify-timeout", "30"] if routed else []),
+                # simulated latency is not waited (time scale 0): real times to first token say nothing
+                "--no-hedging",
             ],
             classifier=routed,
         )

@@ -143,6 +143,8 @@ class MeshPorts:
     triton_metrics: int = 8002
     classifier: int = 50052
     registry: int = 50053
+    ranking: int = 50054
+    fusion: int = 50055
 
 
 class Mesh:
@@ -169,6 +171,8 @@ class Mesh:
         classifier: bool = False,
         registry: bool = False,
         registry_args: Sequence[str] = (),
+        ranking: bool = False,
+        fusion: bool = False,
     ):
         from services.inference.launcher import TritonServer
 
@@ -187,24 +191,38 @@ class Mesh:
             extra_args=triton_args,
             **extra,
         )
-        self.classifier: ServiceProcess | None = None
-        if classifier:
-            self.classifier = ServiceProcess(
-                "classifier",
-                "services.classifier.main",
-                ["--port", str(ports.classifier), "--metrics-port", "-1"],
-                run_dir / "classifier.log",
+        self.supporting: list[tuple[ServiceProcess, int]] = []
+        """Services started before dispatch, in order, with their gRPC ports."""
+
+        def add(name: str, module: str, port: int, flag: str, args: Sequence[str] = ()) -> ServiceProcess:
+            nonlocal dispatch_args
+            process = ServiceProcess(
+                name, module, ["--port", str(port), "--metrics-port", "-1", *args], run_dir / f"{name}.log"
             )
-            dispatch_args = [*dispatch_args, "--classifier-url", f"127.0.0.1:{ports.classifier}"]
-        self.registry: ServiceProcess | None = None
-        if registry:
-            self.registry = ServiceProcess(
-                "registry",
-                "services.registry.main",
-                ["--port", str(ports.registry), "--metrics-port", "-1", *registry_args],
-                run_dir / "registry.log",
+            self.supporting.append((process, port))
+            dispatch_args = [*dispatch_args, flag, f"127.0.0.1:{port}"]
+            return process
+
+        self.classifier = (
+            add("classifier", "services.classifier.main", ports.classifier, "--classifier-url") if classifier else None
+        )
+        self.registry = (
+            add("registry", "services.registry.main", ports.registry, "--registry-url", registry_args)
+            if registry
+            else None
+        )
+        self.ranking = add("ranking", "services.ranking.main", ports.ranking, "--ranking-url") if ranking else None
+        self.fusion = (
+            add(
+                "fusion",
+                "services.fusion.main",
+                ports.fusion,
+                "--fusion-url",
+                ["--triton-url", f"127.0.0.1:{ports.triton_grpc}"],
             )
-            dispatch_args = [*dispatch_args, "--registry-url", f"127.0.0.1:{ports.registry}"]
+            if fusion
+            else None
+        )
         self.dispatch = ServiceProcess(
             "dispatch",
             "services.dispatch.main",
@@ -232,31 +250,15 @@ class Mesh:
         self.triton.start()
         self.triton.wait_ready(timeout_s)
         self.say(f"  Triton ready on {self.triton.grpc_url} in {time.perf_counter() - started:.1f} s")
-        if self.classifier is not None:
+        for process, port in [*self.supporting, (self.dispatch, self.ports.dispatch)]:
             step = time.perf_counter()
-            self.classifier.start()
-            address = f"127.0.0.1:{self.ports.classifier}"
+            process.start()
+            address = f"127.0.0.1:{port}"
             try:
-                wait_serving(address, 120.0, alive=self.classifier.alive)
+                wait_serving(address, 120.0, alive=process.alive)
             except (TimeoutError, RuntimeError) as exc:
-                raise RuntimeError(f"classifier did not start: {exc}\n{self.classifier.log_tail()}") from exc
-            self.say(f"  classifier serving on {address} in {time.perf_counter() - step:.1f} s")
-        if self.registry is not None:
-            step = time.perf_counter()
-            self.registry.start()
-            address = f"127.0.0.1:{self.ports.registry}"
-            try:
-                wait_serving(address, 60.0, alive=self.registry.alive)
-            except (TimeoutError, RuntimeError) as exc:
-                raise RuntimeError(f"registry did not start: {exc}\n{self.registry.log_tail()}") from exc
-            self.say(f"  registry serving on {address} in {time.perf_counter() - step:.1f} s")
-        step = time.perf_counter()
-        self.dispatch.start()
-        try:
-            wait_serving(self.dispatch_address, 60.0, alive=self.dispatch.alive)
-        except (TimeoutError, RuntimeError) as exc:
-            raise RuntimeError(f"dispatch did not start: {exc}\n{self.dispatch.log_tail()}") from exc
-        self.say(f"  dispatch serving on {self.dispatch_address} in {time.perf_counter() - step:.1f} s")
+                raise RuntimeError(f"{process.name} did not start: {exc}\n{process.log_tail()}") from exc
+            self.say(f"  {process.name} serving on {address} in {time.perf_counter() - step:.1f} s")
 
     def state(self) -> MeshState:
         return MeshState(
@@ -271,41 +273,30 @@ class Mesh:
 
     def check(self) -> str | None:
         """Returns a description of the first child that died, or None while all run."""
-        if not self.dispatch.alive():
-            return f"dispatch exited:\n{self.dispatch.log_tail()}"
-        if self.classifier is not None and not self.classifier.alive():
-            return f"classifier exited:\n{self.classifier.log_tail()}"
-        if self.registry is not None and not self.registry.alive():
-            return f"registry exited:\n{self.registry.log_tail()}"
+        for process in [self.dispatch, *(p for p, _ in self.supporting)]:
+            if not process.alive():
+                return f"{process.name} exited:\n{process.log_tail()}"
         if not self.triton.is_running():
             return "Triton exited; see " + str(self.run_dir / "triton.log")
         return None
 
     def stop(self) -> None:
-        """Stops services first, then Triton. Idempotent."""
+        """Stops dispatch first, then the services it calls, then Triton. Idempotent."""
         self.dispatch.stop()
-        if self.classifier is not None:
-            self.classifier.stop()
-        if self.registry is not None:
-            self.registry.stop()
+        for process, _ in reversed(self.supporting):
+            process.stop()
         self.triton.stop()
 
     def leftovers(self) -> list[str]:
         """What a stopped mesh left behind: live processes, bound ports, /dev/shm files. Empty when clean."""
         found: list[str] = []
-        if self.dispatch.alive():
-            found.append(f"dispatch process {self.dispatch.process.pid if self.dispatch.process else '?'}")
-        if self.classifier is not None and self.classifier.alive():
-            found.append("classifier process")
-        if self.registry is not None and self.registry.alive():
-            found.append("registry process")
+        for process in [self.dispatch, *(p for p, _ in self.supporting)]:
+            if process.alive():
+                found.append(f"{process.name} process {process.process.pid if process.process else '?'}")
         if self.triton.is_running():
             found.append(f"tritonserver process {self.triton.pid}")
         ports = [self.ports.dispatch, self.ports.triton_grpc, self.ports.triton_http, self.ports.triton_metrics]
-        if self.classifier is not None:
-            ports.append(self.ports.classifier)
-        if self.registry is not None:
-            ports.append(self.ports.registry)
+        ports += [port for _, port in self.supporting]
         for port in ports:
             if port_in_use(port):
                 found.append(f"port {port} still bound")
