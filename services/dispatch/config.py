@@ -66,6 +66,8 @@ class DispatchConfig(ServiceConfig):
         registry_url: RegistryService ``host:port``: live latency and health for routing, and every
             model call's outcome reported back. Empty: the catalog alone.
         registry_wait_s: How long startup waits for the registry's first snapshot before serving anyway.
+        early_stop: End a fan-out wave as soon as its outcome is settled (a quorum agrees, or the leader
+            cannot be overtaken) and cancel the members still running; off waits for every member.
         hedging: Send a backup request to the next-best model when a routed model has produced no first
             token by its p95 time to first token; the first to answer streams, the other is cancelled.
         hedge_after_ms: The wait used while a model's p95 is not yet known (0: no hedge until it is).
@@ -99,6 +101,7 @@ class DispatchConfig(ServiceConfig):
     max_fallbacks: int = Field(default=2, ge=0, le=8)
     registry_url: str = ""
     registry_wait_s: float = Field(default=5.0, ge=0)
+    early_stop: bool = True
     hedging: bool = True
     hedge_after_ms: float = Field(default=0.0, ge=0)
     hedge_factor: float = Field(default=1.0, gt=0)

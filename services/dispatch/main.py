@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-routing", action="store_true", help="send requests that name no model to --default-model")
     parser.add_argument("--default-model", help="model asked when routing is off or the pool is empty (smollm2)")
     parser.add_argument("--default-profile", choices=["quality", "balanced", "cost", "speed"])
+    parser.add_argument("--no-early-stop", action="store_true", help="fan-outs wait for every member")
     parser.add_argument("--no-hedging", action="store_true", help="never send backup requests to slow models")
     parser.add_argument("--hedge-after-ms", type=float, help="hedge delay while a model's p95 is unknown (0: none)")
     parser.add_argument("--ranking-url", help="RankingService host:port (orders open-answer fan-outs)")
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         "classify_timeout_s": args.classify_timeout,
         "ranking_url": args.ranking_url,
         "hedging": False if args.no_hedging else None,
+        "early_stop": False if args.no_early_stop else None,
         "hedge_after_ms": args.hedge_after_ms,
         "fusion_url": args.fusion_url,
     }

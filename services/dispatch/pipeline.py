@@ -679,7 +679,8 @@ class Dispatcher:
                         item.cost_usd,
                         text=item.text,
                     )
-                    settled = self._settled(plan, answered, list(running.values()), last_wave)
+                    if self.config.early_stop or not running:
+                        settled = self._settled(plan, answered, list(running.values()), last_wave)
                     if settled is not None:
                         break
             finally:

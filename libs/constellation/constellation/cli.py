@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from constellation.errors import ConstellationError, InvalidArgument
 
@@ -56,6 +57,7 @@ async def _ask(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         stop=args.stop or (),
         seed=args.seed,
+        **_routing_fields(args),
     )
     address = _dispatch_address(args.address)
     started = time.perf_counter()
@@ -112,16 +114,44 @@ def _print_summary(final: object, started: float, first_at: float | None) -> Non
     print("\n".join(lines), file=sys.stderr)
 
 
+def _routing_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """AskRequest routing fields from --profile, --max-cost and --max-latency-ms."""
+    from constellation.v1 import common_pb2
+
+    fields: dict[str, Any] = {}
+    if getattr(args, "profile", None):
+        fields["profile"] = getattr(common_pb2, "PROFILE_" + args.profile.upper())
+    if getattr(args, "max_cost", None) or getattr(args, "max_latency_ms", None):
+        fields["ceilings"] = common_pb2.Ceilings(
+            max_cost_usd=args.max_cost or 0.0, max_latency_ms=args.max_latency_ms or 0.0
+        )
+    return fields
+
+
 async def _plan(args: argparse.Namespace) -> int:
     from constellation.client import DispatchClient, ask_request
+    from constellation.v1 import common_pb2
 
     async with DispatchClient(_dispatch_address(args.address)) as client:
-        response = await client.plan(ask_request(args.prompt, model=args.model or ""))
+        response = await client.plan(ask_request(args.prompt, model=args.model or "", **_routing_fields(args)))
     plan = response.plan
-    print(f"policy: {plan.policy}   {plan.summary}")
+    profile = common_pb2.Profile.Name(plan.profile).removeprefix("PROFILE_").lower()
+    print(f"policy: {plan.policy} (profile {profile})   {plan.summary}")
+    if response.HasField("classification"):
+        seen = response.classification
+        print(
+            f"classified: {common_pb2.TaskType.Name(seen.task).removeprefix('TASK_TYPE_').lower()}, "
+            f"{common_pb2.AnswerKind.Name(seen.answer_kind).removeprefix('ANSWER_KIND_').lower()} answer "
+            f"(by {seen.decided_by})"
+        )
+    print(f"   {'model':<34} {'wave':>4} {'score':>6} {'quality':>7} {'cost $':>10} {'latency ms':>10}  reason")
     for c in plan.candidates:
         mark = "*" if c.chosen else " "
-        print(f" {mark} {c.model:<32} score {c.score:.3f}   {c.reason}")
+        wave = str(c.wave) if c.chosen else ""
+        print(
+            f" {mark} {c.model[:34]:<34} {wave:>4} {c.score:6.3f} {c.predicted_quality:7.2f} "
+            f"{c.predicted_cost_usd:10.6f} {c.predicted_latency_ms:10.0f}  {c.reason}"
+        )
     return 0
 
 
@@ -456,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show which models would be asked, without asking them")
     plan.add_argument("prompt")
-    plan.add_argument("--model")
+    plan.add_argument("--model", help="plan for exactly this model")
+    for command in (plan, ask):
+        command.add_argument("--profile", choices=["quality", "balanced", "cost", "speed"], help="routing profile")
+        command.add_argument("--max-cost", type=float, help="ceiling on the predicted cost in USD")
+        command.add_argument("--max-latency-ms", type=float, help="ceiling on the predicted latency in ms")
     plan.add_argument("--address")
     plan.set_defaults(handler=lambda a: asyncio.run(_plan(a)))
 
