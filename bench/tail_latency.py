@@ -1,15 +1,16 @@
 """Tail latency under open-loop load, explained from collected traces; and what tracing itself costs.
 
 1. Starts the trace collector (OTLP/gRPC, SQLite) and a mesh: Triton's replay model serving the gsm8k
-   pool with its simulated heavy-tailed latency really waited (time scale 1), and two dispatch
-   processes on the same Triton: one exporting traces to the collector, one with the OpenTelemetry
-   SDK disabled (``OTEL_SDK_DISABLED=true``).
+   pool with its simulated heavy-tailed latency really waited (time scale 1), the classifier, the
+   fusion service, and two dispatch processes on the same Triton: one exporting traces to the
+   collector, one with the OpenTelemetry SDK disabled (``OTEL_SDK_DISABLED=true``).
 2. Tracing overhead, side by side: the same closed-loop sequence of requests alternates between the
    two dispatch processes; each process's CPU time (psutil) per request and the client latency are
    compared (tracing on / off).
 3. Tail latency: ``constellation load``'s open-loop Poisson arrivals at ``--rate`` against the traced
-   dispatch; after the run, ``constellation traces analyze`` on the collected spans gives the p99
-   and which member and phase set it.
+   dispatch, routed by the trained router's ``quality`` profile (fan-outs); after the run,
+   ``constellation traces analyze`` on the collected spans gives the p99 and which member and phase
+   set it.
 
 Writes ``docs/bench/tail_latency.{md,json}``, the plots, and the "tail-latency" section of
 ``docs/BENCHMARKS.md``. Run: ``make bench`` or ``python -m bench.tail_latency --rate 20 --duration 30``.
@@ -33,6 +34,7 @@ import psutil
 from bench.report import DOCS, markdown_table, write_section
 from constellation.client import DispatchClient, ask_request
 from constellation.config import load_config
+from constellation.eval_run import _router_artifact
 from constellation.load import run_load
 from constellation.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
 from constellation.pools import pool_models, read_pool
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     out = DOCS / "bench"
     out.mkdir(parents=True, exist_ok=True)
 
+    router = _router_artifact(None)
+    if router is None:
+        print("no trained router: requests go to the untrained router (run `constellation train router` first)")
     with tempfile.TemporaryDirectory(prefix="constellation-tail-") as tmp:
         run_dir = Path(tmp)
         models_file = run_dir / "models.json"
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         async def run() -> tuple[dict, dict, object, int]:
             config = load_config(CollectorConfig, None, port=0, http_port=-1, db=str(db), shutdown_grace_s=1.0)
             async with running_collector(config) as collector:
-                ports = MeshPorts(free_port(), free_port(), free_port(), free_port(), free_port())
+                ports = MeshPorts(*(free_port() for _ in range(9)))
                 mesh = Mesh(
                     ports,
                     models=["replay"],
@@ -115,11 +120,22 @@ def main(argv: list[str] | None = None) -> None:
                             "tokens_per_chunk": "16",
                         }
                     },
-                    dispatch_args=["--models-file", str(models_file)],
+                    dispatch_args=[
+                        "--models-file",
+                        str(models_file),
+                        "--default-profile",
+                        "quality",
+                        "--classify-timeout",
+                        "2",
+                        *(["--router-artifact", str(router)] if router else []),
+                    ],
                     dispatch_env={
                         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.grpc_port}",
                         "OTEL_SERVICE_NAME": "dispatch",
                     },
+                    classifier=True,
+                    fusion=True,
+                    service_env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.grpc_port}"},
                 )
                 untraced_port = free_port()
                 untraced = ServiceProcess(
@@ -150,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
                         rate=args.rate,
                         duration_s=args.duration,
                         max_requests=int(args.rate * args.duration * 2),
-                        models=models,
                         timeout_s=60.0,
                     )
                 finally:
@@ -190,10 +205,12 @@ def main(argv: list[str] | None = None) -> None:
 Command: `make bench` (runs `python -m bench.tail_latency --rate {args.rate:g} --duration {args.duration:g}`).
 Mesh: Triton's replay model serving the gsm8k pool (41 recorded models) with its **simulated** latency
 really waited (time scale {args.time_scale:g}: size-class time to first token and per-token time, seeded
-log-normal tail), dispatch exporting OTLP to `constellation traces collect`. Load: `constellation load`,
-Poisson arrivals at {args.rate:g} requests/s for {args.duration:g} s, each request to a model of the pool
-drawn at random (the routing policy is not built yet, so the mesh here is classify-free: dispatch,
-plan, one model call). Machine: {platform.machine()}, {os.cpu_count()} cpus.
+log-normal tail); the classifier, the trained router and the fusion service run too, and dispatch, the
+classifier and fusion export OTLP to `constellation traces collect`. Load: `constellation load`, Poisson
+arrivals at {args.rate:g} requests/s for {args.duration:g} s, gsm8k test prompts with no model named: each
+request is classified, planned by the `quality` profile (a cascade for numbers: cheap models first,
+the strongest three if they disagree), fanned out, and voted by the fusion service. Machine:
+{platform.machine()}, {os.cpu_count()} cpus.
 
 Load: {load_summary["scheduled"]} requests offered, {load_summary["completed"]} completed, errors
 {load_summary["errors"] or "none"}; end-to-end at the client from the scheduled arrival: p50

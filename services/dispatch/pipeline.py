@@ -205,6 +205,8 @@ class CallResult:
     outcome: str = "error"
     answer: str | None = None
     role: str = "member"
+    cancel_reason: str = ""
+    """Why dispatch cancelled the call: ``quorum`` (its wave was settled) or ``hedge`` (the other call won)."""
 
     @property
     def simulated_total_ms(self) -> float:
@@ -585,6 +587,7 @@ class Dispatcher:
                     winner = role
                     loser = "hedge" if role == "member" else "member"
                     if loser in tasks and not tasks[loser].done():
+                        by_role[loser].cancel_reason = "hedge"
                         tasks[loser].cancel()
                         await asyncio.gather(tasks[loser], return_exceptions=True)
                         by_role[loser].outcome = "cancelled"
@@ -685,6 +688,8 @@ class Dispatcher:
                         break
             finally:
                 stragglers = list(tasks.values())
+                for model in running:
+                    running[model].cancel_reason = "quorum"
                 for task in stragglers:
                     task.cancel()
                 if stragglers:
@@ -950,6 +955,9 @@ class Dispatcher:
         span.set_attribute("constellation.cost_usd", cost)
         span.set_attribute("constellation.finish_reason", result.finish_reason or result.outcome)
         span.set_attribute("constellation.cancelled", result.outcome == "cancelled")
+        span.set_attribute("constellation.cancelled_by_quorum", result.cancel_reason == "quorum")
+        span.set_attribute("constellation.hedged", result.role == "hedge" or result.cancel_reason == "hedge")
+        span.set_attribute("constellation.fallback", result.role == "fallback")
         if result.simulated is not None:
             span.set_attribute("constellation.simulated_time_to_first_token_ms", result.simulated[0])
             span.set_attribute("constellation.simulated_total_ms", result.simulated[1])

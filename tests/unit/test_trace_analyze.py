@@ -56,3 +56,13 @@ def test_percentiles_and_critical_path() -> None:
     assert result.cost_per_request["p50"] == pytest.approx(0.001, rel=1e-2)
     report = markdown(result)
     assert "model waited for: b in 2" in report and "first_token in 2" in report
+
+
+def test_a_straggler_cancelled_by_the_quorum_is_not_the_critical_member() -> None:
+    spans = request(1, 300.0, [("a", 5.0, 30.0, 200.0), ("b", 5.0, 40.0, 210.0), ("slow", 5.0, 250.0, 260.0)])
+    straggler = spans[-1]
+    straggler.attributes.update({"constellation.cancelled": True, "constellation.cancelled_by_quorum": True})
+    result = analyze(spans, percentile=50.0)
+    (only,) = result.slow
+    assert only.critical_model == "b"  # the last member the vote waited for, not the cancelled one
+    assert only.members == 3 and only.flags == ["quorum-cancelled"]

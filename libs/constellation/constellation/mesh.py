@@ -155,6 +155,8 @@ class Mesh:
         models: Triton models to load at start.
         run_dir: Logs go here.
         say: Progress messages for a person (``print`` by default).
+        service_env: Extra environment of the services dispatch calls (classifier, registry, ranking,
+            fusion), for example ``OTEL_EXPORTER_OTLP_ENDPOINT``; each also gets its ``OTEL_SERVICE_NAME``.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class Mesh:
         registry_args: Sequence[str] = (),
         ranking: bool = False,
         fusion: bool = False,
+        service_env: dict[str, str] | None = None,
     ):
         from services.inference.launcher import TritonServer
 
@@ -196,8 +199,9 @@ class Mesh:
 
         def add(name: str, module: str, port: int, flag: str, args: Sequence[str] = ()) -> ServiceProcess:
             nonlocal dispatch_args
+            env = {**service_env, "OTEL_SERVICE_NAME": name} if service_env else None
             process = ServiceProcess(
-                name, module, ["--port", str(port), "--metrics-port", "-1", *args], run_dir / f"{name}.log"
+                name, module, ["--port", str(port), "--metrics-port", "-1", *args], run_dir / f"{name}.log", env=env
             )
             self.supporting.append((process, port))
             dispatch_args = [*dispatch_args, flag, f"127.0.0.1:{port}"]

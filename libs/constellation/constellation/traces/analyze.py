@@ -104,7 +104,8 @@ def breakdown(root: SpanRow, spans: Sequence[SpanRow]) -> RequestBreakdown:
     critical = ""
     flags: list[str] = []
     if members:
-        answered = [m for m in members if m.end_ns <= root.end_ns] or members
+        finished = [m for m in members if not m.attributes.get("constellation.cancelled")] or members
+        answered = [m for m in finished if m.end_ns <= root.end_ns] or finished
         waited_for = max(answered, key=lambda m: m.end_ns)
         critical = str(waited_for.attributes.get("constellation.model", "?"))
         first = waited_for.event_ns("first_token")
