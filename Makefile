@@ -59,8 +59,12 @@ bench: setup
 	$(PY) -m bench.mesh_overhead
 	$(PY) -m services.dispatch.router_train --quiet
 	$(PY) -m bench.pools
+	$(PY) -m bench.quorum
 	$(PY) -m bench.tail_latency
 	$(PY) -m bench.classifier --train
+	$(PY) -m bench.fusion --train
+	$(PY) -m services.ranking.train
+	$(PY) -m bench.ranker
 
 clean:
 	rm -rf build .run $(STUBS) libs/constellation/constellation/v1/*_pb2*.py* 
