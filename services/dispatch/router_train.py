@@ -56,8 +56,8 @@ CASCADE_SIZES = (2, 3)
 CASCADE_MIN_QUALITY = (0.75, 0.85, 0.9)
 VOTE_SIZES = (1, 3, 5, 7)
 ESCALATE_SIZES = (1, 3)
-QUALITY_TIE = 0.001
-"""Quality-profile settings within 0.1 point of the most accurate on train count as tied; the cheaper wins."""
+QUALITY_TIE = 1e-9
+"""The quality profile keeps the most accurate settings on train; only exact ties go to the cheaper."""
 MEAN_LOSS = 0.01
 MAX_LOSS = 0.02
 """The balanced profile may lose at most 1 point of quality to each pool's best train model on average
