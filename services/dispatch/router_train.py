@@ -55,6 +55,7 @@ COST_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 CASCADE_SIZES = (2, 3)
 CASCADE_MIN_QUALITY = (0.75, 0.85, 0.9)
 VOTE_SIZES = (1, 3, 5, 7)
+ANCHOR_MARGINS = (0.0, 0.02, 0.05, 0.1)
 ESCALATE_SIZES = (1, 3)
 QUALITY_TIE = 1e-9
 """The quality profile keeps the most accurate settings on train; only exact ties go to the cheaper."""
@@ -122,14 +123,11 @@ def embed_prompts(records: Sequence[PoolRecord], root: Path, *, quiet: bool) -> 
 def loo_predictions(
     predictor: QualityPredictor, queries: np.ndarray, exclude: np.ndarray | None, models: Sequence[str]
 ) -> tuple[np.ndarray, ...]:
-    raws, obs, tokens = [], [], []
+    parts: list[tuple[np.ndarray, ...]] = []
     for start in range(0, len(queries), 256):
         sims = queries[start : start + 256] @ predictor.embeddings.T
-        r, o, t = predictor.raw_batch(sims, None if exclude is None else exclude[start : start + 256], models)
-        raws.append(r)
-        obs.append(o)
-        tokens.append(t)
-    return np.concatenate(raws), np.concatenate(obs), np.concatenate(tokens)
+        parts.append(predictor.raw_batch(sims, None if exclude is None else exclude[start : start + 256], models))
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(4))
 
 
 def pooled_loo(predictor: QualityPredictor, vectors: np.ndarray, pools: Sequence[PoolData]) -> tuple[np.ndarray, ...]:
@@ -138,10 +136,11 @@ def pooled_loo(predictor: QualityPredictor, vectors: np.ndarray, pools: Sequence
     raw = np.full((n, m), np.nan, dtype=np.float64)
     obs = np.zeros((n, m))
     tokens = np.zeros((n, m))
+    wide = np.full((n, m), np.nan, dtype=np.float64)
     for pool in pools:
-        r, o, t = loo_predictions(predictor, vectors[pool.rows], pool.rows, list(pool.records[0].responses))
-        raw[pool.rows], obs[pool.rows], tokens[pool.rows] = r, o, t
-    return raw, obs, tokens
+        r, o, t, w = loo_predictions(predictor, vectors[pool.rows], pool.rows, list(pool.records[0].responses))
+        raw[pool.rows], obs[pool.rows], tokens[pool.rows], wide[pool.rows] = r, o, t, w
+    return raw, obs, tokens, wide
 
 
 def routing_accuracy(raw: np.ndarray, quality: np.ndarray, pools: Sequence[PoolData]) -> float:
@@ -270,7 +269,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         predictor = QualityPredictor(
             train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups
         )
-        raw, _, _ = pooled_loo(predictor, train_vectors, pools)
+        raw, _, _, _ = pooled_loo(predictor, train_vectors, pools)
         accuracy = routing_accuracy(raw, quality, pools)
         search.append({"k": k, "alpha": alpha, "loo_routing_quality": round(accuracy, 5)})
         if best is None or accuracy > best[0] + 1e-9:
@@ -280,10 +279,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. calibration on leave-one-out estimates
     predictor = QualityPredictor(train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups)
-    raw, obs, out_tokens = pooled_loo(predictor, train_vectors, pools)
+    raw, obs, out_tokens, wide = pooled_loo(predictor, train_vectors, pools)
     present = ~np.isnan(quality) & ~np.isnan(raw)
     predictor.calibration = isotonic(raw[present], quality[present])
     calibrated = predictor.calibrate(np.nan_to_num(raw))
+    anchors = predictor.calibrate(np.nan_to_num(wide))
 
     metrics: dict[str, Any] = {"train_loo": {}, "test": {}}
     for pool in pools:
@@ -299,7 +299,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         vectors_t = test_vectors[start:end]
         if not recs:
             continue
-        raw_t, _, _ = loo_predictions(predictor, vectors_t, None, list(recs[0].responses))
+        raw_t, _, _, _ = loo_predictions(predictor, vectors_t, None, list(recs[0].responses))
         cal_t = predictor.calibrate(np.nan_to_num(raw_t))
         ps, ys = [], []
         for row, record in enumerate(recs):
@@ -326,6 +326,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     float(obs[row, i]),
                     float(out_tokens[row, i]) if out_tokens[row, i] > 0 else None,
                     "knn",
+                    float(anchors[row, i]) if not np.isnan(wide[row, i]) else None,
                 )
             out.append(preds)
         return out
@@ -383,37 +384,38 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 chosen = (key, settings)
         assert chosen is not None
         profiles[f"balanced/{kind}"] = chosen[1].to_json()
+        # the quality profile, for every answer kind
+        best_quality: tuple[float, float, ProfileSettings] | None = None
+        options = [ProfileSettings(Weights(1.0, 0.0, 0.0), anchor_margin=m) for m in ANCHOR_MARGINS]
         if kind in CLOSED_KINDS:
-            best_quality: tuple[float, float, ProfileSettings] | None = None
-            options = [ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size) for size in VOTE_SIZES] + [
+            options += [ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size) for size in VOTE_SIZES[1:]]
+            options += [
                 ProfileSettings(Weights(1.0, 0.0, 0.0), size, 0.25, 0.85, escalate_size=escalate)
                 for size in CASCADE_SIZES
                 for escalate in ESCALATE_SIZES
             ]
-            for settings in options:
-                router = Router(predictor, {"quality": settings})
-                outcomes = [
-                    simulate(
-                        router, "quality", pool, pool_models[pool.name], pool_preds[pool.name], range(len(pool.records))
-                    )
-                    for pool in members
-                ]
-                mean_quality = float(np.mean([q for q, _ in outcomes]))
-                mean_cost = float(
-                    np.mean([c / reference[p.name][1] for (_, c), p in zip(outcomes, members, strict=True)])
+        for settings in options:
+            router = Router(predictor, {"quality": settings})
+            outcomes = [
+                simulate(
+                    router, "quality", pool, pool_models[pool.name], pool_preds[pool.name], range(len(pool.records))
                 )
-                quality_search.append(
-                    {"answer_kind": kind, **settings.to_json(), "quality": round(mean_quality, 5), "cost": mean_cost}
-                )
-                # the most accurate; within QUALITY_TIE of it, the cheaper
-                if (
-                    best_quality is None
-                    or mean_quality > best_quality[0] + QUALITY_TIE
-                    or (mean_quality > best_quality[0] - QUALITY_TIE and mean_cost < best_quality[1])
-                ):
-                    best_quality = (mean_quality, mean_cost, settings)
-            assert best_quality is not None
-            profiles[f"quality/{kind}"] = best_quality[2].to_json()
+                for pool in members
+            ]
+            mean_quality = float(np.mean([q for q, _ in outcomes]))
+            mean_cost = float(np.mean([c / reference[p.name][1] for (_, c), p in zip(outcomes, members, strict=True)]))
+            quality_search.append(
+                {"answer_kind": kind, **settings.to_json(), "quality": round(mean_quality, 5), "cost": mean_cost}
+            )
+            # the most accurate; within QUALITY_TIE of it, the cheaper
+            if (
+                best_quality is None
+                or mean_quality > best_quality[0] + QUALITY_TIE
+                or (mean_quality > best_quality[0] - QUALITY_TIE and mean_cost < best_quality[1])
+            ):
+                best_quality = (mean_quality, mean_cost, settings)
+        assert best_quality is not None
+        profiles[f"quality/{kind}"] = best_quality[2].to_json()
 
     manifest = {
         "models": models,

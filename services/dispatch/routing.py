@@ -72,6 +72,8 @@ class ProfileSettings:
         vote_size: For closed answers, ask this many of the best-scoring models at once and vote (1: one
             model). Used when no cascade applies.
         escalate_size: How many of the strongest models the cascade's second wave asks (and votes over).
+        anchor_margin: Leaving the model with the best record over the wider neighbourhood (the anchor)
+            for another costs this much predicted quality: near neighbours must show a clear gain first.
     """
 
     weights: Weights
@@ -80,6 +82,7 @@ class ProfileSettings:
     cascade_min_quality: float = 0.0
     vote_size: int = 1
     escalate_size: int = 1
+    anchor_margin: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,7 @@ class ProfileSettings:
             "cascade_min_quality": self.cascade_min_quality,
             "vote_size": self.vote_size,
             "escalate_size": self.escalate_size,
+            "anchor_margin": self.anchor_margin,
         }
 
     @classmethod
@@ -100,6 +104,7 @@ class ProfileSettings:
             float(raw.get("cascade_min_quality", 0.0)),
             int(raw.get("vote_size", 1)),
             int(raw.get("escalate_size", 1)),
+            float(raw.get("anchor_margin", 0.0)),
         )
 
 
@@ -121,12 +126,15 @@ class Prediction:
         observations: Similarity-weighted number of recorded answers behind it (0 for a prior).
         output_tokens: Expected answer length in tokens, or None when nothing was recorded.
         source: ``knn`` (recorded neighbours), ``prior`` (family/size) or ``mean`` (no embedding).
+        anchor: The model's calibrated record over the wider neighbourhood (a steadier estimate); None
+            when not known.
     """
 
     quality: float
     observations: float
     output_tokens: float | None
     source: str
+    anchor: float | None = None
 
 
 def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,8 +249,8 @@ class QualityPredictor:
             models: The models that will be scored: only pools recording the most of them are used.
 
         Returns:
-            ``(raw quality [b, m], observations [b, m], output tokens [b, m])``; NaN where no
-            neighbour in the wide neighbourhood has the model.
+            ``(raw quality [b, m], observations [b, m], output tokens [b, m], wide mean [b, m])``; NaN
+            where no neighbour in the wide neighbourhood has the model.
         """
         sims = np.array(sims, dtype=np.float32, copy=True)
         if exclude is not None:
@@ -281,7 +289,7 @@ class QualityPredictor:
         narrow_mean = np.nansum(tokens_wide[:, : self.k], 1) / np.maximum(narrow_mask.sum(1), 1)
         wide_mean = np.nansum(tokens_wide, 1) / np.maximum(token_mask.sum(1), 1)
         tokens = np.where(narrow_mask.any(1), narrow_mean, wide_mean)  # 0 where nothing was recorded
-        return raw, wsum, tokens
+        return raw, wsum, tokens, prior
 
     def predict(self, embedding: np.ndarray | None, models: Sequence[str]) -> dict[str, Prediction]:
         """Predictions for ``models`` on one query. Takes well under a millisecond for a few thousand rows.
@@ -303,15 +311,20 @@ class QualityPredictor:
         if norm > 0:
             vector = vector / norm
         sims = (self.embeddings @ vector)[None, :]
-        raw, obs, tokens = (a[0] for a in self.raw_batch(sims, models=models))
+        raw, obs, tokens, wide = (a[0] for a in self.raw_batch(sims, models=models))
         calibrated = self.calibrate(np.nan_to_num(raw))
+        anchors = self.calibrate(np.nan_to_num(wide))
         known: dict[str, float] = {}
         for model in models:
             i = self.index.get(model)
             if i is not None and not np.isnan(raw[i]):
                 known[model] = float(calibrated[i])
                 out[model] = Prediction(
-                    float(calibrated[i]), float(obs[i]), float(tokens[i]) if tokens[i] > 0 else None, "knn"
+                    float(calibrated[i]),
+                    float(obs[i]),
+                    float(tokens[i]) if tokens[i] > 0 else None,
+                    "knn",
+                    float(anchors[i]),
                 )
         for model in models:
             if model not in out:
@@ -548,6 +561,13 @@ class Router:
                 scored.append(candidate)
                 continue
             left_out.append(candidate)
+        if settings.anchor_margin > 0 and scored:
+            known = [c for c in scored if preds[c.model].anchor is not None]
+            if known:
+                anchor = max(known, key=lambda c: (preds[c.model].anchor or 0.0, -c.cost_usd))
+                for c in scored:
+                    if c is not anchor:
+                        c.quality = max(0.0, c.quality - settings.anchor_margin)
         if not scored:
             reasons = sorted({c.reason for c in left_out}) or ["the pool is empty"]
             raise FailedPrecondition(

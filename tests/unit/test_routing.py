@@ -204,3 +204,17 @@ def test_a_cascade_escalates_on_the_first_disagreement() -> None:
     assert Dispatcher._settled(plan, [member("a", "4"), member("b", "4")], [], False) is True
     assert Dispatcher._settled(plan, [member("a", "4"), member("b", "5")], [], False) is False
     assert Dispatcher._settled(plan, [member("a", None)], [member("b", None)], False) is False
+
+
+def test_an_anchor_margin_keeps_the_steadier_model_unless_the_gain_is_clear() -> None:
+    pool = [PoolModel("steady", 1, 1), PoolModel("lucky", 1, 1)]
+    preds = {
+        "steady": Prediction(0.80, 10, 100, "knn", anchor=0.85),
+        "lucky": Prediction(0.82, 10, 100, "knn", anchor=0.70),
+    }
+    plain = Router(None, {"quality": ProfileSettings(Weights(1, 0, 0))})
+    assert plain.route(pool, profile="quality", predictions=preds).members[0].model == "lucky"
+    anchored = Router(None, {"quality": ProfileSettings(Weights(1, 0, 0), anchor_margin=0.05)})
+    assert anchored.route(pool, profile="quality", predictions=preds).members[0].model == "steady"
+    preds["lucky"] = Prediction(0.95, 10, 100, "knn", anchor=0.70)
+    assert anchored.route(pool, profile="quality", predictions=preds).members[0].model == "lucky"
