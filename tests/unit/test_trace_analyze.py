@@ -66,3 +66,26 @@ def test_a_straggler_cancelled_by_the_quorum_is_not_the_critical_member() -> Non
     (only,) = result.slow
     assert only.critical_model == "b"  # the last member the vote waited for, not the cancelled one
     assert only.members == 3 and only.flags == ["quorum-cancelled"]
+
+
+def test_queueing_in_triton_comes_from_tritons_own_spans() -> None:
+    spans = request(1, 300.0, [("a", 5.0, 150.0, 250.0)])
+    member = spans[-1]
+    trace = member.trace_id
+    triton_model = SpanRow(
+        trace,
+        "t0000000000000a1",
+        member.span_id,
+        "replay",
+        1,
+        "triton",
+        int(6 * MS),
+        int(249 * MS),
+        0,
+        events=[{"name": "QUEUE_START", "time_ns": int(7 * MS)}],
+    )
+    compute = SpanRow(trace, "t0000000000000a2", triton_model.span_id, "compute", 1, "triton", int(47 * MS),
+                      int(248 * MS), 0, events=[{"name": "COMPUTE_START", "time_ns": int(47 * MS)}])  # fmt: skip
+    (only,) = analyze([*spans, triton_model, compute], percentile=50.0).slow
+    assert only.phases["queue"] == pytest.approx(40.0)
+    assert only.phases["first_token"] == pytest.approx(145.0 - 40.0)

@@ -2,7 +2,8 @@
 
 A request is the dispatch server span of ``Ask``. Its time is split along the *critical path*: the
 stages the answer had to wait for, in order: classification, the model call the answer waited for
-(in a fan-out, the member that finished last before the answer; within it, time to first token and
+(in a fan-out, the last member that finished before the answer, never one the quorum cancelled;
+within it, queueing in Triton when Triton's own spans are collected, time to first token and
 decoding), ranking and fusion; what is left is dispatch's own time (validation, planning, relaying).
 
 Percentiles come from HDR histograms (microsecond resolution, 3 significant digits). For the requests
@@ -90,6 +91,21 @@ def _descendants(root: SpanRow, spans: Sequence[SpanRow]) -> list[SpanRow]:
     return found
 
 
+def triton_queue_ms(member: SpanRow, spans: Sequence[SpanRow]) -> float | None:
+    """Time the request waited in Triton's scheduler, from Triton's own spans below a model call.
+
+    Triton (with ``--trace-config mode=opentelemetry``) continues our ``traceparent``: its model span
+    carries a ``QUEUE_START`` event and its compute span a ``COMPUTE_START`` event. None when Triton's
+    spans are not there (tracing off in Triton, or not delivered).
+    """
+    below = _descendants(member, spans)
+    queued = min((t for s in below if (t := s.event_ns("QUEUE_START")) is not None), default=None)
+    computing = min((t for s in below if (t := s.event_ns("COMPUTE_START")) is not None), default=None)
+    if queued is None or computing is None or computing < queued:
+        return None
+    return (computing - queued) / 1e6
+
+
 def breakdown(root: SpanRow, spans: Sequence[SpanRow]) -> RequestBreakdown:
     """Splits one request's time along its critical path."""
     below = _descendants(root, spans)
@@ -109,7 +125,9 @@ def breakdown(root: SpanRow, spans: Sequence[SpanRow]) -> RequestBreakdown:
         waited_for = max(answered, key=lambda m: m.end_ns)
         critical = str(waited_for.attributes.get("constellation.model", "?"))
         first = waited_for.event_ns("first_token")
-        queue_ms = float(waited_for.attributes.get("constellation.queue_ms", 0.0) or 0.0)
+        queue_ms = triton_queue_ms(waited_for, spans)
+        if queue_ms is None:
+            queue_ms = float(waited_for.attributes.get("constellation.queue_ms", 0.0) or 0.0)
         ttft_ms = (first - waited_for.start_ns) / 1e6 if first else waited_for.duration_ms
         phases["queue"] = queue_ms
         phases["first_token"] = max(0.0, ttft_ms - queue_ms)
