@@ -648,7 +648,7 @@ class Dispatcher:
             for member in wave:
                 start(member, "member")
             answered: list[CallResult] = []
-            settled: bool | None = False
+            settled: bool | None = None
             try:
                 while running:
                     remaining = ends_at - time.perf_counter()
