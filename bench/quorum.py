@@ -44,13 +44,13 @@ DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SIDES = ("quorum", "wait-all")
 
 
-def voting_router(root: Path, size: int) -> Path:
+def voting_router(root: Path, size: int, quorum: int) -> Path:
     """The trained router with ``quality`` on numbers set to a ``size``-model vote (a copy under ``root``)."""
     trained = artifacts.load(artifacts.default_root(), ARTIFACT_KIND, train_command=TRAIN_COMMAND)
     manifest = {k: v for k, v in trained.manifest.items() if k not in ("kind", "content_hash", "created_at")}
     manifest["profiles"] = {
         **manifest.get("profiles", {}),
-        "quality/number": ProfileSettings(Weights(1, 0, 0), vote_size=size).to_json(),
+        "quality/number": ProfileSettings(Weights(1, 0, 0), vote_size=size, quorum=quorum).to_json(),
     }
     return artifacts.save(ARTIFACT_KIND, trained.arrays, manifest, root)
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=Path, default=DATA / "gsm8k.jsonl.gz")
     parser.add_argument("--limit", type=int, default=200, help="test prompts (default 200)")
     parser.add_argument("--vote", type=int, default=7, help="models per vote (default 7)")
+    parser.add_argument("--quorum", type=int, default=3, help="agreeing answers ending a vote (0: majority)")
     parser.add_argument("--time-scale", type=float, default=0.05, help="share of simulated latency waited")
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     judge = Judge(test, [r for r in records if r.split == "train"])
     with tempfile.TemporaryDirectory(prefix="constellation-quorum-") as tmp:
         run_dir = Path(tmp)
-        router = voting_router(run_dir / "artifacts", args.vote)
+        router = voting_router(run_dir / "artifacts", args.vote, args.quorum)
         catalog = run_dir / "models.json"
         catalog.write_text(json.dumps(catalog_for(args.pool, judge.models)))
         ports = MeshPorts(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
@@ -198,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     plot(raw, out / "quorum_cdf.png")
     body = (
         "## Quorum vs waiting for every member\n\n"
-        f"Command: `python -m bench.quorum --limit {args.limit} --vote {args.vote} --time-scale {args.time_scale}`. "
-        f"{len(test)} gsm8k test prompts, each planned as a {args.vote}-model vote by the `quality` profile, sent "
+        f"Command: `python -m bench.quorum --limit {args.limit} --vote {args.vote} --quorum {args.quorum} "
+        f"--time-scale {args.time_scale}`. {len(test)} gsm8k test prompts, each planned as a {args.vote}-model vote "
+        f"(quorum {args.quorum or args.vote // 2 + 1} agreeing answers) by the `quality` profile, sent "
         "to two dispatch processes on one Triton in the same run: one stops a wave once its vote is settled "
         "and cancels the stragglers in Triton, one waits for all. Replay latency (size class + seeded "
         f"log-normal tail) is really waited at {args.time_scale:g}x; the simulated figures are the model time "

@@ -72,6 +72,8 @@ class ProfileSettings:
         vote_size: For closed answers, ask this many of the best-scoring models at once and vote (1: one
             model). Used when no cascade applies.
         escalate_size: How many of the strongest models the cascade's second wave asks (and votes over).
+        quorum: Agreeing answers that end a vote early (0: a majority of the voters). Either way a vote
+            also ends once its leader cannot be overtaken by the members still running.
         anchor_margin: Leaving the model with the best record over the wider neighbourhood (the anchor)
             for another costs this much predicted quality: near neighbours must show a clear gain first.
     """
@@ -83,6 +85,7 @@ class ProfileSettings:
     vote_size: int = 1
     escalate_size: int = 1
     anchor_margin: float = 0.0
+    quorum: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +96,7 @@ class ProfileSettings:
             "vote_size": self.vote_size,
             "escalate_size": self.escalate_size,
             "anchor_margin": self.anchor_margin,
+            "quorum": self.quorum,
         }
 
     @classmethod
@@ -105,6 +109,7 @@ class ProfileSettings:
             int(raw.get("vote_size", 1)),
             int(raw.get("escalate_size", 1)),
             float(raw.get("anchor_margin", 0.0)),
+            int(raw.get("quorum", 0)),
         )
 
 
@@ -605,7 +610,7 @@ class Router:
             "",
             members,
             [],
-            quorum=settings.vote_size // 2 + 1,
+            quorum=settings.quorum or settings.vote_size // 2 + 1,
             summary=f"ask {', '.join(c.model for c in members)} at once and vote",
         )
 
