@@ -89,3 +89,13 @@ def test_queueing_in_triton_comes_from_tritons_own_spans() -> None:
     (only,) = analyze([*spans, triton_model, compute], percentile=50.0).slow
     assert only.phases["queue"] == pytest.approx(40.0)
     assert only.phases["first_token"] == pytest.approx(145.0 - 40.0)
+
+
+def test_a_cascade_is_explained_wave_by_wave() -> None:
+    # cheap wave: c1 (5..100 ms), c2 (5..120 ms) disagree; strong wave: s (125..400 ms)
+    spans = request(1, 420.0, [("c1", 5.0, 40.0, 100.0), ("c2", 5.0, 50.0, 120.0), ("s", 125.0, 300.0, 400.0)])
+    (only,) = analyze(spans, percentile=50.0).slow
+    assert only.path == ["c2", "s"] and only.critical_model == "s"
+    assert only.phases["first_token"] == pytest.approx(45.0 + 175.0)
+    assert only.phases["decode"] == pytest.approx(70.0 + 100.0)
+    assert only.phases["dispatch"] == pytest.approx(420.0 - 2.0 - 115.0 - 275.0)

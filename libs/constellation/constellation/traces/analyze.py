@@ -47,6 +47,8 @@ class RequestBreakdown:
     cost_usd: float
     members: int
     flags: list[str] = field(default_factory=list)
+    path: list[str] = field(default_factory=list)
+    """The members waited for, wave by wave (one model for a single call; two or more for a cascade)."""
 
 
 class Histogram:
@@ -118,21 +120,28 @@ def breakdown(root: SpanRow, spans: Sequence[SpanRow]) -> RequestBreakdown:
             covered += span.duration_ms
     members = [s for s in below if s.name == MODEL_CALL]
     critical = ""
+    path: list[str] = []
     flags: list[str] = []
     if members:
         finished = [m for m in members if not m.attributes.get("constellation.cancelled")] or members
         answered = [m for m in finished if m.end_ns <= root.end_ns] or finished
-        waited_for = max(answered, key=lambda m: m.end_ns)
-        critical = str(waited_for.attributes.get("constellation.model", "?"))
-        first = waited_for.event_ns("first_token")
-        queue_ms = triton_queue_ms(waited_for, spans)
-        if queue_ms is None:
-            queue_ms = float(waited_for.attributes.get("constellation.queue_ms", 0.0) or 0.0)
-        ttft_ms = (first - waited_for.start_ns) / 1e6 if first else waited_for.duration_ms
-        phases["queue"] = queue_ms
-        phases["first_token"] = max(0.0, ttft_ms - queue_ms)
-        phases["decode"] = (waited_for.end_ns - first) / 1e6 if first else 0.0
-        covered += waited_for.duration_ms
+        # The chain of waves: the member the answer waited for, then, before it started, the member its
+        # wave waited for, and so on (a cascade's cheap wave, then its strong wave).
+        chain = [max(answered, key=lambda m: m.end_ns)]
+        while earlier := [m for m in answered if m.end_ns <= chain[-1].start_ns]:
+            chain.append(max(earlier, key=lambda m: m.end_ns))
+        critical = str(chain[0].attributes.get("constellation.model", "?"))
+        path = [str(m.attributes.get("constellation.model", "?")) for m in reversed(chain)]
+        for waited_for in chain:
+            first = waited_for.event_ns("first_token")
+            queue_ms = triton_queue_ms(waited_for, spans)
+            if queue_ms is None:
+                queue_ms = float(waited_for.attributes.get("constellation.queue_ms", 0.0) or 0.0)
+            ttft_ms = (first - waited_for.start_ns) / 1e6 if first else waited_for.duration_ms
+            phases["queue"] += queue_ms
+            phases["first_token"] += max(0.0, ttft_ms - queue_ms)
+            phases["decode"] += (waited_for.end_ns - first) / 1e6 if first else 0.0
+            covered += waited_for.duration_ms
         for attribute, flag in (
             ("constellation.cancelled_by_quorum", "quorum-cancelled"),
             ("constellation.hedged", "hedged"),
@@ -142,7 +151,7 @@ def breakdown(root: SpanRow, spans: Sequence[SpanRow]) -> RequestBreakdown:
                 flags.append(flag)
     phases["dispatch"] = max(0.0, root.duration_ms - covered)
     cost = sum(float(m.attributes.get("constellation.cost_usd", 0.0) or 0.0) for m in members)
-    return RequestBreakdown(root.trace_id, root.duration_ms, critical, phases, cost, len(members), flags)
+    return RequestBreakdown(root.trace_id, root.duration_ms, critical, phases, cost, len(members), flags, path)
 
 
 @dataclass
@@ -258,7 +267,7 @@ def markdown(analysis: Analysis, *, plots: dict[str, str] | None = None) -> str:
     ]
     for r in analysis.slow[:15]:
         lines.append(
-            f"| `{r.trace_id[:16]}` | {r.total_ms:.1f} | {r.critical_model or '-'} | "
+            f"| `{r.trace_id[:16]}` | {r.total_ms:.1f} | {' → '.join(r.path) or '-'} | "
             + " | ".join(_ms(r.phases[p]) for p in PHASES)
             + f" | {', '.join(r.flags) or '-'} |"
         )
