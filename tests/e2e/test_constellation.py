@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from constellation import artifacts
@@ -120,6 +121,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         ],
         classifier=True,
     )
+    mesh.files = {"catalog": tmp / "catalog.json", "router": tmp / "artifacts"}  # type: ignore[attr-defined]
     mesh.start(timeout_s=180)
     yield mesh
     mesh.stop()
@@ -198,3 +200,35 @@ def test_a_slow_first_token_is_hedged_and_the_loser_cancelled(mesh: Mesh) -> Non
     metrics = wait_idle(mesh)
     assert generations(metrics, "cancelled", "replay") == cancelled_before + 1
     assert dispatch_counter(mesh, "constellation_hedges_total", {"model": "slow"}) >= 1
+
+
+async def test_every_member_call_is_a_span_of_the_requests_trace(
+    mesh: Mesh, dispatch_factory: Any, spans: InMemorySpanExporter
+) -> None:
+    """An in-process dispatch on the same Triton and classifier, so its spans land in the test's exporter."""
+    address = await dispatch_factory(
+        triton_url=f"127.0.0.1:{mesh.ports.triton_grpc}",
+        classifier_url=f"127.0.0.1:{mesh.ports.classifier}",
+        classify_timeout_s=10.0,
+        models_file=str(mesh.files["catalog"]),  # type: ignore[attr-defined]
+        router_artifact=str(mesh.files["router"]),  # type: ignore[attr-defined]
+        metrics_port=-1,
+    )
+    async with DispatchClient(address) as client:
+        request = ask_request(PROMPT, profile=common_pb2.PROFILE_QUALITY)
+        async with aclosing(client.ask(request, timeout_s=30)) as stream:
+            events = [event async for event in stream]
+    final = events[-1].final
+    finished = spans.get_finished_spans()
+    in_trace = [s for s in finished if format(s.context.trace_id, "032x") == final.trace_id]
+    names = {s.name for s in in_trace}
+    assert "/constellation.v1.DispatchService/Ask" in names
+    assert "/constellation.v1.ClassifierService/Classify" in names  # the classifier hop, same trace
+    members = {s.attributes["constellation.model"]: s for s in in_trace if s.name == "model.generate"}
+    assert set(members) == {"ghost", "fast-a", "fast-b", "slow"}
+    fast = members["fast-a"].attributes
+    assert fast["constellation.output_tokens"] > 0 and fast["constellation.cost_usd"] >= 0
+    assert fast["constellation.time_to_first_token_ms"] > 0 and not fast["constellation.cancelled"]
+    slow = members["slow"].attributes
+    assert slow["constellation.fallback"] and slow["constellation.cancelled_by_quorum"]
+    assert members["ghost"].status.status_code.name == "ERROR"
