@@ -34,7 +34,7 @@ from constellation.triton import Chunk, Sampling
 from services.fusion.answers import CLOSED_KINDS, candidate_answer
 from services.fusion.calibration import Calibrator
 from services.fusion.prompt import fuser_prompt
-from services.fusion.vote import DEFAULT_WEIGHTING, Ballot, features, tally
+from services.fusion.vote import DEFAULT_WEIGHTING, Ballot, features, options_in, tally
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Fuser:
                 fallback_reason="no candidate states an answer",
             )
         if self.calibrator is not None:
-            confidence = self.calibrator.confidence(features(result, request.kind))
+            confidence = self.calibrator.confidence(features(result, request.kind, options_in(request.prompt)))
             threshold = self.calibrator.threshold
         else:
             confidence, threshold = result.weighted_share, self.settings.uncalibrated_threshold

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from constellation.evaluation import normalize_answer
 from constellation.pools import PoolRecord
 from services.fusion.answers import extract_answer
-from services.fusion.vote import DEFAULT_WEIGHTING, Ballot, Tally, features, tally
+from services.fusion.vote import DEFAULT_WEIGHTING, Ballot, Tally, features, options_in, tally
 
 POOLS = {"gsm8k": "number", "routerbench_arc": "choice", "routerbench_winogrande": "choice"}
 """The closed-answer pools in ``../shared/data`` and their answer kinds."""
@@ -90,6 +90,7 @@ def simulate(
         if reference is None:
             continue
         answers = answers_of(record, kind)
+        options = options_in(record.prompt)
         rng = _rng(record.id, seed)
         for k in ks:
             if k > len(ranked):
@@ -98,6 +99,8 @@ def simulate(
             for draw, models in draws:
                 result = tally(ballots_for(models, answers, accuracy), weighting)
                 rows.append(
-                    VoteRow(pool, record.id, k, draw, features(result, kind), result.answer == reference, result)
+                    VoteRow(
+                        pool, record.id, k, draw, features(result, kind, options), result.answer == reference, result
+                    )
                 )
     return rows

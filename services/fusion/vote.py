@@ -21,6 +21,7 @@ A reliability of exactly 0 means "not given" (protobuf has no presence for doubl
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ FEATURE_NAMES = (
     "top_reliability",
     "choice_x_weighted_share",
     "choice_x_top_agrees",
+    "chance",
+    "chance_x_weighted_share",
 )
 """The agreement features of a vote, in the order :func:`features` returns them."""
 
@@ -155,8 +158,24 @@ def _logit(p: float) -> float:
     return math.log(clipped / (1.0 - clipped))
 
 
-def features(result: Tally, kind: str) -> list[float]:
+_OPTION_LINE = re.compile(r"^\s*\(?([A-J])[).:]\s+\S", re.MULTILINE)
+
+
+def options_in(prompt: str) -> int:
+    """How many lettered options the prompt's last question offers (``A) ...``, ``(B) ...``); 0 if none.
+
+    Only the text after the last blank line is read, so the options of few-shot examples do not count.
+    """
+    tail = prompt.rstrip().rsplit("\n\n", 1)[-1][-4000:]
+    return len({m.group(1) for m in _OPTION_LINE.finditer(tail)})
+
+
+def features(result: Tally, kind: str, options: int = 0) -> list[float]:
     """The agreement features of ``result`` (:data:`FEATURE_NAMES` order) for a ``kind`` question.
+
+    ``options`` is the number of choices the question offers (:func:`options_in`): with two options,
+    wrong answers agree by chance far more often than with four, so ``chance`` (1 / options, 0 when
+    unknown) lets the calibrator tell a two-way question from a four-way one.
 
     ``evidence`` is the naive-Bayes log-odds of the winner against the rest: the summed logits of its
     voters' reliabilities minus those of the other answering voters, divided by 5 to keep it near the
@@ -174,6 +193,7 @@ def features(result: Tally, kind: str) -> list[float]:
     top = min(ballots, key=lambda b: (-b.p, b.rank)) if ballots else None
     top_agrees = 1.0 if top is not None and top.answer is not None and top.answer == result.answer else 0.0
     is_choice = 1.0 if kind == "choice" else 0.0
+    chance = 1.0 / options if kind == "choice" and options >= 2 else 0.0
     return [
         result.weighted_share,
         result.raw_share,
@@ -191,4 +211,6 @@ def features(result: Tally, kind: str) -> list[float]:
         top.p if top is not None else 0.0,
         is_choice * result.weighted_share,
         is_choice * top_agrees,
+        chance,
+        chance * result.weighted_share,
     ]

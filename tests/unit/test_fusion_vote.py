@@ -157,3 +157,12 @@ def test_prompt_fits_the_budget_and_keeps_short_candidates_whole() -> None:
     assert cut > 0
     assert "\nParis.\n" in prompt
     assert prompt.index("Answer 1:") < prompt.index("Answer 2:") < prompt.index("Answer 3:")
+
+
+def test_options_are_counted_in_the_last_question_only() -> None:
+    from services.fusion.vote import options_in
+
+    few_shot = "Q: pick one\nA) x\nB) y\nC) z\nAnswer: B\n\nNow: which?\nA) Kyle\nB) Logan\nAnswer:"
+    assert options_in(few_shot) == 2
+    assert options_in("(A) red\n(B) blue\n(C) green\n(D) none") == 4
+    assert options_in("What is 2 + 2?") == 0
