@@ -57,7 +57,8 @@ def voting_router(root: Path, size: int, quorum: int) -> Path:
 
 async def one(client: DispatchClient, prompt: str, record_id: str, time_scale: float) -> tuple[Call, float, int]:
     started = time.perf_counter()
-    text, cost, simulated, models, finished, error = "", 0.0, 0.0, (), 0, ""
+    text, cost, simulated, finished, error = "", 0.0, 0.0, 0, ""
+    models: tuple[str, ...] = ()
     request = ask_request(prompt, profile=common_pb2.PROFILE_QUALITY, max_tokens=65536)
     try:
         async with aclosing(client.ask(request, timeout_s=300)) as events:

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                     untraced.start()
                     await asyncio.to_thread(wait_serving, f"127.0.0.1:{untraced_port}", 60.0)
                     assert mesh.dispatch.process is not None and untraced.process is not None
-                    shared = {"triton": mesh.triton.pid}
+                    assert mesh.triton.pid is not None
+                    shared: dict[str, int] = {"triton": mesh.triton.pid}
                     for process, _ in mesh.supporting:
                         assert process.process is not None
                         shared[process.name] = process.process.pid

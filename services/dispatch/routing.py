@@ -651,6 +651,8 @@ def load_router(path: Path | str | None = None) -> Router:
     """
     artifact = artifacts.load(path or artifacts.default_root(), ARTIFACT_KIND, train_command=TRAIN_COMMAND)
     manifest, arrays = artifact.manifest, artifact.arrays
+    if manifest.get("kind") != ARTIFACT_KIND:
+        raise FailedPrecondition(f"{artifact.path} holds a {manifest.get('kind')!r} artifact, not a router")
     calibration = None
     if "calibration_x" in arrays:
         calibration = (arrays["calibration_x"].astype(np.float64), arrays["calibration_y"].astype(np.float64))

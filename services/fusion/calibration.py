@@ -19,12 +19,7 @@ creation time and training wall time). Writing is atomic (a temporary directory 
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from constellation import artifacts
 from constellation.errors import FailedPrecondition
 from services.fusion.vote import FEATURE_NAMES
 
 ARTIFACT_KIND = "constellation.fusion.calibrator"
 SCHEMA_VERSION = 1
-CURRENT = "CURRENT"
-_VOLATILE = ("content_hash", "created_at")
+FAMILY = "fusion"
+TRAIN_COMMAND = "constellation train fusion"
 Values = Sequence[float] | np.ndarray
 """Numbers given as a sequence or a 1-D array."""
 
@@ -225,18 +221,7 @@ def choose_threshold(confidence: Values, correct: Values, target: float) -> floa
 
 def default_artifact_root() -> Path:
     """``<cache dir>/artifacts`` (``$CONSTELLATION_CACHE_DIR``, else ``~/.cache/constellation``)."""
-    from services.inference.smollm2 import default_cache_dir
-
-    return default_cache_dir() / "artifacts"
-
-
-def content_hash(manifest: Mapping[str, Any]) -> str:
-    """SHA-256 of the manifest's stable fields (see the module docstring)."""
-    stable = {k: v for k, v in manifest.items() if k not in _VOLATILE}
-    training = dict(stable.get("training", {}))
-    training.pop("seconds", None)
-    stable["training"] = training
-    return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return artifacts.default_root()
 
 
 @dataclass(frozen=True)
@@ -255,31 +240,10 @@ class CalibrationArtifact:
 def save_artifact(
     calibrator: Calibrator, manifest: Mapping[str, Any], root: Path, *, make_current: bool = True
 ) -> CalibrationArtifact:
-    """Writes ``root/fusion/<hash12>/manifest.json`` and (by default) points ``CURRENT`` at it.
-
-    Saving the same calibrator and manifest twice gives the same directory and hash.
-    """
+    """Writes ``root/fusion/<hash12>/manifest.json`` (see :mod:`constellation.artifacts`) and, by default,
+    points ``CURRENT`` at it. Saving the same calibrator and manifest twice gives the same directory."""
     full = {**manifest, "kind": ARTIFACT_KIND, "schema_version": SCHEMA_VERSION, "calibrator": calibrator.to_json()}
-    full["content_hash"] = content_hash(full)
-    full["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    base = Path(root) / "fusion"
-    base.mkdir(parents=True, exist_ok=True)
-    target = base / full["content_hash"][:12]
-    if not target.exists():
-        staging = Path(tempfile.mkdtemp(prefix=".fusion-", dir=base))
-        staging.chmod(0o755)
-        (staging / "manifest.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-            (staging / "manifest.json").unlink()
-            staging.rmdir()
-    if make_current:
-        pointer = base / f".{CURRENT}.{os.getpid()}"
-        pointer.write_text(target.name + "\n")
-        pointer.replace(base / CURRENT)
+    target = artifacts.save(FAMILY, {}, full, root, make_current=make_current)
     return load_artifact(target)
 
 
@@ -289,19 +253,7 @@ def resolve_artifact(path: Path | str) -> Path:
     Raises:
         FailedPrecondition: nothing loadable there; the message says how to train one.
     """
-    path = Path(path)
-    for candidate in (path, path / "fusion"):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-        pointer = candidate / CURRENT
-        if pointer.is_file():
-            named = candidate / pointer.read_text().strip()
-            if (named / "manifest.json").is_file():
-                return named
-    raise FailedPrecondition(
-        f"no fusion calibrator at {path}; train one with `constellation train fusion`",
-        reason="FUSION_NOT_TRAINED",
-    )
+    return artifacts.resolve(path, FAMILY, train_command=TRAIN_COMMAND)
 
 
 def load_artifact(path: Path | str) -> CalibrationArtifact:
@@ -311,16 +263,14 @@ def load_artifact(path: Path | str) -> CalibrationArtifact:
         FailedPrecondition: no artifact there, an unknown kind or schema, a content hash that does not
             match (damaged or hand-edited), or features that differ from this code's.
     """
-    directory = resolve_artifact(path)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    loaded = artifacts.load(path, FAMILY, train_command=TRAIN_COMMAND)
+    directory, manifest = loaded.path, loaded.manifest
     if manifest.get("kind") != ARTIFACT_KIND or manifest.get("schema_version") != SCHEMA_VERSION:
         raise FailedPrecondition(
             f"{directory}: not a fusion calibrator of schema {SCHEMA_VERSION} "
             f"(kind {manifest.get('kind')!r}, schema {manifest.get('schema_version')!r})",
             reason="FUSION_ARTIFACT_SCHEMA",
         )
-    if manifest.get("content_hash") != content_hash(manifest):
-        raise FailedPrecondition(f"{directory}: content hash mismatch; retrain it", reason="FUSION_ARTIFACT_CORRUPT")
     try:
         calibrator = Calibrator.from_json(manifest["calibrator"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -24,12 +24,8 @@ and every array, and :func:`load_ranker` verifies it. Writes are atomic (tempora
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,24 +33,24 @@ from typing import Any
 
 import numpy as np
 
+from constellation import artifacts
 from constellation.errors import FailedPrecondition
 from services.ranking.checks import ANSWER_KINDS
 
 ARTIFACT_KIND = "constellation.ranking.pair_ranker"
 SCHEMA_VERSION = 1
-CURRENT = "CURRENT"
+FAMILY = "ranker"
+ARRAYS = "ranker.npz"
+TRAIN_COMMAND = "constellation train ranker"
 DIMENSIONS = 384
 SIDE_FEATURES = ("log_chars", "format", "agreement", "centrality", "relevance", "reliability", "has_answer")
 SHARED_FEATURES = (*(f"kind_{k}" for k in ANSWER_KINDS), "reliability_known")
 FEATURES = 3 * DIMENSIONS + len(SIDE_FEATURES) + len(SHARED_FEATURES)
-_VOLATILE = ("content_hash", "created_at")
 
 
 def default_artifact_root() -> Path:
     """``<cache dir>/artifacts`` (``$CONSTELLATION_CACHE_DIR``, else ``~/.cache/constellation``)."""
-    from services.inference.smollm2 import default_cache_dir
-
-    return default_cache_dir() / "artifacts"
+    return artifacts.default_root()
 
 
 def side_features(
@@ -155,24 +151,6 @@ class RankerArtifact:
         return str(self.manifest["content_hash"])
 
 
-def _canonical(manifest: Mapping[str, Any]) -> bytes:
-    stable = {k: v for k, v in manifest.items() if k not in _VOLATILE}
-    training = dict(stable.get("training", {}))
-    training.pop("seconds", None)
-    stable["training"] = training
-    return json.dumps(stable, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def content_hash(manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 of the manifest's stable fields (not its hash, creation time or wall times) and every array."""
-    digest = hashlib.sha256(_canonical(manifest))
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def save_ranker(
     ranker: PairRanker, manifest: Mapping[str, Any], root: Path, *, make_current: bool = True
 ) -> RankerArtifact:
@@ -187,28 +165,7 @@ def save_ranker(
         "schema_version": SCHEMA_VERSION,
         "features": {"side": list(SIDE_FEATURES), "shared": list(SHARED_FEATURES), "width": FEATURES},
     }
-    full["content_hash"] = content_hash(full, ranker.arrays)
-    full["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    base = Path(root) / "ranker"
-    base.mkdir(parents=True, exist_ok=True)
-    target = base / full["content_hash"][:12]
-    if not target.exists():
-        staging = Path(tempfile.mkdtemp(prefix=".ranker-", dir=base))
-        staging.chmod(0o755)
-        np.savez(staging / "ranker.npz", **ranker.arrays)  # type: ignore[arg-type]
-        (staging / "manifest.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-            for leftover in staging.iterdir():
-                leftover.unlink()
-            staging.rmdir()
-    if make_current:
-        pointer = base / f".{CURRENT}.{os.getpid()}"
-        pointer.write_text(target.name + "\n")
-        pointer.replace(base / CURRENT)
+    target = artifacts.save(FAMILY, ranker.arrays, full, root, make_current=make_current, arrays_file=ARRAYS)
     return RankerArtifact(ranker, json.loads((target / "manifest.json").read_text()), target)
 
 
@@ -218,18 +175,7 @@ def resolve_ranker(path: Path | str) -> Path:
     Raises:
         FailedPrecondition: nothing loadable there; the message says how to train one.
     """
-    path = Path(path)
-    for candidate in (path, path / "ranker"):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-        pointer = candidate / CURRENT
-        if pointer.is_file():
-            named = candidate / pointer.read_text().strip()
-            if (named / "manifest.json").is_file():
-                return named
-    raise FailedPrecondition(
-        f"no ranker artifact at {path}; train one with `constellation train ranker`", reason="RANKER_NOT_TRAINED"
-    )
+    return artifacts.resolve(path, FAMILY, train_command=TRAIN_COMMAND)
 
 
 def load_ranker(path: Path | str) -> RankerArtifact:
@@ -238,22 +184,13 @@ def load_ranker(path: Path | str) -> RankerArtifact:
     Raises:
         FailedPrecondition: none there, a different kind or schema, a content-hash mismatch, missing weights.
     """
-    directory = resolve_ranker(path)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    loaded = artifacts.load(path, FAMILY, train_command=TRAIN_COMMAND, arrays_file=ARRAYS)
+    directory, manifest, arrays = loaded.path, loaded.manifest, loaded.arrays
     if manifest.get("kind") != ARTIFACT_KIND or manifest.get("schema_version") != SCHEMA_VERSION:
         raise FailedPrecondition(
             f"{directory}: not a ranker artifact of schema {SCHEMA_VERSION} "
             f"(kind {manifest.get('kind')!r}, schema {manifest.get('schema_version')!r})",
             reason="RANKER_ARTIFACT_SCHEMA",
-        )
-    with np.load(directory / "ranker.npz", allow_pickle=False) as npz:
-        arrays = {name: npz[name] for name in npz.files}
-    expected = content_hash(manifest, arrays)
-    if manifest.get("content_hash") != expected:
-        raise FailedPrecondition(
-            f"{directory}: content hash mismatch (manifest {manifest.get('content_hash')!r}, contents {expected!r});"
-            " retrain it",
-            reason="RANKER_ARTIFACT_CORRUPT",
         )
     missing = {"mean", "std", "w1", "b1", "w2", "b2"} - set(arrays)
     if missing or arrays.get("w1", np.zeros((0, 0))).shape[0] != FEATURES:

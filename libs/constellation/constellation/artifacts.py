@@ -2,12 +2,15 @@
 
 Layout under an artifacts root (``~/.cache/constellation/artifacts`` by default)::
 
-    <root>/<kind>/<hash12>/manifest.json   what was trained, on what, with which metrics
-    <root>/<kind>/<hash12>/arrays.npz      the numbers
-    <root>/<kind>/CURRENT                  the name of the directory loaded by default
+    <root>/<family>/<hash12>/manifest.json   what was trained, on what, with which metrics
+    <root>/<family>/<hash12>/<arrays>.npz    the numbers, when there are any
+    <root>/<family>/CURRENT                  the name of the directory loaded by default
 
-A save is atomic (written into a staging directory, renamed into place, then ``CURRENT`` replaced), so a
-reader never sees half an artifact; saving the same content twice gives the same directory.
+``family`` is the component (``router``, ``ranker``, ``fusion``); the manifest's own ``kind`` (set by
+the component, ``family`` when it sets none) says what the artifact holds. The content hash covers the
+manifest's stable fields (not the hash itself, the creation time, or ``training.seconds``) and every
+array, so saving the same content twice gives the same directory. A save is atomic (a staging
+directory renamed into place, then ``CURRENT`` replaced): a reader never sees half an artifact.
 """
 
 from __future__ import annotations
@@ -47,9 +50,11 @@ class Artifact:
 
 
 def content_hash(manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the manifest (less volatile keys) and every array's dtype, shape and bytes."""
+    """SHA-256 over the manifest's stable fields and every array's dtype, shape and bytes."""
     digest = hashlib.sha256()
     stable = {k: v for k, v in manifest.items() if k not in _VOLATILE}
+    if isinstance(stable.get("training"), Mapping):
+        stable["training"] = {k: v for k, v in stable["training"].items() if k != "seconds"}
     digest.update(json.dumps(stable, sort_keys=True).encode())
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
@@ -59,23 +64,30 @@ def content_hash(manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) 
 
 
 def save(
-    kind: str, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any], root: Path, *, make_current: bool = True
+    family: str,
+    arrays: Mapping[str, np.ndarray],
+    manifest: Mapping[str, Any],
+    root: Path,
+    *,
+    make_current: bool = True,
+    arrays_file: str = "arrays.npz",
 ) -> Path:
-    """Writes an artifact of ``kind`` under ``root/<kind>/<hash12>/`` and (by default) points CURRENT at it.
+    """Writes an artifact under ``root/<family>/<hash12>/`` and (by default) points CURRENT at it.
 
     Returns:
         The artifact directory.
     """
-    full = {**manifest, "kind": kind}
+    full = {"kind": family, **manifest}
     full["content_hash"] = content_hash(full, arrays)
     full["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    base = Path(root) / kind
+    base = Path(root) / family
     base.mkdir(parents=True, exist_ok=True)
     target = base / full["content_hash"][:12]
     if not target.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=base))
+        staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=base))
         staging.chmod(0o755)
-        np.savez(staging / "arrays.npz", **arrays)  # type: ignore[arg-type]
+        if arrays:
+            np.savez(staging / arrays_file, **arrays)  # type: ignore[arg-type]
         (staging / "manifest.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
         try:
             staging.rename(target)
@@ -92,14 +104,14 @@ def save(
     return target
 
 
-def resolve(path: Path | str, kind: str, *, train_command: str) -> Path:
-    """The artifact directory ``path`` names: itself, what its ``CURRENT`` names, or the same inside ``path/<kind>``.
+def resolve(path: Path | str, family: str, *, train_command: str) -> Path:
+    """The artifact directory ``path`` names: itself, what its ``CURRENT`` names, or the same inside ``path/<family>``.
 
     Raises:
         FailedPrecondition: nothing loadable there; the message says how to train one.
     """
     path = Path(path)
-    for candidate in (path, path / kind):
+    for candidate in (path, path / family):
         if (candidate / "manifest.json").is_file():
             return candidate
         pointer = candidate / CURRENT
@@ -108,22 +120,25 @@ def resolve(path: Path | str, kind: str, *, train_command: str) -> Path:
             if (named / "manifest.json").is_file():
                 return named
     raise FailedPrecondition(
-        f"no {kind} artifact at {path}; train one with `{train_command}`", reason=f"{kind.upper()}_NOT_TRAINED"
+        f"no {family} artifact at {path}; train one with `{train_command}`", reason=f"{family.upper()}_NOT_TRAINED"
     )
 
 
-def load(path: Path | str, kind: str, *, train_command: str) -> Artifact:
-    """Loads an artifact and checks its kind and content hash.
+def load(path: Path | str, family: str, *, train_command: str, arrays_file: str = "arrays.npz") -> Artifact:
+    """Loads an artifact and checks its content hash (what it holds is for the caller to check: ``kind``).
 
     Raises:
-        FailedPrecondition: missing, of another kind, or corrupted.
+        FailedPrecondition: missing, or damaged or edited (content hash mismatch).
     """
-    directory = resolve(path, kind, train_command=train_command)
+    directory = resolve(path, family, train_command=train_command)
     manifest = json.loads((directory / "manifest.json").read_text())
-    if manifest.get("kind") != kind:
-        raise FailedPrecondition(f"{directory} holds a {manifest.get('kind')!r} artifact, not {kind!r}")
-    with np.load(directory / "arrays.npz", allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
+    arrays: dict[str, np.ndarray] = {}
+    if (directory / arrays_file).is_file():
+        with np.load(directory / arrays_file, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
     if content_hash(manifest, arrays) != manifest.get("content_hash"):
-        raise FailedPrecondition(f"{directory} is corrupted (content hash mismatch); train it again")
+        raise FailedPrecondition(
+            f"{directory} is damaged or edited (content hash mismatch); train it again with `{train_command}`",
+            reason=f"{family.upper()}_ARTIFACT_CORRUPT",
+        )
     return Artifact(manifest, arrays, directory)
