@@ -8,8 +8,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
+from constellation import consul
 from constellation.config import load_config
-from constellation.errors import DeadlineExceeded, FailedPrecondition
+from constellation.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from constellation.server import Registration, RunningServer, create_server, serve
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
@@ -51,9 +52,42 @@ def load_routing(config: DispatchConfig) -> Router | None:
     return router
 
 
+PEERS = (
+    ("classifier_url", "classifier"),
+    ("registry_url", "registry"),
+    ("ranking_url", "ranking"),
+    ("fusion_url", "fusion"),
+)
+
+
+async def discover_peers(config: DispatchConfig) -> DispatchConfig:
+    """``config`` with the address of each peer service it has none for, from Consul (when configured).
+
+    A peer with no healthy instance stays unset (dispatch runs without it); Consul being unreachable
+    is logged and changes nothing.
+    """
+    if not config.consul_http_addr:
+        return config
+    found: dict[str, str] = {}
+    for field_name, component in PEERS:
+        if getattr(config, field_name):
+            continue
+        try:
+            endpoints = await consul.discover(config.consul_http_addr, consul.service_name(component))
+        except Unavailable as exc:
+            log.warning("Consul discovery failed, using the static configuration: %s", exc.message)
+            return config
+        if endpoints:
+            found[field_name] = endpoints[0]
+            log.info("discovered %s at %s through Consul", component, endpoints[0])
+    return config.model_copy(update=found) if found else config
+
+
 @asynccontextmanager
 async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
-    """A Dispatcher with its Triton client and, when configured, its classifier and registry clients."""
+    """A Dispatcher with its Triton client and, when configured (or found in Consul), its classifier,
+    registry, ranking and fusion clients."""
+    config = await discover_peers(config)
     async with AsyncExitStack() as stack:
         triton = await stack.enter_async_context(TritonClient(config.triton_url))
         classifier = None

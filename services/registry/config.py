@@ -41,10 +41,10 @@ class RegistryConfig(ServiceConfig):
             RESOURCE_EXHAUSTED.
         watch_coalesce_s: Least seconds between two statistics-only UPDATED changes of one model.
         max_outcomes: Most outcomes in one ReportOutcome call (more: INVALID_ARGUMENT).
-        consul_http_addr: Consul agent HTTP address (``http://127.0.0.1:8500``). Also read from the
-            standard ``CONSUL_HTTP_ADDR`` variable. Empty: no Consul.
-        advertise_host: Host Consul gives out for this instance (its gRPC health check dials it);
-            empty means ``host``.
+        consul_http_addr: Consul agent HTTP address (``http://127.0.0.1:8500``); also read from
+            ``CONSTELLATION_REGISTRY_CONSUL_HTTP_ADDR`` or the standard ``CONSUL_HTTP_ADDR``. Empty: no
+            Consul. With it, model records are mirrored to Consul KV as well (``advertise_host``: see
+            :class:`~constellation.config.ServiceConfig`).
     """
 
     service_name: ClassVar[str] = "registry"
@@ -75,7 +75,6 @@ class RegistryConfig(ServiceConfig):
             "consul_http_addr", "CONSTELLATION_REGISTRY_CONSUL_HTTP_ADDR", "CONSUL_HTTP_ADDR"
         ),
     )
-    advertise_host: str = ""
 
     @property
     def db_path(self) -> str:

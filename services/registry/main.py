@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+from constellation import consul
 from constellation.config import load_config
 from constellation.server import Registration, RunningServer, create_server
 from constellation.v1 import registry_pb2_grpc
@@ -113,9 +114,10 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
         )
         stack.push_async_callback(server.stop, config.shutdown_grace_s)
         if config.consul_http_addr:
-            host = config.advertise_host or config.host
             await stack.enter_async_context(
-                registered_in_consul(config.consul_http_addr, "constellation-registry", host, server.port)
+                registered_in_consul(
+                    config.consul_http_addr, consul.service_name("registry"), config.advertised_host, server.port
+                )
             )
         yield RunningRegistry(server, registry, prober, mirror)
 

@@ -10,11 +10,12 @@ the standard ``OTEL_*`` variables, which the OpenTelemetry SDK reads itself.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -57,6 +58,11 @@ class ServiceConfig(BaseSettings):
         metrics_port: Prometheus ``/metrics`` HTTP port; 0 picks a free one, -1 disables it.
         shutdown_grace_s: Seconds in-flight calls get to finish after shutdown begins.
         traces_file: When set, finished spans are also appended to this JSON-lines file.
+        consul_http_addr: A Consul agent's HTTP address (``http://127.0.0.1:8500``; also read from the
+            standard ``CONSUL_HTTP_ADDR``). When set, the service registers itself there with a gRPC
+            health check while it runs, and dispatch discovers the services it has no address for.
+        advertise_host: The host other machines reach this service at, registered in Consul; empty:
+            ``host`` (or the machine's name when ``host`` binds every interface).
     """
 
     service_name: ClassVar[str] = "service"
@@ -68,8 +74,19 @@ class ServiceConfig(BaseSettings):
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     log_level: str = "INFO"
     traces_file: str = ""
+    consul_http_addr: str = Field(default="", validation_alias=AliasChoices("consul_http_addr", "CONSUL_HTTP_ADDR"))
+    advertise_host: str = ""
 
     model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
+
+    @property
+    def advertised_host(self) -> str:
+        """``advertise_host``, else ``host``, else (binding every interface) this machine's name."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("0.0.0.0", "::", "[::]", ""):
+            return socket.gethostname()
+        return self.host
 
     @classmethod
     def settings_customise_sources(

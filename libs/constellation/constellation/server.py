@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from constellation import telemetry
+from constellation import consul, telemetry
 from constellation.config import ServiceConfig
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 
@@ -107,7 +107,11 @@ async def serve(
     *,
     on_started: Callable[[RunningServer], None] | None = None,
 ) -> None:
-    """Runs a server until SIGINT or SIGTERM, then shuts it down gracefully."""
+    """Runs a server until SIGINT or SIGTERM, then shuts it down gracefully.
+
+    With ``consul_http_addr`` set, the instance is registered in Consul (``constellation-<service>``, with a
+    gRPC health check) while it serves, and deregistered before it stops.
+    """
     running = await create_server(registrations, config)
     if on_started is not None:
         on_started(running)
@@ -116,8 +120,15 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        if config.consul_http_addr:
+            name = consul.service_name(config.service_name)
+            async with consul.registered_in_consul(config.consul_http_addr, name, config.advertised_host, running.port):
+                await stop.wait()
+        else:
+            await stop.wait()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         log.info("%s shutting down (grace %.1fs)", config.service_name, config.shutdown_grace_s)
         await running.stop(config.shutdown_grace_s)
         # Export the spans still buffered by the batch processor before the process exits.
