@@ -131,7 +131,8 @@ async def serve(
             loop.remove_signal_handler(sig)
         log.info("%s shutting down (grace %.1fs)", config.service_name, config.shutdown_grace_s)
         await running.stop(config.shutdown_grace_s)
-        # Export the spans still buffered by the batch processor before the process exits.
+        # Export the spans still buffered by the batch processor before the process exits. A flush, not
+        # a shutdown: the provider is process-wide, and a server run in-process (tests) must leave it usable.
         provider = trace.get_tracer_provider()
         if isinstance(provider, TracerProvider):
-            await asyncio.to_thread(provider.shutdown)
+            await asyncio.to_thread(provider.force_flush)
