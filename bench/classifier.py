@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sample = random.Random(7).sample(prompts, min(args.latency_samples, len(prompts)))
     record: dict[str, Any] = {
         "command": COMMAND,
-        "artifact": {"content_hash": artifact.content_hash, "path": str(artifact.path)},
+        # the artifact's directory name, not where the cache lies on this machine
+        "artifact": {"content_hash": artifact.content_hash, "path": f"classifier/{Path(artifact.path).name}"},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

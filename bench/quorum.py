@@ -192,10 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     out = DOCS / "bench"
     out.mkdir(parents=True, exist_ok=True)
+    recorded_args = {k: str(v) for k, v in vars(args).items()}
+    recorded_args["pool"] = args.pool.name  # the file, not where it lies on this machine
     (out / "quorum.json").write_text(
-        json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "p99_ratio": ratio}, indent=2
-        )
+        json.dumps({"args": recorded_args, "summary": summary, "p99_ratio": ratio}, indent=2)
     )
     plot(raw, out / "quorum_cdf.png")
     body = (
