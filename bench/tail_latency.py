@@ -33,7 +33,7 @@ import psutil
 from bench.report import DOCS, markdown_table, write_section
 from constellation.client import DispatchClient, ask_request
 from constellation.config import load_config
-from constellation.eval_run import _router_artifact
+from constellation.eval_run import trained_router
 from constellation.load import run_load
 from constellation.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
 from constellation.pools import pool_models, read_pool
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     out = DOCS / "bench"
     out.mkdir(parents=True, exist_ok=True)
 
-    router = _router_artifact(None)
+    router = trained_router(None)
     if router is None:
         print("no trained router: requests go to the untrained router (run `constellation train router` first)")
     with tempfile.TemporaryDirectory(prefix="constellation-tail-") as tmp:

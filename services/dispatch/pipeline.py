@@ -32,7 +32,15 @@ from constellation.v1.common_pb2 import Classification
 from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.query import Query
-from services.dispatch.routing import PoolModel, Router, ScoredModel, Weights
+from services.dispatch.routing import (
+    CLOSED_KINDS,
+    PoolModel,
+    Router,
+    ScoredModel,
+    Weights,
+    estimate_tokens,
+    waves_of,
+)
 from services.fusion.answers import extract_answer
 from services.fusion.client import FusionClient
 from services.fusion.vote import Ballot, tally, weight
@@ -115,6 +123,7 @@ class PlannedModel:
     quality: float = 0.0
     cost_usd: float = 0.0
     latency_ms: float = 0.0
+    eligible: bool = True
 
 
 @dataclass(frozen=True)
@@ -130,10 +139,11 @@ class PlanMade:
     time_budget_ms: float = 0.0
 
     def waves(self) -> list[list[PlannedModel]]:
-        grouped: dict[int, list[PlannedModel]] = {}
-        for member in self.members:
-            grouped.setdefault(member.wave, []).append(member)
-        return [grouped[w] for w in sorted(grouped)]
+        return waves_of(self.members)
+
+    def spares(self) -> list[PlannedModel]:
+        """The eligible models not chosen, best score first: fallbacks and hedges come from here."""
+        return sorted((c for c in self.candidates if not c.chosen and c.eligible), key=lambda c: -c.score)
 
 
 @dataclass(frozen=True)
@@ -362,7 +372,7 @@ class Dispatcher:
             pool,
             embedding=embedding,
             answer_kind=answer_kind,
-            input_tokens=max(1, len(query.prompt) // 4),
+            input_tokens=estimate_tokens(query.prompt),
             expected_output_tokens=expected_tokens,
             profile=query.profile,
             weights=Weights(*query.weights) if query.weights is not None else None,
@@ -372,7 +382,9 @@ class Dispatcher:
         )
 
         def planned(c: ScoredModel) -> PlannedModel:
-            return PlannedModel(c.model, c.reason, c.score, c.chosen, c.wave, c.quality, c.cost_usd, c.latency_ms)
+            return PlannedModel(
+                c.model, c.reason, c.score, c.chosen, c.wave, c.quality, c.cost_usd, c.latency_ms, c.eligible
+            )
 
         return PlanMade(
             route.policy,
@@ -432,8 +444,7 @@ class Dispatcher:
         """One model, streamed as it writes; a routed plan falls back to the next-best model on failure."""
         order = [plan.members[0]]
         if plan.policy not in ("requested",):
-            order += sorted((c for c in plan.candidates if not c.chosen and "left out" not in c.reason),
-                            key=lambda c: -c.score)[: self.config.max_fallbacks]  # fmt: skip
+            order += plan.spares()[: self.config.max_fallbacks]
         problems: list[ConstellationError] = []
         results: list[CallResult] = []
         result = CallResult(order[0].model)
@@ -622,8 +633,7 @@ class Dispatcher:
         queue: asyncio.Queue[CandidateProgress | CallResult] = asyncio.Queue()
         results: list[CallResult] = []
         problems: list[ConstellationError] = []
-        spare = sorted((c for c in plan.candidates if not c.chosen and "left out" not in c.reason),
-                       key=lambda c: -c.score)  # fmt: skip
+        spare = plan.spares()
         waves = plan.waves()
         deciding: list[CallResult] = []
         simulated_ms = 0.0
@@ -758,6 +768,7 @@ class Dispatcher:
         span.set_attribute("constellation.fanout.members", len(results))
         span.set_attribute("constellation.fanout.early_stop", early)
         span.set_attribute("constellation.fused.confidence", confidence)
+        span.set_attribute("constellation.fused.method", fused.method if fused is not None else "dispatch_vote")
         first = [answering.model] if answering is not None else ["fusion"]
         yield Finished(
             text=text,
@@ -966,7 +977,10 @@ class Dispatcher:
             ttft = result.first_at - result.started_at
             ttft_ms = ttft * 1000
             span.set_attribute("constellation.time_to_first_token_ms", ttft_ms)
-            self._ttft.setdefault(model, deque(maxlen=256)).append(ttft_ms)
+            samples = self._ttft.get(model)
+            if samples is None:
+                samples = self._ttft[model] = deque(maxlen=256)
+            samples.append(ttft_ms)
             TTFT.labels(model).observe(ttft)
             if result.output_tokens > 1:
                 PER_TOKEN.labels(model).observe((end - result.first_at) / (result.output_tokens - 1))
@@ -1017,7 +1031,6 @@ def candidate_message(result: CallResult) -> common_pb2.Candidate:
     )
 
 
-CLOSED_KINDS = ("number", "choice")
 _ANSWER_KINDS = {
     common_pb2.ANSWER_KIND_NUMBER: "number",
     common_pb2.ANSWER_KIND_CHOICE: "choice",

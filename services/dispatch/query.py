@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from constellation.errors import FieldViolation, InvalidArgument
 from constellation.triton import Sampling
+from services.dispatch.routing import PROFILES
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/\-]{0,127}$")
-PROFILES = ("quality", "cost", "speed", "balanced")
 MAX_CAPABILITIES = 16
 
 

@@ -44,6 +44,7 @@ from services.dispatch.routing import (
     Router,
     Weights,
     brier,
+    estimate_tokens,
     expected_calibration_error,
     isotonic,
 )
@@ -71,11 +72,6 @@ def default_data_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def estimate_tokens(text: str) -> int:
-    """A prompt's length in tokens, estimated from characters (about 4 per token), as dispatch does."""
-    return max(1, len(text) // 4)
 
 
 @dataclass

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,27 @@ PROFILES = ("quality", "cost", "speed", "balanced")
 CLOSED_KINDS = ("number", "choice")
 DEFAULT_INPUT_TOKENS = 200
 DEFAULT_OUTPUT_TOKENS = 256
+
+
+class Waved(Protocol):
+    @property
+    def wave(self) -> int: ...
+
+
+W = TypeVar("W", bound=Waved)
+
+
+def waves_of(members: Sequence[W]) -> list[list[W]]:
+    """``members`` grouped by their ``wave`` (0 first), keeping their order within a wave."""
+    grouped: dict[int, list[W]] = {}
+    for member in members:
+        grouped.setdefault(member.wave, []).append(member)
+    return [grouped[w] for w in sorted(grouped)]
+
+
+def estimate_tokens(text: str) -> int:
+    """A prompt's length in tokens, estimated from its characters (about 4 per token); at least 1."""
+    return max(1, len(text) // 4)
 
 
 @dataclass(frozen=True)
@@ -423,6 +444,8 @@ class ScoredModel:
     chosen: bool = False
     wave: int = 0
     reason: str = ""
+    eligible: bool = True
+    """False when health, capabilities or a ceiling left the model out."""
 
 
 @dataclass
@@ -445,13 +468,9 @@ class Route:
     candidates: list[ScoredModel]
     quorum: int = 0
     summary: str = ""
-    weights: Weights = field(default_factory=lambda: Weights(1.0, 0.0, 0.0))
 
     def waves(self) -> list[list[ScoredModel]]:
-        grouped: dict[int, list[ScoredModel]] = {}
-        for member in self.members:
-            grouped.setdefault(member.wave, []).append(member)
-        return [grouped[w] for w in sorted(grouped)]
+        return waves_of(self.members)
 
 
 def _unit(values: np.ndarray, *, log: bool) -> np.ndarray:
@@ -565,6 +584,7 @@ class Router:
             else:
                 scored.append(candidate)
                 continue
+            candidate.eligible = False
             left_out.append(candidate)
         if settings.anchor_margin > 0 and scored:
             known = [c for c in scored if preds[c.model].anchor is not None]
@@ -593,7 +613,6 @@ class Router:
             if not candidate.chosen and not candidate.reason:
                 candidate.reason = f"score {candidate.score:.3f} below the chosen"
         route.profile = name
-        route.weights = used_weights
         route.candidates = scored + left_out
         return route
 

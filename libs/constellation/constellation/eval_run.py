@@ -161,7 +161,7 @@ def run_eval(
     if not evaluated:
         raise ValueError(f"{pool} has no {split} records")
     judge = Judge(evaluated, train, seed=seed)
-    artifact = _router_artifact(router_artifact)
+    artifact = trained_router(router_artifact)
     if policies:
         chosen = list(policies)
     else:
@@ -253,7 +253,7 @@ def run_eval(
     )
 
 
-def _router_artifact(path: str | None) -> Path | None:
+def trained_router(path: str | None) -> Path | None:
     """The router artifact directory to evaluate, or None when none is trained."""
     from constellation import artifacts
     from constellation.errors import FailedPrecondition
