@@ -3,7 +3,8 @@
 The replay model serves a pool this file writes, with a fixed (tail-free) simulated latency per model,
 really waited (time scale 1): `fast-a` and `fast-b` answer in about 30 ms, `slow` in 5 s. A router
 artifact written here makes the `quality` profile ask the three best models at once and vote; `ghost`
-is in the catalog but its Triton model is not loaded, so it fails with NOT_FOUND.
+is in the catalog but its Triton model (`replay-ghost`, a copy of replay made by a test) is not loaded,
+so it fails with NOT_FOUND, except while one test loads it and then unloads it mid-run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from constellation import artifacts
 from constellation.client import DispatchClient, ask_request
 from constellation.mesh import Mesh, MeshPorts
+from constellation.triton import TritonClient
 from constellation.v1 import common_pb2, dispatch_pb2
 from services.dispatch.routing import ARTIFACT_KIND, ProfileSettings, Weights
 from services.inference.launcher import free_port
@@ -33,7 +35,7 @@ from tests.e2e.triton_metrics import generations, in_flight, scrape
 
 PROMPT = "Solve: 2 + 4 = ? Give the final number."
 MODELS = {  # name: (quality the router believes, price per Mtok, simulated ttft ms, Triton model)
-    "ghost": (0.95, 0.5, 30, "ghost-not-loaded"),
+    "ghost": (0.95, 0.5, 30, "replay-ghost"),
     "fast-a": (0.90, 0.02, 30, "replay"),
     "fast-b": (0.85, 1.0, 40, "replay"),
     "slow": (0.80, 0.01, 5000, "replay"),
@@ -183,6 +185,62 @@ def test_vote_stops_at_quorum_cancels_the_straggler_in_triton_and_replaces_a_fai
     assert generations(metrics, "cancelled", "replay") == cancelled_before + 1
     assert dispatch_counter(mesh, "constellation_early_terminations_total", {"policy": "vote"}) >= 1
     assert dispatch_counter(mesh, "constellation_fallbacks_total", {"model": "ghost"}) >= 1
+
+
+def add_ghost_model(mesh: Mesh) -> Path:
+    """Puts `replay-ghost` (replay's versions and configuration under a new name) in Triton's repository."""
+    repository = mesh.triton.served_model_repository
+    ghost = repository / MODELS["ghost"][3]
+    ghost.mkdir()
+    (ghost / "1").symlink_to((repository / "replay" / "1").resolve())
+    config = (repository / "replay" / "config.pbtxt").read_text()
+    (ghost / "config.pbtxt").write_text(config.replace('name: "replay"', f'name: "{ghost.name}"', 1))
+    return ghost
+
+
+def test_a_member_whose_triton_model_is_unloaded_mid_run_is_replaced_and_no_request_is_lost(mesh: Mesh) -> None:
+    """Eight quality Asks in a row; after the second, ghost's Triton model is unloaded under them."""
+    ghost_dir = add_ghost_model(mesh)
+    triton_model = ghost_dir.name
+
+    async def run() -> tuple[list[list[dispatch_pb2.AskResponse]], int]:
+        triton = TritonClient(mesh.triton.grpc_url)
+        await triton.load(triton_model)
+        try:
+            answered: list[list[dispatch_pb2.AskResponse]] = []
+            unloaded_after = -1
+            for i in range(8):
+                events, _ = await ask(mesh, ask_request(PROMPT, profile=common_pb2.PROFILE_QUALITY))
+                answered.append(events)
+                if i == 1:
+                    await triton.unload(triton_model)
+                    assert not await triton.model_ready(triton_model)
+                    unloaded_after = i
+            return answered, unloaded_after
+        finally:
+            if await triton.model_ready(triton_model):
+                await triton.unload(triton_model)
+            await triton.close()
+
+    try:
+        answered, unloaded_after = asyncio.run(run())
+    finally:
+        for entry in ghost_dir.iterdir():
+            entry.unlink()
+        ghost_dir.rmdir()
+    assert len(answered) == 8
+    for i, events in enumerate(answered):
+        final = events[-1].final
+        assert final.text.endswith("the answer is 6"), f"Ask {i} lost its answer"
+        seen = phases(events)
+        if i <= unloaded_after:  # ghost loaded: it takes part and nothing fails
+            assert PHASE.PHASE_FAILED not in seen["ghost"] and PHASE.PHASE_STARTED in seen["ghost"]
+            assert final.status.code == 0 and "slow" not in seen
+        else:  # ghost gone from Triton: NOT_FOUND, replaced by the next-best model, and said so
+            assert seen["ghost"][-1] == PHASE.PHASE_FAILED
+            assert PHASE.PHASE_STARTED in seen["slow"]
+            assert final.status.code == 5 and "ghost" in final.status.message
+    wait_idle(mesh)
 
 
 def test_a_slow_first_token_is_hedged_and_the_loser_cancelled(mesh: Mesh) -> None:
