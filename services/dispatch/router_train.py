@@ -6,8 +6,9 @@ What it does, in order:
    the way the classifier does at run time (its keyword focus, all-MiniLM-L6-v2), with an on-disk cache.
 2. Chooses the predictor's neighbourhood (k, shrinkage) by leave-one-out routing accuracy on ``train``.
 3. Calibrates it: isotonic regression of the recorded quality on the leave-one-out estimates.
-4. Learns, per answer kind, how many models the ``quality`` profile asks at once and votes over
-   (closed answers), and the ``balanced`` profile on ``train``: among a grid of weights and cascade settings, the one
+4. Learns, per answer kind, how the ``quality`` profile plans (one model per query; the one model with
+   the best train record over the pool, unless per-query choices beat it on train; a vote of n; or a
+   cascade), and the ``balanced`` profile on ``train``: among a grid of weights and cascade settings, the one
    with the lowest mean cost relative to each pool's best train model that stays within a margin of
    that model's train quality on every pool (simulated with leave-one-out predictions and recorded
    answers; nothing from ``test`` is used).
@@ -123,7 +124,7 @@ def loo_predictions(
     for start in range(0, len(queries), 256):
         sims = queries[start : start + 256] @ predictor.embeddings.T
         parts.append(predictor.raw_batch(sims, None if exclude is None else exclude[start : start + 256], models))
-    return tuple(np.concatenate([part[i] for part in parts]) for i in range(4))
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(len(parts[0])))
 
 
 def pooled_loo(predictor: QualityPredictor, vectors: np.ndarray, pools: Sequence[PoolData]) -> tuple[np.ndarray, ...]:
@@ -133,10 +134,11 @@ def pooled_loo(predictor: QualityPredictor, vectors: np.ndarray, pools: Sequence
     obs = np.zeros((n, m))
     tokens = np.zeros((n, m))
     wide = np.full((n, m), np.nan, dtype=np.float64)
+    pool_mean = np.full((n, m), np.nan, dtype=np.float64)
     for pool in pools:
-        r, o, t, w = loo_predictions(predictor, vectors[pool.rows], pool.rows, list(pool.records[0].responses))
-        raw[pool.rows], obs[pool.rows], tokens[pool.rows], wide[pool.rows] = r, o, t, w
-    return raw, obs, tokens, wide
+        r, o, t, w, pm = loo_predictions(predictor, vectors[pool.rows], pool.rows, list(pool.records[0].responses))
+        raw[pool.rows], obs[pool.rows], tokens[pool.rows], wide[pool.rows], pool_mean[pool.rows] = r, o, t, w, pm
+    return raw, obs, tokens, wide, pool_mean
 
 
 def routing_accuracy(raw: np.ndarray, quality: np.ndarray, pools: Sequence[PoolData]) -> float:
@@ -265,7 +267,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         predictor = QualityPredictor(
             train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups
         )
-        raw, _, _, _ = pooled_loo(predictor, train_vectors, pools)
+        raw = pooled_loo(predictor, train_vectors, pools)[0]
         accuracy = routing_accuracy(raw, quality, pools)
         search.append({"k": k, "alpha": alpha, "loo_routing_quality": round(accuracy, 5)})
         if best is None or accuracy > best[0] + 1e-9:
@@ -275,7 +277,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. calibration on leave-one-out estimates
     predictor = QualityPredictor(train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups)
-    raw, obs, out_tokens, wide = pooled_loo(predictor, train_vectors, pools)
+    raw, obs, out_tokens, wide, pool_means = pooled_loo(predictor, train_vectors, pools)
     present = ~np.isnan(quality) & ~np.isnan(raw)
     predictor.calibration = isotonic(raw[present], quality[present])
     calibrated = predictor.calibrate(np.nan_to_num(raw))
@@ -295,7 +297,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         vectors_t = test_vectors[start:end]
         if not recs:
             continue
-        raw_t, _, _, _ = loo_predictions(predictor, vectors_t, None, list(recs[0].responses))
+        raw_t = loo_predictions(predictor, vectors_t, None, list(recs[0].responses))[0]
         cal_t = predictor.calibrate(np.nan_to_num(raw_t))
         ps, ys = [], []
         for row, record in enumerate(recs):
@@ -323,6 +325,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     float(out_tokens[row, i]) if out_tokens[row, i] > 0 else None,
                     "knn",
                     float(anchors[row, i]) if not np.isnan(wide[row, i]) else None,
+                    float(pool_means[row, i]) if not np.isnan(pool_means[row, i]) else None,
                 )
             out.append(preds)
         return out
@@ -383,6 +386,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # the quality profile, for every answer kind
         best_quality: tuple[float, float, ProfileSettings] | None = None
         options = [ProfileSettings(Weights(1.0, 0.0, 0.0), anchor_margin=m) for m in ANCHOR_MARGINS]
+        options.append(ProfileSettings(Weights(1.0, 0.0, 0.0), static=True))  # routing must beat this on train
         if kind in CLOSED_KINDS:
             options += [ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size) for size in VOTE_SIZES[1:]]
             options += [

@@ -97,6 +97,8 @@ class ProfileSettings:
             also ends once its leader cannot be overtaken by the members still running.
         anchor_margin: Leaving the model with the best record over the wider neighbourhood (the anchor)
             for another costs this much predicted quality: near neighbours must show a clear gain first.
+        static: Ask the one model with the best train record over the query's whole pool, whatever the
+            neighbours say (training keeps it when no per-query choice beats it on train).
     """
 
     weights: Weights
@@ -107,6 +109,7 @@ class ProfileSettings:
     escalate_size: int = 1
     anchor_margin: float = 0.0
     quorum: int = 0
+    static: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,6 +121,7 @@ class ProfileSettings:
             "escalate_size": self.escalate_size,
             "anchor_margin": self.anchor_margin,
             "quorum": self.quorum,
+            "static": self.static,
         }
 
     @classmethod
@@ -131,6 +135,7 @@ class ProfileSettings:
             int(raw.get("escalate_size", 1)),
             float(raw.get("anchor_margin", 0.0)),
             int(raw.get("quorum", 0)),
+            bool(raw.get("static", False)),
         )
 
 
@@ -154,6 +159,8 @@ class Prediction:
         source: ``knn`` (recorded neighbours), ``prior`` (family/size) or ``mean`` (no embedding).
         anchor: The model's calibrated record over the wider neighbourhood (a steadier estimate); None
             when not known.
+        pool_mean: The model's mean recorded quality over every train prompt of the query's pool (what
+            a static choice goes by); None when not known.
     """
 
     quality: float
@@ -161,6 +168,7 @@ class Prediction:
     output_tokens: float | None
     source: str
     anchor: float | None = None
+    pool_mean: float | None = None
 
 
 def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +263,9 @@ class QualityPredictor:
         present = ~np.isnan(self.quality)
         self.group_models = np.stack([present[self.groups == g].any(0) for g in range(int(self.groups.max()) + 1)])
         self.global_mean = np.where(present.any(0), np.nansum(self.quality, 0) / np.maximum(present.sum(0), 1), np.nan)
+        filled = np.nan_to_num(self.quality)
+        self.group_sum = np.stack([filled[self.groups == g].sum(0) for g in range(len(self.group_models))])
+        self.group_count = np.stack([present[self.groups == g].sum(0) for g in range(len(self.group_models))])
 
     def calibrate(self, raw: np.ndarray) -> np.ndarray:
         if self.calibration is None:
@@ -275,13 +286,15 @@ class QualityPredictor:
             models: The models that will be scored: only pools recording the most of them are used.
 
         Returns:
-            ``(raw quality [b, m], observations [b, m], output tokens [b, m], wide mean [b, m])``; NaN
-            where no neighbour in the wide neighbourhood has the model.
+            ``(raw quality [b, m], observations [b, m], output tokens [b, m], wide mean [b, m], pool mean
+            [b, m])``; NaN where no neighbour in the wide neighbourhood (for the pool mean: no prompt of
+            the query's pool, the excluded row left out) has the model.
         """
         sims = np.array(sims, dtype=np.float32, copy=True)
         if exclude is not None:
             rows = np.nonzero(exclude >= 0)[0]
             sims[rows, exclude[rows]] = -np.inf
+        group = np.zeros(len(sims), dtype=np.int64)
         if self.groups.max(initial=0) > 0:
             if models:
                 columns = [self.index[m] for m in models if m in self.index]
@@ -315,7 +328,14 @@ class QualityPredictor:
         narrow_mean = np.nansum(tokens_wide[:, : self.k], 1) / np.maximum(narrow_mask.sum(1), 1)
         wide_mean = np.nansum(tokens_wide, 1) / np.maximum(token_mask.sum(1), 1)
         tokens = np.where(narrow_mask.any(1), narrow_mean, wide_mean)  # 0 where nothing was recorded
-        return raw, wsum, tokens, prior
+        pool_sum, pool_count = self.group_sum[group].astype(np.float64), self.group_count[group].astype(np.float64)
+        if exclude is not None:
+            rows = np.nonzero(exclude >= 0)[0]
+            own = self.quality[exclude[rows]]
+            pool_sum[rows] -= np.nan_to_num(own)
+            pool_count[rows] -= ~np.isnan(own)
+        pool_mean = np.where(pool_count > 0, pool_sum / np.maximum(pool_count, 1), np.nan)
+        return raw, wsum, tokens, prior, pool_mean
 
     def predict(self, embedding: np.ndarray | None, models: Sequence[str]) -> dict[str, Prediction]:
         """Predictions for ``models`` on one query. Takes well under a millisecond for a few thousand rows.
@@ -330,14 +350,15 @@ class QualityPredictor:
                 if math.isnan(mean):
                     out[model] = Prediction(0.5, 0.0, None, "prior")
                 else:
-                    out[model] = Prediction(float(self.calibrate(np.array([mean]))[0]), 0.0, None, "mean")
+                    calibrated_mean = float(self.calibrate(np.array([mean]))[0])
+                    out[model] = Prediction(calibrated_mean, 0.0, None, "mean", pool_mean=mean)
             return out
         vector = np.asarray(embedding, dtype=np.float32)
         norm = float(np.linalg.norm(vector))
         if norm > 0:
             vector = vector / norm
         sims = (self.embeddings @ vector)[None, :]
-        raw, obs, tokens, wide = (a[0] for a in self.raw_batch(sims, models=models))
+        raw, obs, tokens, wide, pool_mean = (a[0] for a in self.raw_batch(sims, models=models))
         calibrated = self.calibrate(np.nan_to_num(raw))
         anchors = self.calibrate(np.nan_to_num(wide))
         known: dict[str, float] = {}
@@ -351,6 +372,7 @@ class QualityPredictor:
                     float(tokens[i]) if tokens[i] > 0 else None,
                     "knn",
                     float(anchors[i]),
+                    None if np.isnan(pool_mean[i]) else float(pool_mean[i]),
                 )
         for model in models:
             if model not in out:
@@ -601,7 +623,9 @@ class Router:
         score_candidates(scored, used_weights)
         scored.sort(key=lambda c: (-c.score, c.cost_usd, c.model))
         name = "custom" if weights is not None else profile
-        route = self._cascade(scored, settings, answer_kind) if weights is None else None
+        route = self._static(scored, preds, name) if weights is None and settings.static else None
+        if route is None and weights is None:
+            route = self._cascade(scored, settings, answer_kind)
         if route is None and weights is None:
             route = self._vote(scored, settings, answer_kind)
         if route is None:
@@ -615,6 +639,16 @@ class Router:
         route.profile = name
         route.candidates = scored + left_out
         return route
+
+    def _static(self, scored: list[ScoredModel], preds: Mapping[str, Prediction], name: str) -> Route | None:
+        """The model with the best train record over the query's pool, alone; None when no record is known."""
+        known = [c for c in scored if preds[c.model].pool_mean is not None]
+        if not known:
+            return None
+        best = max(known, key=lambda c: (preds[c.model].pool_mean or 0.0, -c.cost_usd))
+        best.chosen = True
+        best.reason = f"best train record over this pool ({preds[best.model].pool_mean:.3f}; static {name} choice)"
+        return Route("single", name, [best], [], summary=f"ask {best.model} alone (static {name} choice)")
 
     def _vote(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
         """The best-scoring ``vote_size`` models asked at once, answers voted; None when it does not apply."""

@@ -218,3 +218,38 @@ def test_an_anchor_margin_keeps_the_steadier_model_unless_the_gain_is_clear() ->
     assert anchored.route(pool, profile="quality", predictions=preds).members[0].model == "steady"
     preds["lucky"] = Prediction(0.95, 10, 100, "knn", anchor=0.70)
     assert anchored.route(pool, profile="quality", predictions=preds).members[0].model == "lucky"
+
+
+def test_a_static_profile_asks_the_model_with_the_best_pool_record_whatever_the_neighbours_say() -> None:
+    pool = [PoolModel("steady", 1, 1), PoolModel("lucky", 1, 1), PoolModel("unknown", 0.1, 0.1)]
+    preds = {
+        "steady": Prediction(0.60, 10, 100, "knn", pool_mean=0.85),
+        "lucky": Prediction(0.95, 10, 100, "knn", pool_mean=0.70),
+        "unknown": Prediction(0.99, 0, None, "prior"),
+    }
+    router = Router(None, {"quality": ProfileSettings(Weights(1, 0, 0), static=True)})
+    route = router.route(pool, profile="quality", predictions=preds)
+    assert route.policy == "single" and [m.model for m in route.members] == ["steady"]
+    assert "best train record" in route.members[0].reason
+    # per-request weights are not a profile: they score every candidate as usual
+    custom = router.route(pool, profile="quality", weights=Weights(1, 0, 0), predictions=preds)
+    assert custom.members[0].model == "unknown"
+    # nothing recorded for the pool: the static choice does not apply and the score decides
+    bare = {m: Prediction(p.quality, p.observations, p.output_tokens, p.source) for m, p in preds.items()}
+    assert router.route(pool, profile="quality", predictions=bare).members[0].model == "unknown"
+
+
+def test_the_pool_mean_is_the_models_record_over_the_querys_pool_leaving_the_query_out() -> None:
+    predictor = two_topics()  # maths right on the 30 x prompts, prose right on the 30 y prompts
+    sims = predictor.embeddings[:2] @ predictor.embeddings.T
+    pool_mean = predictor.raw_batch(sims)[4]
+    assert pool_mean[0] == pytest.approx([0.5, 0.5])
+    loo = predictor.raw_batch(sims, exclude=np.array([0, -1]))[4]
+    assert loo[0] == pytest.approx([29 / 59, 30 / 59]) and loo[1] == pytest.approx([0.5, 0.5])
+    assert predictor.predict(predictor.embeddings[0], ["maths", "prose"])["maths"].pool_mean == pytest.approx(0.5)
+
+
+def test_static_survives_the_profile_json_round_trip() -> None:
+    settings = ProfileSettings(Weights(1, 0, 0), static=True)
+    assert ProfileSettings.from_json(settings.to_json()) == settings
+    assert not ProfileSettings.from_json({"weights": {"quality": 1, "cost": 0, "latency": 0}}).static
