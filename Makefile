@@ -59,6 +59,7 @@ bench: setup
 	$(PY) -m bench.mesh_overhead
 	$(PY) -m services.dispatch.router_train --quiet
 	$(PY) -m bench.pools
+	$(PY) -m bench.cascade_search
 	$(PY) -m bench.quorum
 	$(PY) -m bench.tail_latency
 	$(PY) -m bench.classifier --train

@@ -135,10 +135,12 @@ def pooled_loo(predictor: QualityPredictor, vectors: np.ndarray, pools: Sequence
     tokens = np.zeros((n, m))
     wide = np.full((n, m), np.nan, dtype=np.float64)
     pool_mean = np.full((n, m), np.nan, dtype=np.float64)
+    group = np.zeros(n, dtype=np.int64)
     for pool in pools:
-        r, o, t, w, pm = loo_predictions(predictor, vectors[pool.rows], pool.rows, list(pool.records[0].responses))
+        r, o, t, w, pm, g = loo_predictions(predictor, vectors[pool.rows], pool.rows, list(pool.records[0].responses))
         raw[pool.rows], obs[pool.rows], tokens[pool.rows], wide[pool.rows], pool_mean[pool.rows] = r, o, t, w, pm
-    return raw, obs, tokens, wide, pool_mean
+        group[pool.rows] = g
+    return raw, obs, tokens, wide, pool_mean, group
 
 
 def routing_accuracy(raw: np.ndarray, quality: np.ndarray, pools: Sequence[PoolData]) -> float:
@@ -276,8 +278,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     _, k, alpha = best
 
     # 3. calibration on leave-one-out estimates
-    predictor = QualityPredictor(train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups)
-    raw, obs, out_tokens, wide, pool_means = pooled_loo(predictor, train_vectors, pools)
+    kinds_of_pools = [pool.records[0].answer_kind for pool in pools]
+    predictor = QualityPredictor(
+        train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups, group_kinds=kinds_of_pools
+    )
+    raw, obs, out_tokens, wide, pool_means, loo_groups = pooled_loo(predictor, train_vectors, pools)
     present = ~np.isnan(quality) & ~np.isnan(raw)
     predictor.calibration = isotonic(raw[present], quality[present])
     calibrated = predictor.calibrate(np.nan_to_num(raw))
@@ -326,6 +331,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     "knn",
                     float(anchors[row, i]) if not np.isnan(wide[row, i]) else None,
                     float(pool_means[row, i]) if not np.isnan(pool_means[row, i]) else None,
+                    kinds_of_pools[loo_groups[row]],
                 )
             out.append(preds)
         return out
@@ -422,6 +428,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "cards": {m: {"family": c.family, "params_b": c.params_b} for m, c in cards.items()},
         "predictor": predictor.settings(),
         "profiles": profiles,
+        "pool_kinds": kinds_of_pools,
         "embedding": "all-MiniLM-L6-v2 of the classifier's keyword focus (unit length)",
         "training": {
             "pools": [{"file": p.path.name, "rows": len(p.records)} for p in pools],

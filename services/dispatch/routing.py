@@ -161,6 +161,8 @@ class Prediction:
             when not known.
         pool_mean: The model's mean recorded quality over every train prompt of the query's pool (what
             a static choice goes by); None when not known.
+        pool_kind: The answer kind of the recorded pool the query's neighbours come from (the kind whose
+            learned settings fit it); None when the artifact does not say.
     """
 
     quality: float
@@ -169,6 +171,7 @@ class Prediction:
     source: str
     anchor: float | None = None
     pool_mean: float | None = None
+    pool_kind: str | None = None
 
 
 def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +234,7 @@ class QualityPredictor:
         groups: ``int [n]`` the pool each train prompt came from. Scores of different pools are not on
             one scale (a judge's preference share is not an exact-match rate), so a query's estimates
             use only the pool its ``k`` nearest prompts mostly come from. None: one pool.
+        group_kinds: The answer kind of each pool in ``groups``; None: not known.
     """
 
     def __init__(
@@ -247,6 +251,7 @@ class QualityPredictor:
         power: float = 4.0,
         calibration: tuple[np.ndarray, np.ndarray] | None = None,
         groups: np.ndarray | None = None,
+        group_kinds: Sequence[str] | None = None,
     ):
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.quality = np.asarray(quality, dtype=np.float32)
@@ -260,6 +265,7 @@ class QualityPredictor:
         self.power = power
         self.calibration = calibration
         self.groups = np.zeros(len(self.embeddings), dtype=np.int32) if groups is None else np.asarray(groups, np.int32)
+        self.group_kinds = list(group_kinds) if group_kinds is not None else None
         present = ~np.isnan(self.quality)
         self.group_models = np.stack([present[self.groups == g].any(0) for g in range(int(self.groups.max()) + 1)])
         self.global_mean = np.where(present.any(0), np.nansum(self.quality, 0) / np.maximum(present.sum(0), 1), np.nan)
@@ -287,8 +293,8 @@ class QualityPredictor:
 
         Returns:
             ``(raw quality [b, m], observations [b, m], output tokens [b, m], wide mean [b, m], pool mean
-            [b, m])``; NaN where no neighbour in the wide neighbourhood (for the pool mean: no prompt of
-            the query's pool, the excluded row left out) has the model.
+            [b, m], pool [b])``; NaN where no neighbour in the wide neighbourhood (for the pool mean: no
+            prompt of the query's pool, the excluded row left out) has the model.
         """
         sims = np.array(sims, dtype=np.float32, copy=True)
         if exclude is not None:
@@ -335,7 +341,7 @@ class QualityPredictor:
             pool_sum[rows] -= np.nan_to_num(own)
             pool_count[rows] -= ~np.isnan(own)
         pool_mean = np.where(pool_count > 0, pool_sum / np.maximum(pool_count, 1), np.nan)
-        return raw, wsum, tokens, prior, pool_mean
+        return raw, wsum, tokens, prior, pool_mean, group
 
     def predict(self, embedding: np.ndarray | None, models: Sequence[str]) -> dict[str, Prediction]:
         """Predictions for ``models`` on one query. Takes well under a millisecond for a few thousand rows.
@@ -358,7 +364,8 @@ class QualityPredictor:
         if norm > 0:
             vector = vector / norm
         sims = (self.embeddings @ vector)[None, :]
-        raw, obs, tokens, wide, pool_mean = (a[0] for a in self.raw_batch(sims, models=models))
+        raw, obs, tokens, wide, pool_mean, group = (a[0] for a in self.raw_batch(sims, models=models))
+        pool_kind = self.group_kinds[int(group)] if self.group_kinds else None
         calibrated = self.calibrate(np.nan_to_num(raw))
         anchors = self.calibrate(np.nan_to_num(wide))
         known: dict[str, float] = {}
@@ -373,6 +380,7 @@ class QualityPredictor:
                     "knn",
                     float(anchors[i]),
                     None if np.isnan(pool_mean[i]) else float(pool_mean[i]),
+                    pool_kind,
                 )
         for model in models:
             if model not in out:
@@ -570,9 +578,13 @@ class Router:
             FailedPrecondition: no model is healthy, capable and within the ceilings; the message
                 says which constraint removed them.
         """
-        settings = self.settings(profile, answer_kind)
-        used_weights = weights if weights is not None else settings.weights
         preds = predictions if predictions is not None else self.predictions(embedding, [m.name for m in pool])
+        # Settings were learned per kind of recorded pool: a query near an `open` pool's prompts gets the
+        # `open` settings even when the classifier reads it as `code` (closed-answer plans still need a
+        # closed answer kind from the classifier to apply).
+        pool_kind = next((p.pool_kind for p in preds.values() if p.pool_kind), None)
+        settings = self.settings(profile, pool_kind or answer_kind)
+        used_weights = weights if weights is not None else settings.weights
         fallback_tokens = float(expected_output_tokens or DEFAULT_OUTPUT_TOKENS)
         scored: list[ScoredModel] = []
         left_out: list[ScoredModel] = []
@@ -718,6 +730,7 @@ def load_router(path: Path | str | None = None) -> Router:
         cards,
         calibration=calibration,
         groups=arrays.get("groups"),
+        group_kinds=manifest.get("pool_kinds"),
         **manifest["predictor"],
     )
     profiles = {name: ProfileSettings.from_json(raw) for name, raw in manifest.get("profiles", {}).items()}

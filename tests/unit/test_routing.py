@@ -253,3 +253,39 @@ def test_static_survives_the_profile_json_round_trip() -> None:
     settings = ProfileSettings(Weights(1, 0, 0), static=True)
     assert ProfileSettings.from_json(settings.to_json()) == settings
     assert not ProfileSettings.from_json({"weights": {"quality": 1, "cost": 0, "latency": 0}}).static
+
+
+def test_settings_follow_the_kind_of_the_recorded_pool_the_query_lands_in() -> None:
+    """A query near an `open` pool's prompts gets the `open` settings, whatever kind the classifier reads."""
+    pool = [PoolModel("steady", 1, 1), PoolModel("lucky", 1, 1)]
+    preds = {
+        "steady": Prediction(0.60, 10, 100, "knn", pool_mean=0.85, pool_kind="open"),
+        "lucky": Prediction(0.95, 10, 100, "knn", pool_mean=0.70, pool_kind="open"),
+    }
+    router = Router(
+        None,
+        {
+            "quality/open": ProfileSettings(Weights(1, 0, 0), static=True),
+            "quality/code": ProfileSettings(Weights(1, 0, 0)),
+        },
+    )
+    assert router.route(pool, profile="quality", answer_kind="code", predictions=preds).members[0].model == "steady"
+    unknown = {m: Prediction(p.quality, 10, 100, "knn", pool_mean=p.pool_mean) for m, p in preds.items()}
+    assert router.route(pool, profile="quality", answer_kind="code", predictions=unknown).members[0].model == "lucky"
+
+
+def test_the_predictor_names_the_kind_of_the_pool_a_query_lands_in() -> None:
+    base = two_topics()
+    groups = np.array([0] * 30 + [1] * 30)
+    predictor = QualityPredictor(
+        base.embeddings,
+        base.quality,
+        base.output_tokens,
+        base.models,
+        k=5,
+        groups=groups,
+        group_kinds=["number", "open"],
+    )
+    assert predictor.predict(unit([0.0, 1.0, 0.05]), base.models)["maths"].pool_kind == "open"
+    assert predictor.predict(unit([1.0, 0.0, 0.05]), base.models)["prose"].pool_kind == "number"
+    assert base.predict(unit([1.0, 0.0, 0.05]), base.models)["prose"].pool_kind is None
