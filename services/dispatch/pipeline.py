@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from opentelemetry import trace
@@ -225,6 +226,17 @@ class CallResult:
 
 FALLBACK_CODES = ("UNAVAILABLE", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNKNOWN")
 """Member errors that another model may succeed where this one failed."""
+
+
+async def _first_done(task: asyncio.Future[Any], event: asyncio.Event) -> None:
+    """Waits until ``event`` is set or ``task`` is done (whichever comes first)."""
+    if event.is_set() or task.done():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 class Dispatcher:
@@ -897,6 +909,7 @@ class Dispatcher:
                 remaining = ends_at - time.perf_counter()
                 if remaining <= 0:
                     raise DeadlineExceeded("the request's deadline passed before the model was called")
+                sent = asyncio.Event()
                 chunks_stream = self.triton.generate(
                     triton_model,
                     query.prompt,
@@ -904,12 +917,14 @@ class Dispatcher:
                     timeout_s=remaining,
                     headers=telemetry.inject_headers(),
                     parameters=entry.parameters,
+                    sent=sent,
                 )
                 async with aclosing(chunks_stream) as chunks:
-                    # The request leaves for Triton now; the plan and "started" events go to the
+                    # The request leaves for Triton first; the plan and "started" events go to the
                     # caller while the model works, not before it starts.
                     head = asyncio.ensure_future(anext(chunks, None))
                     try:
+                        await _first_done(head, sent)
                         for event in pre_events:
                             yield event
                         yield CandidateProgress(model, "started", 0.0)

@@ -287,6 +287,7 @@ class TritonClient:
         headers: Mapping[str, str] | None = None,
         request_id: str = "",
         parameters: Mapping[str, str] | None = None,
+        sent: asyncio.Event | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Streams the model's answer to ``prompt``; the last chunk has ``final`` set.
 
@@ -299,6 +300,8 @@ class TritonClient:
             request_id: Triton request id (shows in Triton's logs and traces).
             parameters: KServe request parameters, e.g. ``{"recorded_model": "gpt-4o"}`` for the replay
                 model.
+            sent: Set once the request has been handed to gRPC for sending (the iterator must be driven
+                for that to happen), so a caller can do other work while the model runs.
 
         Raises:
             NotFound, InvalidArgument, Unavailable, DeadlineExceeded, Cancelled, InternalError.
@@ -323,6 +326,8 @@ class TritonClient:
                 "request_id": request_id,
                 "parameters": dict(parameters or {}),
             }
+            if sent is not None:
+                sent.set()
             # Keep the client side of the stream open until the final response has arrived.
             await finished.wait()
 
