@@ -94,12 +94,21 @@ def wait_serving(address: str, timeout_s: float, *, alive: Callable[[], bool] = 
 class ServiceProcess:
     """One Constellation service as a child process in its own session."""
 
-    def __init__(self, name: str, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.name = name
         self.module = module
         self.args = args
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -111,6 +120,7 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env={**os.environ, **(self.env or {})},
+                cwd=self.cwd,
             )
 
     def alive(self) -> bool:
