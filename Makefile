@@ -66,6 +66,7 @@ bench: setup
 	$(PY) -m bench.fusion --train
 	$(PY) -m services.ranking.train
 	$(PY) -m bench.ranker
+	$(PY) -m bench.ranked_fanout
 
 clean:
 	rm -rf build .run $(STUBS) libs/constellation/constellation/v1/*_pb2*.py* 
