@@ -738,7 +738,7 @@ class Dispatcher:
             stages.append(Stage("generate", 0.0, simulated=True))
         fused: Fused | None = None
         ordered = sorted(deciding, key=lambda r: -r.reliability)
-        if self.ranking is not None and answer_kind not in CLOSED_KINDS and len(ordered) > 2:
+        if self.ranking is not None and answer_kind not in CLOSED_KINDS and len(ordered) >= 2:
             rank_start = time.perf_counter()
             try:
                 ordered = await self._rank(query, ordered, answer_kind, ends_at)

@@ -8,10 +8,12 @@ What it does, in order:
 3. Calibrates it: isotonic regression of the recorded quality on the leave-one-out estimates.
 4. Learns, per answer kind, how the ``quality`` profile plans (one model per query; the one model with
    the best train record over the pool, unless per-query choices beat it on train; a vote of n; or a
-   cascade), and the ``balanced`` profile on ``train``: among a grid of weights and cascade settings, the one
-   with the lowest mean cost relative to each pool's best train model that stays within a margin of
-   that model's train quality on every pool (simulated with leave-one-out predictions and recorded
-   answers; nothing from ``test`` is used).
+   cascade), and the ``balanced`` profile on ``train``: among a grid of weights, cascades (closed
+   answers) and ranked fan-outs (code and open answers, when a pair ranker is trained: cheap models
+   asked at once, the ranker's pick kept), the one with the lowest mean cost relative to each pool's
+   best train model that stays within a margin of that model's train quality on every pool (simulated
+   with leave-one-out predictions and recorded answers; nothing from ``test`` is used; the ranker's
+   picks are in-sample, since it was fitted on the same train splits).
 5. Reports Brier score and expected calibration error on leave-one-out ``train`` and, for information
    only, on ``test``; writes a versioned artifact and points CURRENT at it.
 """
@@ -24,7 +26,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from constellation import artifacts
+from constellation.errors import FailedPrecondition
 from constellation.evaluation import normalize_answer
 from constellation.pools import PoolRecord, read_model_cards, read_pool
 from services.dispatch.routing import (
@@ -59,6 +62,7 @@ CASCADE_MIN_QUALITY = (0.75, 0.85, 0.9)
 VOTE_SIZES = (1, 3, 5, 7)
 ANCHOR_MARGINS = (0.0, 0.02, 0.05, 0.1)
 ESCALATE_SIZES = (1, 3)
+RANK_SIZES = (2, 3)
 QUALITY_TIE = 1e-9
 """The quality profile keeps the most accurate settings on train; only exact ties go to the cheaper."""
 MEAN_LOSS = 0.01
@@ -97,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-json", type=Path, help="model cards (default: models.json beside the pools)")
     parser.add_argument("--out", type=Path, help="artifacts root (default ~/.cache/constellation/artifacts)")
     parser.add_argument("--no-current", action="store_true", help="do not point CURRENT at the new artifact")
+    parser.add_argument(
+        "--ranker",
+        type=Path,
+        help="pair ranker artifact used to simulate ranked fan-outs for code and open answers (default: the "
+        "CURRENT one under the artifacts root, if any; `constellation train ranker` makes one)",
+    )
+    parser.add_argument("--no-ranker", action="store_true", help="do not learn ranked fan-outs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -171,6 +182,63 @@ def _pool_models(pool: PoolData, cards: dict[str, Any]) -> list[PoolModel]:
     return out
 
 
+Picker = Callable[[PoolRecord, Sequence[str]], str]
+"""Which of the named models' recorded answers to a record a ranked fan-out keeps."""
+
+
+class RankerPicks:
+    """The trained pair ranker's pick among recorded answers, for simulating ranked fan-outs on train.
+
+    Loads the ranker artifact and the embedding cache its trainer filled (answers not cached are embedded
+    once, with a progress bar). Each candidate's reliability is its model's mean train quality on the
+    pool, as dispatch sends it. The ranker was fitted on these train splits, so what it picks here is
+    in-sample: an optimistic estimate.
+    """
+
+    def __init__(self, artifact_path: Path, pools: Sequence[PoolData], *, quiet: bool):
+        from services.classifier.encoder import Encoder
+        from services.ranking.pairwise import load_ranker
+        from services.ranking.rank import Ranker
+        from services.ranking.train import EmbeddingStore
+
+        artifact = load_ranker(artifact_path)
+        assert artifact.path is not None
+        self.content_hash = artifact.content_hash
+        self.encoder = Encoder()
+        identity = hashlib.sha256(json.dumps(self.encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()
+        self.store = EmbeddingStore(artifact.path.parent / f"embeddings-{identity[:12]}.npz")
+        self.ranker = Ranker(None, artifact)
+        self.means = {
+            pool.name: {
+                m: float(np.mean([r.responses[m].quality for r in pool.records])) for m in pool.records[0].responses
+            }
+            for pool in pools
+        }
+        self.pool_of = {id(r): pool.name for pool in pools for r in pool.records}
+        texts = [t for pool in pools for r in pool.records for t in (r.prompt, *(x.text for x in r.responses.values()))]
+        self.store.fill(self.encoder, texts, show_progress=not quiet)
+        self.store.save()
+        self.cache: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def __call__(self, record: PoolRecord, members: Sequence[str]) -> str:
+        from services.ranking.rank import CandidateText
+
+        key = (record.id, tuple(members))
+        if key not in self.cache:
+            means = self.means[self.pool_of[id(record)]]
+            candidates = [
+                CandidateText(
+                    record.responses[m].text, record.responses[m].answer or "", float(np.clip(means[m], 1e-3, 1))
+                )
+                for m in members
+            ]
+            query = self.store.get([record.prompt])[0]
+            vectors = self.store.get([record.responses[m].text for m in members])
+            ranking = self.ranker.rank_embedded(query, vectors, candidates, record.answer_kind)
+            self.cache[key] = members[ranking.ranked[0].index]
+        return self.cache[key]
+
+
 def simulate(
     router: Router,
     profile: str,
@@ -178,8 +246,12 @@ def simulate(
     models: list[PoolModel],
     predictions: list[dict[str, Prediction]],
     indices: Sequence[int],
+    pick: Picker | None = None,
 ) -> tuple[float, float]:
-    """Mean recorded quality and cost of ``profile``'s plans on the pool's records at ``indices``."""
+    """Mean recorded quality and cost of ``profile``'s plans on the pool's records at ``indices``.
+
+    ``pick`` chooses the answer a ranked fan-out keeps; without it, its first member's.
+    """
     kind = pool.records[0].answer_kind
     total_q = total_c = 0.0
     for i in indices:
@@ -194,6 +266,12 @@ def simulate(
         waves = route.waves()
         quality = 0.0
         cost = 0.0
+        if route.policy == "rank":
+            names = [m.model for m in route.members]
+            kept = pick(record, names) if pick is not None else names[0]
+            total_q += record.responses[kept].quality
+            total_c += sum(record.responses[m].cost_usd or 0.0 for m in names)
+            continue
         for w, wave in enumerate(waves):
             cost += sum(record.responses[m.model].cost_usd or 0.0 for m in wave)
             if route.policy == "cascade" and w < len(waves) - 1:
@@ -337,6 +415,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     pool_preds = {pool.name: predictions_for(pool) for pool in pools}
+    pick: Picker | None = None
+    ranker_used = ""
+    open_pools = [pool for pool in pools if pool.records[0].answer_kind not in CLOSED_KINDS]
+    if open_pools and not args.no_ranker:
+        try:
+            picks = RankerPicks(args.ranker or root, open_pools, quiet=args.quiet)
+        except FailedPrecondition as exc:
+            if args.ranker:
+                raise
+            print(f"ranked fan-outs not learned: {exc}", file=sys.stderr)
+        else:
+            pick, ranker_used = picks, picks.content_hash
     pool_models = {pool.name: _pool_models(pool, cards) for pool in pools}
     reference: dict[str, tuple[float, float]] = {}
     for pool in pools:
@@ -351,6 +441,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for tau in CASCADE_MIN_QUALITY
         for escalate in ESCALATE_SIZES
     ]
+    if pick is not None:
+        candidates += [
+            ProfileSettings(Weights(1 - c - c / 2, c, c / 2), rank_size=size)
+            for c in COST_WEIGHTS
+            for size in RANK_SIZES
+        ]
     profile_search = []
     quality_search: list[dict[str, Any]] = []
     profiles = {name: settings.to_json() for name, settings in DEFAULT_PROFILES.items()}
@@ -359,7 +455,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         members = [pool for pool in pools if pool.records[0].answer_kind == kind]
         chosen: tuple[tuple[int, float], ProfileSettings] | None = None
         for settings in tqdm(candidates, desc=f"learning balanced/{kind}", disable=args.quiet):
-            if settings.cascade_size and kind not in CLOSED_KINDS:
+            if (settings.cascade_size and kind not in CLOSED_KINDS) or (settings.rank_size and kind in CLOSED_KINDS):
                 continue
             router = Router(predictor, {"balanced": settings})
             losses = []
@@ -367,7 +463,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             per_pool = {}
             for pool in members:
                 q, c = simulate(
-                    router, "balanced", pool, pool_models[pool.name], pool_preds[pool.name], range(len(pool.records))
+                    router,
+                    "balanced",
+                    pool,
+                    pool_models[pool.name],
+                    pool_preds[pool.name],
+                    range(len(pool.records)),
+                    pick,
                 )
                 ref_q, ref_c = reference[pool.name]
                 losses.append(max(0.0, ref_q - q))
@@ -429,6 +531,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "predictor": predictor.settings(),
         "profiles": profiles,
         "pool_kinds": kinds_of_pools,
+        "ranker": ranker_used,
         "embedding": "all-MiniLM-L6-v2 of the classifier's keyword focus (unit length)",
         "training": {
             "pools": [{"file": p.path.name, "rows": len(p.records)} for p in pools],

@@ -99,6 +99,9 @@ class ProfileSettings:
             for another costs this much predicted quality: near neighbours must show a clear gain first.
         static: Ask the one model with the best train record over the query's whole pool, whatever the
             neighbours say (training keeps it when no per-query choice beats it on train).
+        rank_size: For answers that cannot be voted on (code, open text): ask this many cheap models at
+            once (the best train records among those costing at most ``cascade_cost_ratio`` times the
+            strongest model) and keep the answer the ranking service puts first (0: no ranked fan-out).
     """
 
     weights: Weights
@@ -110,6 +113,7 @@ class ProfileSettings:
     anchor_margin: float = 0.0
     quorum: int = 0
     static: bool = False
+    rank_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -122,6 +126,7 @@ class ProfileSettings:
             "anchor_margin": self.anchor_margin,
             "quorum": self.quorum,
             "static": self.static,
+            "rank_size": self.rank_size,
         }
 
     @classmethod
@@ -136,6 +141,7 @@ class ProfileSettings:
             float(raw.get("anchor_margin", 0.0)),
             int(raw.get("quorum", 0)),
             bool(raw.get("static", False)),
+            int(raw.get("rank_size", 0)),
         )
 
 
@@ -484,7 +490,8 @@ class Route:
 
     Attributes:
         policy: ``single`` (one model), ``vote`` (several at once, answers voted), ``cascade`` (cheap
-            wave first, escalate on disagreement) or ``requested`` (the caller named the model).
+            wave first, escalate on disagreement), ``rank`` (several at once, the ranking service picks
+            one answer) or ``requested`` (the caller named the model).
         profile: The profile name, or ``custom`` for per-request weights.
         members: Chosen models in order of asking: wave 0 first.
         candidates: Every model considered, best score first.
@@ -640,6 +647,8 @@ class Router:
             route = self._cascade(scored, settings, answer_kind)
         if route is None and weights is None:
             route = self._vote(scored, settings, answer_kind)
+        if route is None and weights is None:
+            route = self._ranked(scored, preds, settings, answer_kind)
         if route is None:
             best = scored[0]
             best.chosen = True
@@ -661,6 +670,39 @@ class Router:
         best.chosen = True
         best.reason = f"best train record over this pool ({preds[best.model].pool_mean:.3f}; static {name} choice)"
         return Route("single", name, [best], [], summary=f"ask {best.model} alone (static {name} choice)")
+
+    def _ranked(
+        self, scored: list[ScoredModel], preds: Mapping[str, Prediction], settings: ProfileSettings, answer_kind: str
+    ) -> Route | None:
+        """Cheap models asked at once for an answer that cannot be voted on; None when it does not apply.
+
+        Members are the ``rank_size`` best train records over the query's pool (predicted quality where
+        no record is known) among the models costing at most ``cascade_cost_ratio`` times the strongest.
+        """
+        if settings.rank_size < 2 or answer_kind in CLOSED_KINDS or len(scored) <= settings.rank_size:
+            return None
+
+        def record(c: ScoredModel) -> float:
+            known = preds[c.model].pool_mean
+            return c.quality if known is None else known
+
+        strongest = max(scored, key=lambda c: (record(c), -c.cost_usd))
+        limit = settings.cascade_cost_ratio * strongest.cost_usd
+        cheap = sorted(
+            (c for c in scored if c is not strongest and c.cost_usd <= limit), key=lambda c: (-record(c), c.cost_usd)
+        )[: settings.rank_size]
+        if len(cheap) < settings.rank_size:
+            return None
+        for c in cheap:
+            c.chosen = True
+            c.reason = f"ranked fan-out: train record {record(c):.2f} at ${c.cost_usd:.6f}"
+        return Route(
+            "rank",
+            "",
+            cheap,
+            [],
+            summary=f"ask {', '.join(c.model for c in cheap)} at once; the ranker picks the answer",
+        )
 
     def _vote(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
         """The best-scoring ``vote_size`` models asked at once, answers voted; None when it does not apply."""

@@ -289,3 +289,49 @@ def test_the_predictor_names_the_kind_of_the_pool_a_query_lands_in() -> None:
     assert predictor.predict(unit([0.0, 1.0, 0.05]), base.models)["maths"].pool_kind == "open"
     assert predictor.predict(unit([1.0, 0.0, 0.05]), base.models)["prose"].pool_kind == "number"
     assert base.predict(unit([1.0, 0.0, 0.05]), base.models)["prose"].pool_kind is None
+
+
+def test_a_ranked_fan_out_asks_the_cheap_models_with_the_best_records_for_answers_that_cannot_be_voted_on() -> None:
+    pool = [
+        PoolModel("strong", 10.0, 10.0),
+        PoolModel("good-cheap", 0.5, 0.5),
+        PoolModel("fair-cheap", 0.4, 0.4),
+        PoolModel("poor-cheap", 0.1, 0.1),
+        PoolModel("pricey", 5.0, 5.0),
+    ]
+    records = {"strong": 0.70, "good-cheap": 0.66, "fair-cheap": 0.60, "poor-cheap": 0.35, "pricey": 0.64}
+    preds = {m: Prediction(q, 10, 100, "knn", pool_mean=q) for m, q in records.items()}
+    router = Router(None, {"balanced/code": ProfileSettings(Weights(0.9, 0.1, 0.0), rank_size=2)})
+    route = router.route(pool, profile="balanced", answer_kind="code", predictions=preds)
+    assert route.policy == "rank" and [m.model for m in route.members] == ["good-cheap", "fair-cheap"]
+    assert all("ranked fan-out" in m.reason for m in route.members)
+    # closed answers are voted or cascaded, never ranked; per-request weights plan one model
+    assert router.route(pool, profile="balanced", answer_kind="number", predictions=preds).policy == "single"
+    custom = router.route(pool, profile="balanced", answer_kind="code", weights=Weights(1, 0, 0), predictions=preds)
+    assert custom.policy == "single"
+    # too few models under the cost ratio: one model instead
+    wide = Router(None, {"balanced/code": ProfileSettings(Weights(0.9, 0.1, 0.0), rank_size=4)})
+    assert wide.route(pool, profile="balanced", answer_kind="code", predictions=preds).policy == "single"
+
+
+def test_training_simulates_a_ranked_fan_out_with_the_pickers_choice_and_every_members_cost() -> None:
+    from constellation.pools import PoolRecord, Response
+    from services.dispatch.router_train import PoolData, simulate
+
+    def response(quality: float, cost: float) -> Response:
+        return Response(f"q{quality}", None, None, quality, 10, 10, cost)
+
+    record = PoolRecord(
+        id="c/0", task="code", split="train", prompt="Write a function.", reference=None, answer_kind="code",
+        responses={"strong": response(0.7, 1.0), "good-cheap": response(0.0, 0.01), "fair-cheap": response(1.0, 0.02)},
+    )  # fmt: skip
+    pool = PoolData("c", Path("c.jsonl.gz"), [record], np.arange(1))
+    models = [PoolModel("strong", 10, 10), PoolModel("good-cheap", 0.5, 0.5), PoolModel("fair-cheap", 0.4, 0.4)]
+    preds = [{"strong": Prediction(0.7, 10, 100, "knn", pool_mean=0.7),
+              "good-cheap": Prediction(0.6, 10, 100, "knn", pool_mean=0.6),
+              "fair-cheap": Prediction(0.5, 10, 100, "knn", pool_mean=0.5)}]  # fmt: skip
+    router = Router(None, {"balanced/code": ProfileSettings(Weights(1, 0, 0), rank_size=2)})
+    picked = simulate(router, "balanced", pool, models, preds, [0], pick=lambda rec, names: names[-1])
+    assert picked == pytest.approx((1.0, 0.03))
+    first = simulate(router, "balanced", pool, models, preds, [0])
+    assert first == pytest.approx((0.0, 0.03))

@@ -186,7 +186,7 @@ def run_eval(
         run_dir = Path(tmp)
         models_file = run_dir / "models.json"
         models_file.write_text(json.dumps(catalog_for(pool, judge.models)))
-        ports = MeshPorts(free_port(), free_port(), free_port(), free_port(), free_port())
+        ports = MeshPorts(*(free_port() for _ in range(9)))
         mesh = Mesh(
             ports,
             models=[REPLAY_MODEL],
@@ -211,6 +211,8 @@ def run_eval(
                 "--no-hedging",
             ],
             classifier=routed,
+            # ranked fan-outs (code, open answers) need the ranking service to pick their answer
+            ranking=routed and artifact is not None and plans_ranked_fanouts(artifact),
         )
         try:
             mesh.start()
@@ -251,6 +253,12 @@ def run_eval(
         time_scale=time_scale,
         concurrency=concurrency,
     )
+
+
+def plans_ranked_fanouts(artifact: Path) -> bool:
+    """Whether the router artifact at ``artifact`` has a profile that plans ranked fan-outs."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    return any(int(settings.get("rank_size", 0)) > 1 for settings in manifest.get("profiles", {}).values())
 
 
 def trained_router(path: str | None) -> Path | None:
