@@ -80,8 +80,9 @@ Command: `python -m bench.ranked_fanout`. The k models with the best train recor
 less than {args.cost_cap}x the best model are all asked; the trained pair ranker (artifact
 `{artifact.content_hash[:12]}`, each model's train record as its reliability) picks the answer. Cost is
 the sum of the k calls. The ranker was fitted on the train splits, so **train figures are in-sample**;
-test figures are held out. Not yet a routing plan: the router plans votes and cascades only for closed
-answers.
+test figures are held out. The router plans this (`rank_size` in a profile) where `constellation train
+router` finds it within a point of the best model on train at the lowest cost; `bench.pools` measures
+the learned profiles through the mesh.
 
 {table}
 """

@@ -391,6 +391,7 @@ class Dispatcher:
             max_cost_usd=query.max_cost_usd,
             max_latency_ms=query.max_latency_ms,
             required_capabilities=query.required_capabilities,
+            ranking=self.ranking is not None,
         )
 
         def planned(c: ScoredModel) -> PlannedModel:

@@ -566,6 +566,7 @@ class Router:
         max_latency_ms: float = 0.0,
         required_capabilities: Sequence[str] = (),
         predictions: Mapping[str, Prediction] | None = None,
+        ranking: bool = True,
     ) -> Route:
         """Scores every model of ``pool`` and plans the request.
 
@@ -580,6 +581,8 @@ class Router:
             max_cost_usd, max_latency_ms: Hard ceilings on predicted cost and latency (0: none).
             required_capabilities: Every chosen model must list all of these.
             predictions: Precomputed predictions (training simulates plans with leave-one-out ones).
+            ranking: Whether a ranking service can pick the answer of a ranked fan-out; without one,
+                none is planned.
 
         Raises:
             FailedPrecondition: no model is healthy, capable and within the ceilings; the message
@@ -647,7 +650,7 @@ class Router:
             route = self._cascade(scored, settings, answer_kind)
         if route is None and weights is None:
             route = self._vote(scored, settings, answer_kind)
-        if route is None and weights is None:
+        if route is None and weights is None and ranking:
             route = self._ranked(scored, preds, settings, answer_kind)
         if route is None:
             best = scored[0]

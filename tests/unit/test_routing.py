@@ -309,6 +309,9 @@ def test_a_ranked_fan_out_asks_the_cheap_models_with_the_best_records_for_answer
     assert router.route(pool, profile="balanced", answer_kind="number", predictions=preds).policy == "single"
     custom = router.route(pool, profile="balanced", answer_kind="code", weights=Weights(1, 0, 0), predictions=preds)
     assert custom.policy == "single"
+    # no ranking service to pick the answer: one model
+    alone = router.route(pool, profile="balanced", answer_kind="code", predictions=preds, ranking=False)
+    assert alone.policy == "single"
     # too few models under the cost ratio: one model instead
     wide = Router(None, {"balanced/code": ProfileSettings(Weights(0.9, 0.1, 0.0), rank_size=4)})
     assert wide.route(pool, profile="balanced", answer_kind="code", predictions=preds).policy == "single"
