@@ -699,6 +699,9 @@ class Router:
         for c in cheap:
             c.chosen = True
             c.reason = f"ranked fan-out: train record {record(c):.2f} at ${c.cost_usd:.6f}"
+            # The ranker weighs each answer by its model's reliability, learned as the model's train
+            # record: the member's quality is that record, which dispatch sends as the reliability.
+            c.quality = record(c)
         return Route(
             "rank",
             "",
