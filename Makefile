@@ -57,6 +57,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.dispatch_hop
 	$(PY) -m bench.mesh_overhead
+	$(PY) -m services.ranking.train
 	$(PY) -m services.dispatch.router_train --quiet
 	$(PY) -m bench.pools
 	$(PY) -m bench.cascade_search
@@ -64,7 +65,6 @@ bench: setup
 	$(PY) -m bench.tail_latency
 	$(PY) -m bench.classifier --train
 	$(PY) -m bench.fusion --train
-	$(PY) -m services.ranking.train
 	$(PY) -m bench.ranker
 	$(PY) -m bench.ranked_fanout
 
