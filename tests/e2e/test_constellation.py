@@ -19,18 +19,17 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from constellation import artifacts
 from constellation.client import DispatchClient, ask_request
 from constellation.mesh import Mesh, MeshPorts
 from constellation.triton import TritonClient
 from constellation.v1 import common_pb2, dispatch_pb2
-from services.dispatch.routing import ARTIFACT_KIND, ProfileSettings, Weights
+from services.dispatch.routing import ProfileSettings, Weights
 from services.inference.launcher import free_port
+from tests.e2e import router_artifacts
 from tests.e2e.triton_metrics import generations, in_flight, scrape
 
 PROMPT = "Solve: 2 + 4 = ? Give the final number."
@@ -60,22 +59,10 @@ def write_pool(directory: Path) -> Path:
 
 def write_router(root: Path) -> Path:
     """A one-prompt router: every model's quality as in MODELS; `quality` on numbers votes over three."""
-    names = list(MODELS)
-    quality = np.array([[MODELS[m][0] for m in names]], dtype=np.float32)
-    vector = np.ones((1, 384), dtype=np.float32) / np.sqrt(384)
-    arrays = {
-        "embeddings": vector.astype(np.float16),
-        "quality": quality,
-        "output_tokens": np.full_like(quality, 8.0),
-        "groups": np.zeros(1, dtype=np.int32),
-    }
-    manifest = {
-        "models": names,
-        "cards": {},
-        "predictor": {"k": 1, "wide_k": 1, "alpha": 1.0, "power": 1.0},
-        "profiles": {"quality/number": ProfileSettings(Weights(1, 0, 0), vote_size=3).to_json()},
-    }
-    return artifacts.save(ARTIFACT_KIND, arrays, manifest, root)
+    quality = {name: believed for name, (believed, _, _, _) in MODELS.items()}
+    return router_artifacts.write_router(
+        root, quality, {"quality/number": ProfileSettings(Weights(1, 0, 0), vote_size=3)}
+    )
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,17 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from constellation import artifacts
 from constellation.client import DispatchClient, ask_request
 from constellation.config import load_config
 from constellation.v1 import common_pb2, dispatch_pb2
 from services.classifier.encoder import Encoder
-from services.dispatch.routing import ARTIFACT_KIND, ProfileSettings, Weights
+from services.dispatch.routing import ProfileSettings, Weights
 from services.inference.launcher import TritonServer, free_port
 from services.ranking.config import RankingConfig
 from services.ranking.main import build_ranker, running_ranking
+from tests.e2e import router_artifacts
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -54,22 +53,9 @@ def write_pool(directory: Path) -> Path:
 
 
 def write_router(root: Path) -> Path:
-    names = list(MODELS)
-    quality = np.array([[MODELS[m][0] for m in names]], dtype=np.float32)
-    arrays = {
-        "embeddings": (np.ones((1, 384), dtype=np.float32) / np.sqrt(384)).astype(np.float16),
-        "quality": quality,
-        "output_tokens": np.full_like(quality, 20.0),
-        "groups": np.zeros(1, dtype=np.int32),
-    }
-    manifest = {
-        "models": names,
-        "cards": {},
-        "predictor": {"k": 1, "wide_k": 1, "alpha": 1.0, "power": 1.0},
-        "profiles": {"balanced": ProfileSettings(Weights(0.9, 0.1, 0.0), rank_size=2).to_json()},
-        "pool_kinds": ["code"],
-    }
-    return artifacts.save(ARTIFACT_KIND, arrays, manifest, root)
+    quality = {name: believed for name, (believed, _, _) in MODELS.items()}
+    profiles = {"balanced": ProfileSettings(Weights(0.9, 0.1, 0.0), rank_size=2)}
+    return router_artifacts.write_router(root, quality, profiles, output_tokens=20.0, pool_kinds=["code"])
 
 
 @pytest.fixture(scope="module")
