@@ -17,8 +17,6 @@ Run: ``python -m bench.ranked_fanout`` (writes its section of ``docs/BENCHMARKS.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,9 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     artifact = load_ranker(default_artifact_root())
     encoder = Encoder()
-    identity = hashlib.sha256(json.dumps(encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()[:12]
     assert artifact.path is not None
-    store = EmbeddingStore(artifact.path.parent / f"embeddings-{identity}.npz")
+    store = EmbeddingStore(artifact.path.parent / f"embeddings-{encoder.identity.key}.npz")
     ranker = Ranker(None, artifact)
     rows = []
     for name in args.pools:

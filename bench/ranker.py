@@ -25,7 +25,6 @@ cores, seconds later).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import random
@@ -150,9 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.artifact) if args.artifact else default_artifact_root()
     artifact = load_ranker(root)
     encoder = Encoder(threads=args.threads or None)
-    identity = hashlib.sha256(json.dumps(encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()[:12]
     assert artifact.path is not None
-    store = EmbeddingStore(artifact.path.parent / f"embeddings-{identity}.npz")  # the trainer's cache
+    store = EmbeddingStore(artifact.path.parent / f"embeddings-{encoder.identity.key}.npz")  # the trainer's cache
     ranker = Ranker(None, artifact)
     pools = {"alpacaeval": 14, **{name: GSM8K_MODELS if name == "gsm8k" else 11 for name in GRADED}}
     results = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -83,6 +84,11 @@ class EncoderIdentity:
     quantized: bool
     pooling: str = "mean, L2-normalised"
     dimensions: int = DIMENSIONS
+
+    @property
+    def key(self) -> str:
+        """12 hex digits naming what depends on this identity (the on-disk caches of embeddings)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -239,7 +239,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=args.max_tokens, head_tokens=args.head_tokens, quantize=args.quantize, threads=args.threads or None
     )
     root = Path(args.out) if args.out is not None else default_artifact_root()
-    identity_key = hashlib.sha256(json.dumps(encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+    identity_key = encoder.identity.key
     cache = EmbeddingCache(None if args.no_cache else root / "classifier" / f"embeddings-{identity_key}.npz")
     embed_started = time.perf_counter()
     vectors, truncated, _ = embed(encoder, focus, cache, show_progress=not args.quiet)

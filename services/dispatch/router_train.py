@@ -21,7 +21,6 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -120,8 +119,7 @@ def embed_prompts(records: Sequence[PoolRecord], root: Path, *, quiet: bool) -> 
 
     rules = KeywordRules()
     encoder = Encoder()
-    identity = hashlib.sha256(json.dumps(encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-    cache = EmbeddingCache(root / "classifier" / f"embeddings-{identity}.npz")
+    cache = EmbeddingCache(root / "classifier" / f"embeddings-{encoder.identity.key}.npz")
     focus = [rules.focus(r.prompt)[0] for r in records]
     vectors, _, _ = embed(encoder, focus, cache, show_progress=not quiet)
     cache.save()
@@ -205,8 +203,7 @@ class RankerPicks:
         assert artifact.path is not None
         self.content_hash = artifact.content_hash
         self.encoder = Encoder()
-        identity = hashlib.sha256(json.dumps(self.encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()
-        self.store = EmbeddingStore(artifact.path.parent / f"embeddings-{identity[:12]}.npz")
+        self.store = EmbeddingStore(artifact.path.parent / f"embeddings-{self.encoder.identity.key}.npz")
         self.ranker = Ranker(None, artifact)
         self.means = {
             pool.name: {
@@ -214,7 +211,7 @@ class RankerPicks:
             }
             for pool in pools
         }
-        self.pool_of = {id(r): pool.name for pool in pools for r in pool.records}
+        self.pool_of = {r.id: pool.name for pool in pools for r in pool.records}
         texts = [t for pool in pools for r in pool.records for t in (r.prompt, *(x.text for x in r.responses.values()))]
         self.store.fill(self.encoder, texts, show_progress=not quiet)
         self.store.save()
@@ -225,7 +222,7 @@ class RankerPicks:
 
         key = (record.id, tuple(members))
         if key not in self.cache:
-            means = self.means[self.pool_of[id(record)]]
+            means = self.means[self.pool_of[record.id]]
             candidates = [
                 CandidateText(
                     record.responses[m].text, record.responses[m].answer or "", float(np.clip(means[m], 1e-3, 1))

@@ -400,7 +400,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("the pools give no training pairs (no train records with a better and a worse answer)")
     encoder = Encoder(threads=args.threads or None)
     root = Path(args.out) if args.out is not None else default_artifact_root()
-    identity_key = hashlib.sha256(json.dumps(encoder.identity.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+    identity_key = encoder.identity.key
     store = EmbeddingStore(None if args.no_cache else root / "ranker" / f"embeddings-{identity_key}.npz")
     texts = [t for s in sets for t in (s.prompt, *(c.text for c in s.candidates))]
     embed_started = time.perf_counter()
