@@ -48,9 +48,9 @@ from services.dispatch.routing import (
     Weights,
     brier,
     estimate_tokens,
-    expected_calibration_error,
     isotonic,
 )
+from services.fusion.calibration import expected_calibration_error
 from services.fusion.vote import Ballot, tally
 
 K_GRID = (10, 20, 40)

@@ -183,6 +183,10 @@ class Prediction:
 def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pool-adjacent-violators: a non-decreasing step function of ``x`` fitted to ``y`` (least squares).
 
+    Unlike :func:`services.fusion.calibration.fit_isotonic`, neighbouring blocks with equal means stay
+    apart. That keeps more knots and moves the interpolation between them (by up to 0.06 on random
+    data), and trained routers' calibrations were fitted this way.
+
     Returns:
         Knots ``(xs, ys)`` for ``np.interp``: the mean ``x`` and fitted ``y`` of each block.
     """
@@ -207,19 +211,6 @@ def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def brier(p: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((p - y) ** 2)) if len(p) else math.nan
-
-
-def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
-    """ECE over ``bins`` equal-width bins of predicted probability (weighted by bin size)."""
-    if not len(p):
-        return math.nan
-    edges = np.minimum((p * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = edges == b
-        if mask.any():
-            total += mask.sum() * abs(p[mask].mean() - y[mask].mean())
-    return float(total / len(p))
 
 
 class QualityPredictor:

@@ -20,11 +20,11 @@ from services.dispatch.routing import (
     ScoredModel,
     Weights,
     brier,
-    expected_calibration_error,
     isotonic,
     load_router,
     score_candidates,
 )
+from services.fusion.calibration import expected_calibration_error
 
 
 def unit(v: list[float]) -> np.ndarray:
