@@ -23,13 +23,10 @@ into place, then ``CURRENT`` replaced), so a reader never sees half an artifact.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,13 +35,16 @@ from typing import Any
 
 import numpy as np
 
+from constellation import artifacts
 from constellation.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_KIND = "constellation.classifier.heads"
 SCHEMA_VERSION = 2
-CURRENT = "CURRENT"
+FAMILY = "classifier"
+TRAIN_COMMAND = "constellation train classifier"
+ARRAYS = "heads.npz"
 CLASS_HEADS = ("task", "complexity", "answer_kind")
 """Heads over labels; ``output_tokens`` is over length bins."""
 HEADS = (*CLASS_HEADS, "output_tokens")
@@ -56,9 +56,7 @@ _VOLATILE = ("content_hash", "created_at")
 
 def default_artifact_root() -> Path:
     """``<cache dir>/artifacts``: the cache dir of :func:`services.inference.smollm2.default_cache_dir`."""
-    from services.inference.smollm2 import default_cache_dir
-
-    return default_cache_dir() / "artifacts"
+    return artifacts.default_root()
 
 
 def features(
@@ -208,28 +206,9 @@ def save_artifact(heads: Heads, manifest: Mapping[str, Any], root: Path, *, make
         "schema_version": SCHEMA_VERSION,
         "labels": heads.labels,
     }
-    full["content_hash"] = content_hash(full, heads.arrays)
-    full["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    base = Path(root) / "classifier"
-    base.mkdir(parents=True, exist_ok=True)
-    target = base / full["content_hash"][:12]
-    if not target.exists():
-        staging = Path(tempfile.mkdtemp(prefix=".classifier-", dir=base))
-        staging.chmod(0o755)
-        np.savez(staging / "heads.npz", **heads.arrays)  # type: ignore[arg-type]
-        (staging / "manifest.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-            for leftover in staging.iterdir():
-                leftover.unlink()
-            staging.rmdir()
-    if make_current:
-        pointer = base / f".{CURRENT}.{os.getpid()}"
-        pointer.write_text(target.name + "\n")
-        pointer.replace(base / CURRENT)
+    target = artifacts.save(
+        FAMILY, heads.arrays, full, root, make_current=make_current, arrays_file=ARRAYS, hash_of=content_hash
+    )
     return Artifact(heads, json.loads((target / "manifest.json").read_text()), target)
 
 
@@ -240,19 +219,7 @@ def resolve_artifact(path: Path | str) -> Path:
     Raises:
         FailedPrecondition: nothing loadable there; the message says how to train one.
     """
-    path = Path(path)
-    for candidate in (path, path / "classifier"):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-        pointer = candidate / CURRENT
-        if pointer.is_file():
-            named = candidate / pointer.read_text().strip()
-            if (named / "manifest.json").is_file():
-                return named
-    raise FailedPrecondition(
-        f"no classifier artifact at {path}; train one with `constellation train classifier`",
-        reason="CLASSIFIER_NOT_TRAINED",
-    )
+    return artifacts.resolve(path, FAMILY, train_command=TRAIN_COMMAND)
 
 
 def load_artifact(path: Path | str) -> Artifact:
@@ -273,7 +240,7 @@ def load_artifact(path: Path | str) -> Artifact:
             f"(kind {manifest.get('kind')!r}, schema {manifest.get('schema_version')!r})",
             reason="CLASSIFIER_ARTIFACT_SCHEMA",
         )
-    with np.load(directory / "heads.npz", allow_pickle=False) as npz:
+    with np.load(directory / ARRAYS, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
     expected = content_hash(manifest, arrays)
     if manifest.get("content_hash") != expected:
