@@ -33,7 +33,7 @@ def test_outputs_match_tritonclients_reading_of_every_type_we_receive() -> None:
         cost_usd=("FP64", struct.pack("<d", 0.0125)),
         finish_reason=("BYTES", bytes_tensor(b"stop")),
     )
-    decoded = _outputs(result)
+    decoded = _outputs(result.get_response())
     for name in ("num_output_tokens", "cost_usd"):
         assert _first(decoded, name) == result.as_numpy(name).reshape(-1)[0]
     assert _first(decoded, "finish_reason") == result.as_numpy("finish_reason").reshape(-1)[0] == b"stop"
@@ -43,7 +43,7 @@ def test_outputs_match_tritonclients_reading_of_every_type_we_receive() -> None:
 
 def test_text_joins_the_elements_before_decoding_so_a_split_character_survives() -> None:
     encoded = "naïve".encode()
-    decoded = _outputs(response(text_output=("BYTES", bytes_tensor(encoded[:3], encoded[3:]))))
+    decoded = _outputs(response(text_output=("BYTES", bytes_tensor(encoded[:3], encoded[3:]))).get_response())
     assert _text(decoded) == "naïve"
     assert _text({}) == ""
 
@@ -54,6 +54,6 @@ def test_bytes_elements_reads_empty_and_several_items() -> None:
 
 
 def test_numeric_outputs_are_little_endian_arrays() -> None:
-    decoded = _outputs(response(flag=("BOOL", b"\x01"), half=("FP16", np.float16(1.5).tobytes())))
+    decoded = _outputs(response(flag=("BOOL", b"\x01"), half=("FP16", np.float16(1.5).tobytes())).get_response())
     assert bool(_first(decoded, "flag")) is True
     assert float(_first(decoded, "half")) == pytest.approx(1.5)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from constellation.errors import (
@@ -37,6 +38,13 @@ from constellation.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+]
+"""tritonclient's defaults: no message size limit, no keepalive pings on an idle channel."""
 
 HOW_TO_START = "start it with `constellation up` (or `python -m services.inference.launcher`)"
 
@@ -115,8 +123,7 @@ def _map_rpc_error(error: grpc.aio.AioRpcError, url: str, model: str) -> Constel
     return InternalError(f"Triton error from {model}: {code.name}: {details}", metadata={"model": model})
 
 
-def _map_stream_error(error: InferenceServerException, model: str) -> ConstellationError:
-    message = error.message() or str(error)
+def _map_stream_error(message: str, model: str) -> ConstellationError:
     lowered = message.lower()
     if "unknown model" in lowered or "is not ready" in lowered:
         return NotFound(f"model {model!r} is not loaded in Triton: {message}", metadata={"model": model})
@@ -144,19 +151,18 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
     return items
 
 
-def _outputs(result: grpcclient.InferResult) -> dict[str, Any]:
+def _outputs(response: service_pb2.ModelInferResponse) -> dict[str, Any]:
     """Every output of one streamed response, decoded once from its raw contents.
 
     BYTES outputs become lists of bytes, the others 1-D numpy arrays. One pass over the response costs a
     fraction of a ``result.as_numpy(name)`` call per output (which searches the outputs and builds arrays
-    each time); responses without raw contents fall back to ``as_numpy``.
+    each time); responses without raw contents fall back to tritonclient's ``as_numpy``.
     """
-    response = result.get_response()
     raw_contents = response.raw_output_contents
     decoded: dict[str, Any] = {}
     for index, tensor in enumerate(response.outputs):
         if index >= len(raw_contents):
-            value = result.as_numpy(tensor.name)
+            value = grpcclient.InferResult(response).as_numpy(tensor.name)
             if value is not None:
                 flat = value.reshape(-1)
                 decoded[tensor.name] = list(flat) if tensor.datatype == "BYTES" else flat
@@ -184,9 +190,55 @@ def _text(outputs: Mapping[str, Any]) -> str:
     return b"".join(p if isinstance(p, bytes) else str(p).encode() for p in parts).decode("utf-8", errors="replace")
 
 
-def _is_final(result: grpcclient.InferResult) -> bool:
-    parameters = result.get_response().parameters
+def _is_final(response: service_pb2.ModelInferResponse) -> bool:
+    parameters = response.parameters
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+
+
+def _bytes_tensor(value: str) -> bytes:
+    """One BYTES element as raw contents: a 4-byte little-endian length, then the bytes."""
+    encoded = value.encode("utf-8")
+    return len(encoded).to_bytes(4, "little") + encoded
+
+
+def stream_request(
+    model: str, prompt: str, sampling: Sampling, request_id: str, parameters: Mapping[str, str] | None
+) -> service_pb2.ModelInferRequest:
+    """The one request of a generation stream, with its inputs as raw contents (what Triton reads fastest)."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, datatype in (("text_input", "BYTES"), ("stream", "BOOL"), ("sampling_parameters", "BYTES")):
+        request.inputs.add(name=name, datatype=datatype, shape=[1])
+    request.raw_input_contents.extend([_bytes_tensor(prompt), b"\x01", _bytes_tensor(sampling.to_json())])
+    for key, value in (parameters or {}).items():
+        request.parameters[key].string_param = value
+    return request
+
+
+def decode_chunk(response: service_pb2.ModelInferResponse) -> Chunk:
+    """One streamed response as a chunk of text with its counts."""
+    outputs = _outputs(response)
+    chunk = Chunk(
+        text=_text(outputs),
+        input_tokens=int(_first(outputs, "num_input_tokens") or 0),
+        output_tokens=int(_first(outputs, "num_output_tokens") or 0),
+    )
+    for name in ("cost_usd", "simulated_ttft_ms", "simulated_total_ms"):
+        value = _first(outputs, name)
+        if value is not None:
+            setattr(chunk, name, float(value))
+    reason = _first(outputs, "finish_reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode()
+    chunk.finish_reason = str(reason or "")
+    chunk.final = _is_final(response) or bool(chunk.finish_reason)
+    return chunk
+
+
+async def _drain(call: grpc.aio.StreamStreamCall) -> None:
+    """Half-closes a stream and reads it to its end, so Triton's stream handler finishes too."""
+    await call.done_writing()
+    while await call.read() is not grpc.aio.EOF:
+        pass
 
 
 class TritonClient:
@@ -201,6 +253,10 @@ class TritonClient:
         self.url = url
         self.control_timeout_s = control_timeout_s
         self._client = aioclient.InferenceServerClient(url=url)
+        # Generation streams go over a stub of their own, skipping tritonclient's request iterator and
+        # numpy conversions: `python -m bench.dispatch_ab` measured 0.7 ms less time to first token.
+        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def __aenter__(self) -> TritonClient:
         return self
@@ -210,6 +266,7 @@ class TritonClient:
 
     async def close(self) -> None:
         await self._client.close()
+        await self._channel.close()
 
     async def _control(self, coro: Any, model: str = "") -> Any:
         try:
@@ -311,69 +368,37 @@ class TritonClient:
         """
         if timeout_s <= 0:
             raise DeadlineExceeded(f"no time left to call {model}")
-        text_input = grpcclient.InferInput("text_input", [1], "BYTES")
-        text_input.set_data_from_numpy(np.array([prompt.encode("utf-8")], dtype=np.object_))
-        stream_flag = grpcclient.InferInput("stream", [1], "BOOL")
-        stream_flag.set_data_from_numpy(np.array([True], dtype=bool))
-        sampling_input = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
-        sampling_input.set_data_from_numpy(np.array([sampling.to_json().encode("utf-8")], dtype=np.object_))
-        finished = asyncio.Event()
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {
-                "model_name": model,
-                "inputs": [text_input, stream_flag, sampling_input],
-                "request_id": request_id,
-                "parameters": dict(parameters or {}),
-            }
-            if sent is not None:
-                sent.set()
-            # Keep the client side of the stream open until the final response has arrived.
-            await finished.wait()
-
-        responses = self._client.stream_infer(requests(), stream_timeout=timeout_s, headers=dict(headers or {}))
+        request = stream_request(model, prompt, sampling, request_id, parameters)
+        call = self._stub.ModelStreamInfer(timeout=timeout_s, metadata=tuple((headers or {}).items()))
         done = False
         try:
-            async for result, error in responses:
-                if error is not None:
-                    # Read the stream to its end before raising: cancelling right after an error
-                    # response can leave Triton 2.51 unable to unload the model at shutdown.
-                    finished.set()
-                    done = True
-                    async for _result, _error in responses:
-                        pass
-                    raise _map_stream_error(error, model)
-                outputs = _outputs(result)
-                chunk = Chunk(
-                    text=_text(outputs),
-                    input_tokens=int(_first(outputs, "num_input_tokens") or 0),
-                    output_tokens=int(_first(outputs, "num_output_tokens") or 0),
-                )
-                for name in ("cost_usd", "simulated_ttft_ms", "simulated_total_ms"):
-                    value = _first(outputs, name)
-                    if value is not None:
-                        setattr(chunk, name, float(value))
-                reason = _first(outputs, "finish_reason")
-                if isinstance(reason, bytes):
-                    reason = reason.decode()
-                chunk.finish_reason = str(reason or "")
-                chunk.final = _is_final(result) or bool(chunk.finish_reason)
-                yield chunk
-                if chunk.final:
+            await call.write(request)
+            if sent is not None:
+                sent.set()
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
                     done = True
                     break
-            if done:
-                # Half-close our side and read the stream to its end: a client that walks away right
-                # after the final response leaves Triton's stream handler waiting (seen with 2.51).
-                finished.set()
-                async for _result, _error in responses:
-                    pass
+                if response.error_message:
+                    # Read the stream to its end before raising: cancelling right after an error
+                    # response can leave Triton 2.51 unable to unload the model at shutdown.
+                    await _drain(call)
+                    done = True
+                    raise _map_stream_error(response.error_message, model)
+                chunk = decode_chunk(response.infer_response)
+                yield chunk
+                if chunk.final:
+                    # Half-close our side and read the stream to its end: a client that walks away right
+                    # after the final response leaves Triton's stream handler waiting (seen with 2.51).
+                    await _drain(call)
+                    done = True
+                    break
         except grpc.aio.AioRpcError as exc:
             raise _map_rpc_error(exc, self.url, model) from exc
         finally:
-            finished.set()
             if not done:
-                responses.cancel()
+                call.cancel()
 
     async def complete(self, model: str, prompt: str, sampling: Sampling, *, timeout_s: float) -> Generation:
         """Runs :meth:`generate` to the end and returns the whole text."""
