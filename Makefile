@@ -57,6 +57,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.dispatch_hop
 	$(PY) -m bench.mesh_overhead
+	$(PY) -m bench.relay_floor
 	$(PY) -m services.ranking.train
 	$(PY) -m services.dispatch.router_train --quiet
 	$(PY) -m bench.pools

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from opentelemetry import trace
@@ -226,17 +225,6 @@ class CallResult:
 
 FALLBACK_CODES = ("UNAVAILABLE", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNKNOWN")
 """Member errors that another model may succeed where this one failed."""
-
-
-async def _first_done(task: asyncio.Future[Any], event: asyncio.Event) -> None:
-    """Waits until ``event`` is set or ``task`` is done (whichever comes first)."""
-    if event.is_set() or task.done():
-        return
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
 
 
 class Dispatcher:
@@ -901,41 +889,33 @@ class Dispatcher:
         received = time.perf_counter()
         result.started_at = received
         reported_cost: float | None = None
-        with tracer.start_as_current_span("model.generate", kind=trace.SpanKind.CLIENT) as span:
-            span.set_attribute("constellation.model", model)
-            span.set_attribute("constellation.member.role", result.role)
-            span.set_attribute("constellation.triton.endpoint", self.triton.url)
-            span.set_attribute("constellation.triton.model", triton_model)
+        attributes = {
+            "constellation.model": model,
+            "constellation.member.role": result.role,
+            "constellation.triton.endpoint": self.triton.url,
+            "constellation.triton.model": triton_model,
+        }
+        with tracer.start_as_current_span("model.generate", kind=trace.SpanKind.CLIENT, attributes=attributes) as span:
             try:
                 remaining = ends_at - time.perf_counter()
                 if remaining <= 0:
                     raise DeadlineExceeded("the request's deadline passed before the model was called")
-                sent = asyncio.Event()
-                chunks_stream = self.triton.generate(
+                generation = self.triton.stream(
                     triton_model,
                     query.prompt,
                     query.sampling,
                     timeout_s=remaining,
                     headers=telemetry.inject_headers(),
                     parameters=entry.parameters,
-                    sent=sent,
                 )
-                async with aclosing(chunks_stream) as chunks:
-                    # The request leaves for Triton first; the plan and "started" events go to the
-                    # caller while the model works, not before it starts.
-                    head = asyncio.ensure_future(anext(chunks, None))
-                    try:
-                        await _first_done(head, sent)
-                        for event in pre_events:
-                            yield event
-                        yield CandidateProgress(model, "started", 0.0)
-                        chunk = await head
-                    except BaseException:
-                        head.cancel()
-                        await asyncio.wait([head])
-                        raise
+                async with generation as chunks:
+                    # The request has left for Triton; the plan and "started" events go to the caller
+                    # while the model works, not before it starts.
+                    for event in pre_events:
+                        yield event
+                    yield CandidateProgress(model, "started", 0.0)
                     pieces: list[str] = []
-                    while chunk is not None:
+                    async for chunk in chunks:
                         result.input_tokens = chunk.input_tokens or result.input_tokens
                         result.output_tokens = chunk.output_tokens or result.output_tokens
                         if chunk.text:
@@ -953,7 +933,6 @@ class Dispatcher:
                             reported_cost = chunk.cost_usd
                             if chunk.simulated_ttft_ms is not None and chunk.simulated_total_ms is not None:
                                 result.simulated = (chunk.simulated_ttft_ms, chunk.simulated_total_ms)
-                        chunk = await anext(chunks, None)
                     result.text = "".join(pieces)
                 result.outcome = "ok"
             except NotFound:
