@@ -1,7 +1,8 @@
 """How far cascades can go on a closed-answer pool: every cheap first wave, searched on ``train``.
 
-A cascade asks a first wave of cheap models; if they all give the same (normalised) answer, that answer
-stands, otherwise a second wave is asked: the best model on train alone, or a weighted vote of the three
+A cascade asks a first wave of cheap models; if they all give the same (normalised) answer (or, in the
+vote variant, the answer wins the wave's weighted vote by a chosen share), that answer stands, otherwise
+a second wave is asked: the best model on train alone, or a weighted vote of the three
 best. This script tries every first wave of 1 to ``--max-size`` models among those whose mean train cost
 is below ``--cost-cap`` times the best train model's, on the recorded answers of ``train`` (no predictor,
 no mesh: an upper bound on what the cascade family can do with these models), keeps those whose mean
@@ -82,16 +83,46 @@ def second_wave_correct(split: Split, second: Sequence[str], weight: dict[str, f
     return out
 
 
-def cascade(split: Split, first: Sequence[str], second: Sequence[str], later: np.ndarray) -> tuple[float, ...]:
+def cascade(
+    split: Split,
+    first: Sequence[str],
+    second: Sequence[str],
+    later: np.ndarray,
+    *,
+    share: float | None = None,
+    weight: dict[str, float] | None = None,
+) -> tuple[float, ...]:
     """(accuracy, mean cost, escalation rate) of one cascade on every record of ``split``.
 
-    ``later`` is :func:`second_wave_correct` for ``second``: what an escalated record scores.
+    ``later`` is :func:`second_wave_correct` for ``second``: what an escalated record scores. The first
+    wave's answer stands when every member gives it (``share`` None), or when it wins the first wave's
+    vote with at least ``share`` of the wave's total ``weight``.
     """
-    codes = [split.codes[m] for m in first]
-    agreed = (codes[0] >= 0) & np.logical_and.reduce([c == codes[0] for c in codes])
-    correct = np.where(agreed, codes[0] == split.reference_codes, later)
+    codes = np.array([split.codes[m] for m in first])
+    if share is None:
+        agreed = (codes[0] >= 0) & np.all(codes == codes[0], axis=0)
+        answer = codes[0]
+    else:
+        assert weight is not None
+        w = np.array([weight[m] for m in first])
+        same = (codes[:, None, :] == codes[None, :, :]) & (codes[None, :, :] >= 0)
+        support = np.einsum("i,ijn->jn", w, same)  # weight behind each member's answer
+        top = support.argmax(axis=0)
+        answer = codes[top, np.arange(codes.shape[1])]
+        agreed = (answer >= 0) & (support.max(axis=0) >= share * w.sum())
+    correct = np.where(agreed, answer == split.reference_codes, later)
     cost = sum(split.cost[m] for m in first) + np.where(agreed, 0.0, sum(split.cost[m] for m in second))
     return float(correct.mean()), float(cost.mean()), float(1.0 - agreed.mean())
+
+
+SHARES = (0.5, 0.6, 0.7, 0.8, 0.9)
+"""Vote shares tried as the first wave's bar, beside unanimity."""
+
+
+def log_odds(accuracy: float) -> float:
+    """A voter's weight: the log-odds of its train accuracy (clipped away from 0 and 1)."""
+    clipped = min(max(accuracy, 0.01), 0.99)
+    return float(np.log(clipped / (1 - clipped)))
 
 
 def search(path: Path, cost_cap: float, max_size: int, keep: int) -> dict[str, object]:
@@ -106,18 +137,24 @@ def search(path: Path, cost_cap: float, max_size: int, keep: int) -> dict[str, o
     later_test = {tuple(second): second_wave_correct(test, second, weight) for second in seconds}
     tried = []
     waves = [w for size in range(1, max_size + 1) for w in itertools.combinations(cheap, size)]
+    votes = {m: log_odds(train.accuracy(m)) for m in train.models}
+    rules: list[float | None] = [None, *SHARES]
     for first in tqdm(waves, desc=f"{path.name}: first waves", unit="wave"):
         for second, later in zip(seconds, later_train, strict=True):
-            accuracy, cost, escalated = cascade(train, first, second, later)
-            if cost <= cost_cap * reference_cost:
-                tried.append((accuracy, cost, escalated, list(first), list(second)))
+            for rule in rules if len(first) > 1 else [None]:
+                accuracy, cost, escalated = cascade(train, first, second, later, share=rule, weight=votes)
+                if cost <= cost_cap * reference_cost:
+                    tried.append((accuracy, cost, escalated, list(first), list(second), rule))
     tried.sort(key=lambda t: (-t[0], t[1]))
     rows = []
-    for accuracy, cost, escalated, first, second in tried[:keep]:
-        test_accuracy, test_cost, test_escalated = cascade(test, first, second, later_test[tuple(second)])
+    for accuracy, cost, escalated, first, second, rule in tried[:keep]:
+        test_accuracy, test_cost, test_escalated = cascade(
+            test, first, second, later_test[tuple(second)], share=rule, weight=votes
+        )
         rows.append(
             {
                 "first": first,
+                "rule": "all agree" if rule is None else f"vote share >= {rule}",
                 "second": second,
                 "train": {"accuracy": accuracy, "relative_cost": cost / reference_cost, "escalated": escalated},
                 "test": {
@@ -161,14 +198,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     for result in results:
         best_train, best_test = float(result["best_single_train"]), float(result["best_single_test"])  # type: ignore[arg-type]
         rows.append(
-            [result["pool"], f"best on train: {short([str(result['best_single'])])}", "", f"{100 * best_train:.2f}",
+            [result["pool"], f"best on train: {short([str(result['best_single'])])}", "", "", f"{100 * best_train:.2f}",
              "1.00x", f"{100 * best_test:.2f}", "1.00x"]
         )  # fmt: skip
         top: list[dict[str, dict[str, float]]] = result["top"]  # type: ignore[assignment]
         for row in top:
             tr, te = row["train"], row["test"]
             rows.append(
-                ["", short(row["first"]), short(row["second"]), f"{100 * tr['accuracy']:.2f}",  # type: ignore[arg-type]
+                ["", short(row["first"]), row["rule"], short(row["second"]), f"{100 * tr['accuracy']:.2f}",  # type: ignore[arg-type]
                  f"{tr['relative_cost']:.2f}x", f"{100 * te['accuracy']:.2f}", f"{te['relative_cost']:.2f}x"]
             )  # fmt: skip
         beats = [r for r in top if r["train"]["accuracy"] > best_train]
@@ -182,14 +219,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         )
     table = markdown_table(
-        ["pool", "first wave (must agree)", "second wave", "train %", "train cost", "test %", "test cost"], rows
+        ["pool", "first wave", "its answer stands when", "second wave", "train %", "train cost", "test %", "test cost"],
+        rows,
     )
     body = f"""## Cascade search: can a cheaper cascade beat the best single model at all?
 
 Command: `python -m bench.cascade_search --cost-cap {args.cost_cap} --max-size {args.max_size}`. Every first wave
 of 1 to {args.max_size} models cheaper than {args.cost_cap}x the best train model, with the best model alone or a
 weighted vote of the three best as the second wave, evaluated on the recorded answers of `train` (no
-predictor, no mesh: the upper bound of this cascade family). Kept: those whose mean train cost stays
+predictor, no mesh: the upper bound of this cascade family). The first wave's answer stands when all its
+members give it, or (waves of two or more) when it wins the wave's vote, each member weighted by the
+log-odds of its train accuracy, with at least {", ".join(str(x) for x in SHARES)} of the weight; otherwise
+the second wave is asked. Kept: those whose mean train cost stays
 within {args.cost_cap}x; shown: the {args.keep} most accurate on train, then their `test` figures. Costs are
 relative to the best single model's mean cost on the same split.
 
