@@ -291,3 +291,23 @@ async def test_cancel_mid_stream_stops_promptly(client: TritonClient, replay_tri
     # It ended as cancelled, not by running to its end (which would count as "stop"): no timing needed.
     assert generations(now, "cancelled", MODEL) == generations(before, "cancelled", MODEL) + 1
     assert generations(now, "stop", MODEL) == generations(before, "stop", MODEL)
+
+
+async def test_a_stream_left_before_its_first_read_is_cancelled_in_triton(
+    client: TritonClient, replay_triton: TritonServer
+) -> None:
+    """Dispatch enters a stream, then sends the plan before it reads: a caller gone by then must not leak it."""
+    before = await asyncio.to_thread(scrape, replay_triton)
+    assert in_flight(before, MODEL) == 0
+    stream = client.stream(MODEL, ROME, Sampling(), timeout_s=30, parameters={"recorded_model": "huge-400b"})
+    async with stream:
+        deadline = time.monotonic() + 10
+        while in_flight(await asyncio.to_thread(scrape, replay_triton), MODEL) == 0:
+            assert time.monotonic() < deadline, "the request never reached the model after entering the stream"
+            await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while in_flight(now := await asyncio.to_thread(scrape, replay_triton), MODEL) > 0:
+        assert time.monotonic() < deadline, "replay still in flight 10 s after leaving the stream"
+        await asyncio.sleep(0.02)
+    assert generations(now, "cancelled", MODEL) == generations(before, "cancelled", MODEL) + 1
+    assert generations(now, "stop", MODEL) == generations(before, "stop", MODEL)
