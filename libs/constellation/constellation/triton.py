@@ -303,8 +303,13 @@ class GenerationStream:
             chunk = decode_chunk(response.infer_response)
             if chunk.final:
                 # Read to the end too: a client that walks away right after the final response leaves
-                # Triton's stream handler waiting (seen with 2.51).
-                await self._finish()
+                # Triton's stream handler waiting (seen with 2.51). The answer is complete by now, so a
+                # stream that ends badly after it (a deadline, say) does not lose it.
+                try:
+                    await self._finish()
+                except grpc.aio.AioRpcError as exc:
+                    log.debug("stream of %s ended with %s after its final response", self._model, exc.code())
+                    self._ended = True
             return chunk
         except grpc.aio.AioRpcError as exc:
             raise _map_rpc_error(exc, self._url, self._model) from exc
