@@ -20,7 +20,9 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tritonclient.grpc.aio as aioclient
@@ -34,6 +36,58 @@ from services.inference.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = Path("libs/constellation/constellation/v1")
+
+
+@dataclass
+class ReplayRun:
+    """One Triton serving the replay model (no simulated waiting, one token per message) in a scratch
+    directory, and the ``DispatchService`` servers started beside it."""
+
+    target: Target
+    mesh: Mesh
+    run_dir: Path
+    models_file: Path
+    """Dispatch's ``--models-file``: the target's name mapped to the replay model and its parameters."""
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def serve(self, process: ServiceProcess, address: str) -> str:
+        """Starts ``process`` and waits until it serves health at ``address``; returns the address."""
+        process.start()
+        self.processes.append(process)
+        wait_serving(address, 120.0, alive=process.alive)
+        return address
+
+    def stop_servers(self) -> None:
+        for process in self.processes:
+            process.stop()
+        self.processes.clear()
+
+
+@contextmanager
+def replay_run(prefix: str) -> Iterator[ReplayRun]:
+    """A started :class:`ReplayRun`; its servers and Triton are stopped on leaving."""
+    chosen = [t for t in targets() if t.triton_model == "replay"]
+    if not chosen:
+        raise SystemExit(f"needs the recorded pool {REPLAY_POOL} for the replay model")
+    target = chosen[0]
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        run_dir = Path(tmp)
+        models_file = run_dir / "models.json"
+        models_file.write_text(json.dumps({target.name: {"triton_model": "replay", "parameters": target.parameters}}))
+        mesh = Mesh(
+            MeshPorts(free_port(), free_port(), free_port(), free_port(), free_port()),
+            models=["replay"],
+            run_dir=run_dir,
+            model_parameters={"replay": {"pool_paths": str(REPLAY_POOL), "time_scale": "0", "tokens_per_chunk": "1"}},
+        )
+        run = ReplayRun(target, mesh, run_dir, models_file)
+        try:
+            mesh.triton.start()
+            mesh.triton.wait_ready(120)
+            yield run
+        finally:
+            run.stop_servers()
+            mesh.stop()
 
 
 def worktree(revision: str, into: Path) -> Path:
@@ -94,37 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args(argv)
-    chosen = [t for t in targets() if t.triton_model == "replay"]
-    if not chosen:
-        raise SystemExit(f"needs the recorded pool {REPLAY_POOL} for the replay model")
-    target = chosen[0]
-    with tempfile.TemporaryDirectory(prefix="constellation-ab-") as tmp:
-        run_dir = Path(tmp)
-        base_tree = worktree(args.base, run_dir / "base")
-        models_file = run_dir / "models.json"
-        models_file.write_text(json.dumps({target.name: {"triton_model": "replay", "parameters": target.parameters}}))
-        mesh = Mesh(
-            MeshPorts(free_port(), free_port(), free_port(), free_port(), free_port()),
-            models=["replay"],
-            run_dir=run_dir,
-            model_parameters={"replay": {"pool_paths": str(REPLAY_POOL), "time_scale": "0", "tokens_per_chunk": "1"}},
-        )
-        processes: list[ServiceProcess] = []
+    with replay_run("constellation-ab-") as run:
+        base_tree = worktree(args.base, run.run_dir / "base")
         try:
-            mesh.triton.start()
-            mesh.triton.wait_ready(120)
             addresses = {}
             for name, tree in ((f"base ({args.base})", base_tree), ("working tree", ROOT)):
-                process, address = dispatch_from(tree, name.split()[0], mesh.triton.grpc_url, models_file, run_dir)
-                process.start()
-                processes.append(process)
-                wait_serving(address, 120.0, alive=process.alive)
-                addresses[name] = address
-            ttft = asyncio.run(rounds(target, mesh.triton.grpc_url, addresses, args.rounds, args.warmup))
+                process, address = dispatch_from(
+                    tree, name.split()[0], run.mesh.triton.grpc_url, run.models_file, run.run_dir
+                )
+                addresses[name] = run.serve(process, address)
+            ttft = asyncio.run(rounds(run.target, run.mesh.triton.grpc_url, addresses, args.rounds, args.warmup))
         finally:
-            for process in processes:
-                process.stop()
-            mesh.stop()
+            run.stop_servers()
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
     rows = [["direct tritonclient", f"{statistics.median(ttft['direct']):.3f}", ""]]
     for name in addresses:

@@ -26,16 +26,15 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.dispatch_ab import rounds
-from bench.mesh_overhead import REPLAY_MODEL, REPLAY_POOL, bootstrap_median_interval, targets
+from bench.dispatch_ab import replay_run, rounds
+from bench.mesh_overhead import REPLAY_MODEL, bootstrap_median_interval
 from bench.report import DOCS, markdown_table, write_section
-from constellation.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
+from constellation.mesh import ServiceProcess
 from services.inference.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,44 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=400, help="measured rounds, one call per path each")
     parser.add_argument("--warmup", type=int, default=20, help="rounds run first and not counted")
     args = parser.parse_args(argv)
-    chosen = [t for t in targets() if t.triton_model == "replay"]
-    if not chosen:
-        raise SystemExit(f"needs the recorded pool {REPLAY_POOL} for the replay model")
-    target = chosen[0]
-    with tempfile.TemporaryDirectory(prefix="constellation-floor-") as tmp:
-        run_dir = Path(tmp)
-        models_file = run_dir / "models.json"
-        models_file.write_text(json.dumps({target.name: {"triton_model": "replay", "parameters": target.parameters}}))
-        mesh = Mesh(
-            MeshPorts(free_port(), free_port(), free_port(), free_port(), free_port()),
-            models=["replay"],
-            run_dir=run_dir,
-            model_parameters={"replay": {"pool_paths": str(REPLAY_POOL), "time_scale": "0", "tokens_per_chunk": "1"}},
-        )
-        processes: list[ServiceProcess] = []
-        try:
-            mesh.triton.start()
-            mesh.triton.wait_ready(120)
-            addresses = {}
-            common = ["--triton-url", mesh.triton.grpc_url, "--models-file", str(models_file)]
-            for name, (module, extra) in PATHS.items():
-                port = free_port()
-                process = ServiceProcess(
-                    name.replace(" ", "-"),
-                    module,
-                    [*common, "--port", str(port), *extra],
-                    run_dir / f"{name.replace(' ', '-')}.log",
-                    cwd=ROOT,
-                )
-                process.start()
-                processes.append(process)
-                wait_serving(f"127.0.0.1:{port}", 120.0, alive=process.alive)
-                addresses[name] = f"127.0.0.1:{port}"
-            ttft = asyncio.run(rounds(target, mesh.triton.grpc_url, addresses, args.rounds, args.warmup))
-        finally:
-            for process in processes:
-                process.stop()
-            mesh.stop()
+    with replay_run("constellation-floor-") as run:
+        addresses = {}
+        common = ["--triton-url", run.mesh.triton.grpc_url, "--models-file", str(run.models_file)]
+        for name, (module, extra) in PATHS.items():
+            port = free_port()
+            label = name.replace(" ", "-")
+            process = ServiceProcess(
+                label, module, [*common, "--port", str(port), *extra], run.run_dir / f"{label}.log", cwd=ROOT
+            )
+            addresses[name] = run.serve(process, f"127.0.0.1:{port}")
+        ttft = asyncio.run(rounds(run.target, run.mesh.triton.grpc_url, addresses, args.rounds, args.warmup))
 
     added = {name: [m - d for m, d in zip(ttft[name], ttft["direct"], strict=True)] for name in addresses}
     summary: dict[str, dict[str, Any]] = {
