@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-from constellation.config import load_config
 from constellation.errors import ConstellationError
-from constellation.server import Registration, RunningServer, create_server, serve
+from constellation.server import Registration, RunningServer, serving
+from constellation.service import Flag, ServiceMain, disable
 from constellation.v1 import classifier_pb2_grpc
 from services.classifier.classify import Classifier, Policy
 from services.classifier.config import ClassifierConfig
@@ -110,71 +109,48 @@ def registrations(classifier: Classifier, config: ClassifierConfig) -> list[Regi
 async def running_classifier(
     config: ClassifierConfig, *, classifier: Classifier | None = None
 ) -> AsyncIterator[RunningServer]:
-    """Starts a classifier server for ``config`` (port 0 picks a free one) and stops it on exit.
+    """The classifier's lifespan: builds (or takes) the classifier, starts its batcher, serves, stops both.
 
     Args:
-        config: Service settings.
+        config: Service settings; port 0 picks a free one.
         classifier: A ready classifier to serve (tests share one to load the encoder once); built from
-            ``config`` when None. A classifier passed in is started but not closed here.
+            ``config`` off the event loop when None. A classifier passed in is started but not closed here.
     """
-    owned = classifier is None
-    if classifier is None:
-        classifier = await asyncio.to_thread(build_classifier, config)
-    classifier.start()
-    try:
-        running = await create_server(registrations(classifier, config), config)
-        try:
-            yield running
-        finally:
-            await running.stop(config.shutdown_grace_s)
-    finally:
-        if owned:
-            await classifier.close()
+    async with AsyncExitStack() as stack:
+        if classifier is None:
+            classifier = await asyncio.to_thread(build_classifier, config)
+            stack.push_async_callback(classifier.close)
+        classifier.start()
+        yield await stack.enter_async_context(serving(registrations(classifier, config), config))
 
 
-async def _main(config: ClassifierConfig) -> None:
-    classifier = await asyncio.to_thread(build_classifier, config)
-    async with classifier:
-        await serve(
-            registrations(classifier, config),
-            config,
-            on_started=lambda r: print(f"classifier listening on {config.host}:{r.port}", flush=True),
-        )
+SERVICE = ServiceMain(
+    name="classifier",
+    config=ClassifierConfig,
+    description="Run the classifier service (ClassifierService/Classify and ClassifyBatch): task type, "
+    "complexity, expected output length, answer kind and the query embedding. Settings come from the "
+    "[classifier] table of the config file and CONSTELLATION_CLASSIFIER_* variables; flags override both. "
+    "Train the heads first with `constellation train classifier`; without them the keyword rules decide.",
+    lifespan=running_classifier,
+    flags=(
+        Flag("--artifact", help="trained heads: an artifact directory or one holding CURRENT"),
+        Flag(
+            "--policy",
+            choices=["hybrid", "keyword", "encoder"],
+            help="hybrid: rules when confident, else the trained heads (default); keyword; encoder",
+        ),
+        Flag(
+            "--keyword-min-confidence",
+            type=float,
+            help="rule confidence that settles the task in hybrid (default 0.6)",
+        ),
+        disable("--no-encoder", "encoder", "rules only: no torch, no embeddings"),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="constellation serve classifier",
-        description="Run the classifier service (ClassifierService/Classify and ClassifyBatch): task type, "
-        "complexity, expected output length, answer kind and the query embedding. Settings come from the "
-        "[classifier] table of the config file and CONSTELLATION_CLASSIFIER_* variables; flags override both. "
-        "Train the heads first with `constellation train classifier`; without them the keyword rules decide.",
-    )
-    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 50052; 0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
-    parser.add_argument("--artifact", help="trained heads: an artifact directory or one holding CURRENT")
-    parser.add_argument(
-        "--policy",
-        choices=["hybrid", "keyword", "encoder"],
-        help="hybrid: rules when confident, else the trained heads (default); keyword; encoder",
-    )
-    parser.add_argument(
-        "--keyword-min-confidence", type=float, help="rule confidence that settles the task in hybrid (default 0.6)"
-    )
-    parser.add_argument("--no-encoder", action="store_true", help="rules only: no torch, no embeddings")
-    args = parser.parse_args(argv)
-    overrides = {
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "artifact": args.artifact,
-        "policy": args.policy,
-        "keyword_min_confidence": args.keyword_min_confidence,
-        "encoder": False if args.no_encoder else None,
-    }
-    config = load_config(ClassifierConfig, args.config, **overrides)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(config))
+    SERVICE.main(argv)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from constellation import consul
-from constellation.config import load_config
 from constellation.errors import DeadlineExceeded, FailedPrecondition, Unavailable
-from constellation.server import Registration, RunningServer, create_server, serve
+from constellation.server import Registration, RunningServer, serving
+from constellation.service import Flag, ServiceMain, disable
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
@@ -120,73 +118,46 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
 
 @asynccontextmanager
 async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServer]:
-    """Starts a dispatch server for ``config`` (port 0 picks a free one) and stops it on exit."""
-    async with dispatcher_for(config) as dispatcher:
-        running = await create_server(registrations(dispatcher), config)
-        try:
-            yield running
-        finally:
-            await running.stop(config.shutdown_grace_s)
+    """Dispatch's lifespan: its clients (:func:`dispatcher_for`) and the server (port 0 picks a free one)."""
+    async with dispatcher_for(config) as dispatcher, serving(registrations(dispatcher), config) as running:
+        yield running
 
 
-async def _main(config: DispatchConfig) -> None:
-    async with dispatcher_for(config) as dispatcher:
-        await serve(
-            registrations(dispatcher),
-            config,
-            on_started=lambda r: print(f"dispatch listening on {config.host}:{r.port}", flush=True),
-        )
+SERVICE = ServiceMain(
+    name="dispatch",
+    config=DispatchConfig,
+    description="Run the dispatch service (DispatchService/Ask and Plan). Settings come from the "
+    "[dispatch] table of the config file and CONSTELLATION_DISPATCH_* variables; flags override both.",
+    lifespan=running_dispatch,
+    flags=(
+        Flag("--triton-url", help="Triton gRPC endpoint host:port (default 127.0.0.1:8001)"),
+        Flag("--models-file", help="JSON file of pool models: name -> {triton_model, parameters, prices}"),
+        Flag("--classifier-url", help="ClassifierService host:port (default: none, no classification)"),
+        Flag("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)"),
+        Flag(
+            "--router-artifact", help="trained router (`constellation train router`); default: the CURRENT one if any"
+        ),
+        disable("--no-routing", "routing", "send requests that name no model to --default-model"),
+        Flag("--default-model", help="model asked when routing is off or the pool is empty (smollm2)"),
+        Flag("--default-profile", choices=["quality", "balanced", "cost", "speed"]),
+        disable("--no-early-stop", "early_stop", "fan-outs wait for every member"),
+        disable("--no-hedging", "hedging", "never send backup requests to slow models"),
+        Flag("--hedge-after-ms", type=float, help="hedge delay while a model's p95 is unknown (0: none)"),
+        Flag("--ranking-url", help="RankingService host:port (orders open-answer fan-outs)"),
+        Flag("--fusion-url", help="FusionService host:port (calibrated votes, generated answers)"),
+        Flag(
+            "--classify-timeout",
+            dest="classify_timeout_s",
+            type=float,
+            help="seconds to wait for the classifier (default 0.5)",
+        ),
+        Flag("--registry-url", help="RegistryService host:port: live health/latency, outcomes reported"),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="constellation serve dispatch",
-        description="Run the dispatch service (DispatchService/Ask and Plan). Settings come from the "
-        "[dispatch] table of the config file and CONSTELLATION_DISPATCH_* variables; flags override both.",
-    )
-    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
-    parser.add_argument("--triton-url", help="Triton gRPC endpoint host:port (default 127.0.0.1:8001)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
-    parser.add_argument("--models-file", help="JSON file of pool models: name -> {triton_model, parameters, prices}")
-    parser.add_argument("--classifier-url", help="ClassifierService host:port (default: none, no classification)")
-    parser.add_argument("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)")
-    parser.add_argument(
-        "--router-artifact", help="trained router (`constellation train router`); default: the CURRENT one if any"
-    )
-    parser.add_argument("--no-routing", action="store_true", help="send requests that name no model to --default-model")
-    parser.add_argument("--default-model", help="model asked when routing is off or the pool is empty (smollm2)")
-    parser.add_argument("--default-profile", choices=["quality", "balanced", "cost", "speed"])
-    parser.add_argument("--no-early-stop", action="store_true", help="fan-outs wait for every member")
-    parser.add_argument("--no-hedging", action="store_true", help="never send backup requests to slow models")
-    parser.add_argument("--hedge-after-ms", type=float, help="hedge delay while a model's p95 is unknown (0: none)")
-    parser.add_argument("--ranking-url", help="RankingService host:port (orders open-answer fan-outs)")
-    parser.add_argument("--fusion-url", help="FusionService host:port (calibrated votes, generated answers)")
-    parser.add_argument("--classify-timeout", type=float, help="seconds to wait for the classifier (default 0.5)")
-    parser.add_argument("--registry-url", help="RegistryService host:port: live health/latency, outcomes reported")
-    args = parser.parse_args(argv)
-    overrides = {
-        "port": args.port,
-        "triton_url": args.triton_url,
-        "metrics_port": args.metrics_port,
-        "models_file": args.models_file,
-        "max_tokens_limit": args.max_tokens_limit,
-        "classifier_url": args.classifier_url,
-        "router_artifact": args.router_artifact,
-        "routing": False if args.no_routing else None,
-        "default_model": args.default_model,
-        "default_profile": args.default_profile,
-        "registry_url": args.registry_url,
-        "classify_timeout_s": args.classify_timeout,
-        "ranking_url": args.ranking_url,
-        "hedging": False if args.no_hedging else None,
-        "early_stop": False if args.no_early_stop else None,
-        "hedge_after_ms": args.hedge_after_ms,
-        "fusion_url": args.fusion_url,
-    }
-    config = load_config(DispatchConfig, args.config, **overrides)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(config))
+    SERVICE.main(argv)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from constellation.config import load_config
 from constellation.errors import ConstellationError
-from constellation.server import Registration, RunningServer, create_server, serve
+from constellation.server import Registration, RunningServer, serving
+from constellation.service import Flag, ServiceMain
 from constellation.triton import TritonClient
 from constellation.v1 import fusion_pb2_grpc
 from services.fusion.calibration import Calibrator, default_artifact_root, load_artifact
@@ -60,73 +59,47 @@ def settings_of(config: FusionConfig) -> FuserSettings:
 
 @asynccontextmanager
 async def running_fusion(config: FusionConfig, *, calibrator: Calibrator | None = None) -> AsyncIterator[RunningServer]:
-    """Starts a fusion server for ``config`` (port 0 picks a free one) and stops it on exit.
+    """The fusion service's lifespan: a Triton client, the fuser and the server; closed in reverse on exit.
 
     Triton is not contacted at start: the fuser is called per open-answer request, and a Triton that
     cannot be reached then makes that request fall back to its top candidate.
 
     Args:
-        config: Service settings.
+        config: Service settings; port 0 picks a free one.
         calibrator: A calibrator to use instead of loading ``config.artifact`` (tests).
     """
     if calibrator is None:
         calibrator = await asyncio.to_thread(load_calibrator, config)
     async with TritonClient(config.triton_url) as triton:
-        fuser = Fuser(triton, calibrator, settings_of(config))
+        servicer = FusionServicer(Fuser(triton, calibrator, settings_of(config)), config)
         registration = Registration(
-            FusionServicer(fuser, config),
+            servicer,
             fusion_pb2_grpc.add_FusionServiceServicer_to_server,  # type: ignore[arg-type]
             SERVICE_NAME,
         )
-        running = await create_server([registration], config)
-        try:
+        async with serving([registration], config) as running:
             yield running
-        finally:
-            await running.stop(config.shutdown_grace_s)
 
 
-async def _main(config: FusionConfig) -> None:
-    calibrator = await asyncio.to_thread(load_calibrator, config)
-    async with TritonClient(config.triton_url) as triton:
-        fuser = Fuser(triton, calibrator, settings_of(config))
-        registration = Registration(
-            FusionServicer(fuser, config),
-            fusion_pb2_grpc.add_FusionServiceServicer_to_server,  # type: ignore[arg-type]
-            SERVICE_NAME,
-        )
-        await serve(
-            [registration],
-            config,
-            on_started=lambda r: print(f"fusion listening on {config.host}:{r.port}", flush=True),
-        )
+SERVICE = ServiceMain(
+    name="fusion",
+    config=FusionConfig,
+    description="Run the fusion service (FusionService/Fuse): a reliability-weighted vote with calibrated "
+    "confidence for closed answers, the top candidate for code, and generative fusion by a Triton model for "
+    "open answers. Settings come from the [fusion] table of the config file and CONSTELLATION_FUSION_* "
+    "variables; flags override both. Train the calibrator first with `constellation train fusion`; without "
+    "it, confidence is the uncalibrated weighted share.",
+    lifespan=running_fusion,
+    flags=(
+        Flag("--triton-url", help="Triton gRPC host:port serving the fuser model (default 127.0.0.1:8001)"),
+        Flag("--fuser-model", help="default fuser model (default smollm2)"),
+        Flag("--artifact", help="calibrator: an artifact directory or one holding CURRENT"),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="constellation serve fusion",
-        description="Run the fusion service (FusionService/Fuse): a reliability-weighted vote with calibrated "
-        "confidence for closed answers, the top candidate for code, and generative fusion by a Triton model for "
-        "open answers. Settings come from the [fusion] table of the config file and CONSTELLATION_FUSION_* "
-        "variables; flags override both. Train the calibrator first with `constellation train fusion`; without "
-        "it, confidence is the uncalibrated weighted share.",
-    )
-    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 50055; 0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
-    parser.add_argument("--triton-url", help="Triton gRPC host:port serving the fuser model (default 127.0.0.1:8001)")
-    parser.add_argument("--fuser-model", help="default fuser model (default smollm2)")
-    parser.add_argument("--artifact", help="calibrator: an artifact directory or one holding CURRENT")
-    args = parser.parse_args(argv)
-    overrides = {
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "triton_url": args.triton_url,
-        "fuser_model": args.fuser_model,
-        "artifact": args.artifact,
-    }
-    config = load_config(FusionConfig, args.config, **overrides)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(config))
+    SERVICE.main(argv)
 
 
 if __name__ == "__main__":

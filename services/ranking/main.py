@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 
-from constellation.config import load_config
 from constellation.errors import ConstellationError
-from constellation.server import Registration, RunningServer, create_server, serve
+from constellation.server import Registration, RunningServer, serving
+from constellation.service import Flag, ServiceMain, disable
 from constellation.v1 import ranking_pb2_grpc
 from services.ranking.config import RankingConfig
 from services.ranking.pairwise import RankerArtifact, default_artifact_root, load_ranker
@@ -78,65 +77,39 @@ def registrations(servicer: RankingServicer) -> list[Registration]:
 
 @asynccontextmanager
 async def running_ranking(config: RankingConfig, *, ranker: Ranker | None = None) -> AsyncIterator[RunningServer]:
-    """Starts a ranking server for ``config`` (port 0 picks a free one) and stops it on exit.
+    """The ranking service's lifespan: the ranker, its servicer (which owns a worker pool) and the server.
 
     Args:
-        config: Service settings.
+        config: Service settings; port 0 picks a free one.
         ranker: A ready ranker to serve (tests share one so the encoder loads once); built from
             ``config`` off the event loop when None.
     """
     if ranker is None:
         ranker = await asyncio.to_thread(build_ranker, config)
-    servicer = RankingServicer(ranker, config)
-    try:
-        running = await create_server(registrations(servicer), config)
-        try:
+    with closing(RankingServicer(ranker, config)) as servicer:
+        async with serving(registrations(servicer), config) as running:
             yield running
-        finally:
-            await running.stop(config.shutdown_grace_s)
-    finally:
-        servicer.close()
 
 
-async def _main(config: RankingConfig) -> None:
-    ranker = await asyncio.to_thread(build_ranker, config)
-    servicer = RankingServicer(ranker, config)
-    try:
-        await serve(
-            registrations(servicer),
-            config,
-            on_started=lambda r: print(f"ranking listening on {config.host}:{r.port}", flush=True),
-        )
-    finally:
-        servicer.close()
+SERVICE = ServiceMain(
+    name="ranking",
+    config=RankingConfig,
+    description="Run the ranking service (RankingService/Rank): a cheap first stage (embedding centrality, "
+    "agreement of closed answers, form checks) prunes a large candidate set, then a trained pairwise ranker "
+    "orders the survivors best first. Settings come from the [ranking] table of the config file and "
+    "CONSTELLATION_RANKING_* variables; flags override both. Train the ranker first with "
+    "`constellation train ranker`; without it the first stage alone orders the candidates.",
+    lifespan=running_ranking,
+    flags=(
+        Flag("--artifact", help="trained pair ranker: an artifact directory or one holding CURRENT"),
+        Flag("--keep-fraction", type=float, help="share of a large set the first stage keeps (0.35)"),
+        disable("--no-encoder", "encoder", "no torch: agreement and form checks only"),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="constellation serve ranking",
-        description="Run the ranking service (RankingService/Rank): a cheap first stage (embedding centrality, "
-        "agreement of closed answers, form checks) prunes a large candidate set, then a trained pairwise ranker "
-        "orders the survivors best first. Settings come from the [ranking] table of the config file and "
-        "CONSTELLATION_RANKING_* variables; flags override both. Train the ranker first with "
-        "`constellation train ranker`; without it the first stage alone orders the candidates.",
-    )
-    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 50054; 0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
-    parser.add_argument("--artifact", help="trained pair ranker: an artifact directory or one holding CURRENT")
-    parser.add_argument("--keep-fraction", type=float, help="share of a large set the first stage keeps (0.35)")
-    parser.add_argument("--no-encoder", action="store_true", help="no torch: agreement and form checks only")
-    args = parser.parse_args(argv)
-    overrides = {
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "artifact": args.artifact,
-        "keep_fraction": args.keep_fraction,
-        "encoder": False if args.no_encoder else None,
-    }
-    config = load_config(RankingConfig, args.config, **overrides)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(config))
+    SERVICE.main(argv)
 
 
 if __name__ == "__main__":

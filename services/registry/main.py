@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-from constellation import consul
-from constellation.config import load_config
-from constellation.server import Registration, RunningServer, create_server
+from constellation.server import Registration, RunningServer, serving
+from constellation.service import Flag, ServiceMain, disable
 from constellation.v1 import registry_pb2_grpc
 from services.registry.config import RegistryConfig
-from services.registry.consul import ConsulAgent, ModelMirror, registered_in_consul
+from services.registry.consul import ConsulAgent, ModelMirror
 from services.registry.health import HealthPolicy, Probe, Prober, TritonReadiness
 from services.registry.registry import Registry, RegistrySettings
 from services.registry.seed import load_pool_file
@@ -57,8 +54,9 @@ class RunningRegistry:
 
 @asynccontextmanager
 async def running_registry(config: RegistryConfig, *, probe: Probe | None = None) -> AsyncIterator[RunningRegistry]:
-    """Opens the store, loads the seed file, starts the server (port 0 picks a free one), the health
-    prober and, with Consul configured, the instance registration and KV mirror; stops all on exit.
+    """The registry's lifespan: opens the store, loads the seed file, starts the health prober, with
+    Consul configured the KV mirror, and the server (port 0 picks a free one; registered in Consul when
+    configured); closes all of them in reverse on exit.
 
     Args:
         config: Service settings.
@@ -102,74 +100,34 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
             mirror.start()
             stack.push_async_callback(mirror.stop)
             stack.push_async_callback(mirror.drain, 2.0)
-        server = await create_server(
-            [
-                Registration(
-                    RegistryServicer(registry, config),
-                    registry_pb2_grpc.add_RegistryServiceServicer_to_server,  # type: ignore[arg-type]
-                    SERVICE_NAME,
-                )
-            ],
-            config,
+        registration = Registration(
+            RegistryServicer(registry, config),
+            registry_pb2_grpc.add_RegistryServiceServicer_to_server,  # type: ignore[arg-type]
+            SERVICE_NAME,
         )
-        stack.push_async_callback(server.stop, config.shutdown_grace_s)
-        if config.consul_http_addr:
-            await stack.enter_async_context(
-                registered_in_consul(
-                    config.consul_http_addr, consul.service_name("registry"), config.advertised_host, server.port
-                )
-            )
+        server = await stack.enter_async_context(serving([registration], config))
         yield RunningRegistry(server, registry, prober, mirror)
 
 
-async def _main(config: RegistryConfig) -> None:
-    import signal
-
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-
-    async with running_registry(config) as running:
-        print(
-            f"registry listening on {config.host}:{running.port} ({len(running.registry.records)} models, "
-            f"store {running.registry.store.path})",
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("registry shutting down (grace %.1fs)", config.shutdown_grace_s)
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        await asyncio.to_thread(provider.shutdown)
+SERVICE = ServiceMain(
+    name="registry",
+    config=RegistryConfig,
+    description="Run the registry service (RegistryService): the model pool with live latency, error and "
+    "quality statistics, health, and a watch stream for dispatch. Settings come from the [registry] table "
+    "of the config file and CONSTELLATION_REGISTRY_* variables (CONSUL_HTTP_ADDR enables Consul); flags "
+    "override both.",
+    lifespan=running_registry,
+    flags=(
+        Flag("--db", help="SQLite file (default ~/.cache/constellation/registry.sqlite)"),
+        Flag("--seed-file", help="pool file (TOML or JSON) upserted at start"),
+        disable("--no-probes", "probes", "do not probe Triton for model readiness"),
+    ),
+    details=lambda running: f"{len(running.registry.records)} models, store {running.registry.store.path}",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="constellation serve registry",
-        description="Run the registry service (RegistryService): the model pool with live latency, error and "
-        "quality statistics, health, and a watch stream for dispatch. Settings come from the [registry] table "
-        "of the config file and CONSTELLATION_REGISTRY_* variables (CONSUL_HTTP_ADDR enables Consul); flags "
-        "override both.",
-    )
-    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 50053; 0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
-    parser.add_argument("--db", help="SQLite file (default ~/.cache/constellation/registry.sqlite)")
-    parser.add_argument("--seed-file", help="pool file (TOML or JSON) upserted at start")
-    parser.add_argument("--no-probes", action="store_true", help="do not probe Triton for model readiness")
-    args = parser.parse_args(argv)
-    overrides = {
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "db": args.db,
-        "seed_file": args.seed_file,
-        "probes": False if args.no_probes else None,
-    }
-    config = load_config(RegistryConfig, args.config, **overrides)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(config))
+    SERVICE.main(argv)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 :func:`create_server` builds an aio server with the stock health service, server reflection, the
 OpenTelemetry and metrics interceptors, and binds it; tests call it with port 0 and get the port back.
-:func:`serve` runs one until SIGINT/SIGTERM and shuts it down gracefully: health turns NOT_SERVING
-first (so balancers stop sending), then in-flight calls get ``grace`` seconds to finish.
+:func:`serving` holds one for the length of an ``async with`` block (registered in Consul when
+configured); :func:`run_until_stopped` runs a service's lifespan until SIGINT/SIGTERM. Shutdown is
+graceful: health turns NOT_SERVING first (so balancers stop sending), then in-flight calls get
+``grace`` seconds to finish. :mod:`constellation.service` builds a service's ``main`` from these.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +29,8 @@ from constellation.config import ServiceConfig
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Largest message a service accepts or sends (a prompt plus candidates fits well inside).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -101,38 +107,75 @@ async def create_server(
     return RunningServer(server, port, health_servicer, names, metrics_port)
 
 
+@asynccontextmanager
+async def serving(
+    registrations: Sequence[Registration],
+    config: ServiceConfig,
+    *,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> AsyncIterator[RunningServer]:
+    """A server for the lifetime of the ``async with`` block: what every service's lifespan ends in.
+
+    Starts the server (:func:`create_server`); with ``consul_http_addr`` set, registers the instance in
+    Consul (``constellation-<service>``, with a gRPC health check) while the block runs and deregisters
+    it first on the way out. On exit, health turns NOT_SERVING, then in-flight calls get
+    ``config.shutdown_grace_s`` seconds before they are cancelled.
+    """
+    running = await create_server(registrations, config, interceptors=interceptors)
+    try:
+        if config.consul_http_addr:
+            name = consul.service_name(config.service_name)
+            async with consul.registered_in_consul(config.consul_http_addr, name, config.advertised_host, running.port):
+                yield running
+        else:
+            yield running
+    finally:
+        log.info("%s shutting down (grace %.1fs)", config.service_name, config.shutdown_grace_s)
+        await running.stop(config.shutdown_grace_s)
+
+
+async def wait_for_stop_signal() -> None:
+    """Returns at the first SIGINT or SIGTERM; the handlers are removed again on the way out."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_until_stopped(
+    lifespan: AbstractAsyncContextManager[T], on_started: Callable[[T], None] | None = None
+) -> None:
+    """Enters ``lifespan`` (a server and what it depends on), runs until SIGINT/SIGTERM, then leaves it.
+
+    Leaving the lifespan closes its parts in reverse order of opening (the server first, then the clients
+    and background tasks it used). The spans still buffered are exported before this returns.
+    """
+    try:
+        async with lifespan as running:
+            if on_started is not None:
+                on_started(running)
+            await wait_for_stop_signal()
+    finally:
+        # A flush, not a shutdown: the provider is process-wide, and a server run in-process (tests)
+        # must leave it usable.
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, TracerProvider):
+            await asyncio.to_thread(provider.force_flush)
+
+
 async def serve(
     registrations: Sequence[Registration],
     config: ServiceConfig,
     *,
     on_started: Callable[[RunningServer], None] | None = None,
 ) -> None:
-    """Runs a server until SIGINT or SIGTERM, then shuts it down gracefully.
+    """Runs a server for ``registrations`` until SIGINT or SIGTERM, then shuts it down gracefully.
 
-    With ``consul_http_addr`` set, the instance is registered in Consul (``constellation-<service>``, with a
-    gRPC health check) while it serves, and deregistered before it stops.
+    With ``consul_http_addr`` set, the instance is registered in Consul while it serves (see :func:`serving`).
     """
-    running = await create_server(registrations, config)
-    if on_started is not None:
-        on_started(running)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        if config.consul_http_addr:
-            name = consul.service_name(config.service_name)
-            async with consul.registered_in_consul(config.consul_http_addr, name, config.advertised_host, running.port):
-                await stop.wait()
-        else:
-            await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        log.info("%s shutting down (grace %.1fs)", config.service_name, config.shutdown_grace_s)
-        await running.stop(config.shutdown_grace_s)
-        # Export the spans still buffered by the batch processor before the process exits. A flush, not
-        # a shutdown: the provider is process-wide, and a server run in-process (tests) must leave it usable.
-        provider = trace.get_tracer_provider()
-        if isinstance(provider, TracerProvider):
-            await asyncio.to_thread(provider.force_flush)
+    await run_until_stopped(serving(registrations, config), on_started)
