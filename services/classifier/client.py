@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
-from constellation import telemetry
-from constellation.errors import from_rpc_error
+from constellation.channel import ServiceClient
 from constellation.v1 import classifier_pb2, classifier_pb2_grpc, common_pb2
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
-
-class ClassifierClient:
+class ClassifierClient(ServiceClient[classifier_pb2_grpc.ClassifierServiceStub]):
     """One channel to a classifier server. An async context manager; safe for concurrent calls.
 
     Args:
@@ -28,19 +23,7 @@ class ClassifierClient:
     """
 
     def __init__(self, address: str, *, traced: bool = True):
-        interceptors = telemetry.client_interceptors() if traced else []
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-        self.stub = classifier_pb2_grpc.ClassifierServiceStub(self.channel)
-
-    async def __aenter__(self) -> ClassifierClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
+        super().__init__(address, classifier_pb2_grpc.ClassifierServiceStub, traced=traced)
 
     async def classify(
         self, prompt: str, timeout_s: float | None = None, *, omit_embedding: bool = False
@@ -57,10 +40,7 @@ class ClassifierClient:
             constellation.errors.ConstellationError: the call failed (mapped from its status).
         """
         request = classifier_pb2.ClassifyRequest(prompt=prompt, omit_embedding=omit_embedding)
-        try:
-            response = await self.stub.Classify(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = await self.stub.Classify(request, timeout=timeout_s)
         return response.classification
 
     async def classify_batch(
@@ -75,8 +55,5 @@ class ClassifierClient:
         request = classifier_pb2.ClassifyBatchRequest(
             requests=[classifier_pb2.ClassifyRequest(prompt=p, omit_embedding=omit_embedding) for p in prompts]
         )
-        try:
-            response = await self.stub.ClassifyBatch(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = await self.stub.ClassifyBatch(request, timeout=timeout_s)
         return list(response.classifications)

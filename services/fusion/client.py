@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-import grpc
-
-from constellation import telemetry
-from constellation.errors import from_rpc_error
+from constellation.channel import ServiceClient
 from constellation.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
-
-class FusionClient:
+class FusionClient(ServiceClient[fusion_pb2_grpc.FusionServiceStub]):
     """One channel to a fusion server. An async context manager; safe for concurrent calls.
 
     Args:
@@ -27,19 +22,7 @@ class FusionClient:
     """
 
     def __init__(self, address: str, *, traced: bool = True):
-        interceptors = telemetry.client_interceptors() if traced else []
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-        self.stub = fusion_pb2_grpc.FusionServiceStub(self.channel)
-
-    async def __aenter__(self) -> FusionClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
+        super().__init__(address, fusion_pb2_grpc.FusionServiceStub, traced=traced)
 
     async def fuse(
         self,
@@ -77,7 +60,5 @@ class FusionClient:
         try:
             async for response in call:
                 yield response
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
         finally:
             call.cancel()

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
-from constellation import telemetry
-from constellation.errors import from_rpc_error
+from constellation.channel import ServiceClient
 from constellation.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
-
-class RankingClient:
+class RankingClient(ServiceClient[ranking_pb2_grpc.RankingServiceStub]):
     """One channel to a ranking server. An async context manager; safe for concurrent calls.
 
     Args:
@@ -27,19 +22,7 @@ class RankingClient:
     """
 
     def __init__(self, address: str, *, traced: bool = True):
-        interceptors = telemetry.client_interceptors() if traced else []
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-        self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
-
-    async def __aenter__(self) -> RankingClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
+        super().__init__(address, ranking_pb2_grpc.RankingServiceStub, traced=traced)
 
     async def rank(
         self,
@@ -66,8 +49,5 @@ class RankingClient:
             constellation.errors.ConstellationError: the call failed (mapped from its status).
         """
         request = ranking_pb2.RankRequest(prompt=prompt, candidates=candidates, answer_kind=answer_kind, keep=keep)
-        try:
-            response = await self.stub.Rank(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = await self.stub.Rank(request, timeout=timeout_s)
         return list(response.candidates)

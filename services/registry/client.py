@@ -18,19 +18,16 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 
-import grpc
-
-from constellation import telemetry
-from constellation.errors import DeadlineExceeded, from_rpc_error
+from constellation.channel import ServiceClient
+from constellation.errors import DeadlineExceeded
 from constellation.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 Change = registry_pb2.WatchModelsResponse.Change
 
 
-class RegistryClient:
+class RegistryClient(ServiceClient[registry_pb2_grpc.RegistryServiceStub]):
     """One channel to a registry server. An async context manager; safe for concurrent calls.
 
     Args:
@@ -39,43 +36,22 @@ class RegistryClient:
     """
 
     def __init__(self, address: str, *, traced: bool = True):
-        interceptors = telemetry.client_interceptors() if traced else []
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-        self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
-
-    async def __aenter__(self) -> RegistryClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
+        super().__init__(address, registry_pb2_grpc.RegistryServiceStub, traced=traced)
 
     async def register(
         self, record: registry_pb2.ModelRecord, timeout_s: float | None = 5.0
     ) -> registry_pb2.ModelRecord:
         """Adds or replaces a record (learned quality and statistics are kept); returns the stored one."""
-        try:
-            response = await self.stub.RegisterModel(registry_pb2.RegisterModelRequest(model=record), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = await self.stub.RegisterModel(registry_pb2.RegisterModelRequest(model=record), timeout=timeout_s)
         return response.model
 
     async def deregister(self, name: str, timeout_s: float | None = 5.0) -> None:
         """Removes a record. Raises ``NotFound`` for an unknown name."""
-        try:
-            await self.stub.DeregisterModel(registry_pb2.DeregisterModelRequest(name=name), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        await self.stub.DeregisterModel(registry_pb2.DeregisterModelRequest(name=name), timeout=timeout_s)
 
     async def get(self, name: str, timeout_s: float | None = 5.0) -> registry_pb2.ModelRecord:
         """One record. Raises ``NotFound`` (listing the known names) for an unknown one."""
-        try:
-            response = await self.stub.GetModel(registry_pb2.GetModelRequest(name=name), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = await self.stub.GetModel(registry_pb2.GetModelRequest(name=name), timeout=timeout_s)
         return response.model
 
     async def list(
@@ -83,19 +59,13 @@ class RegistryClient:
     ) -> list[registry_pb2.ModelRecord]:
         """Records by name, filtered by ``state`` (a ``ModelState``; 0 any) and capabilities (all required)."""
         request = registry_pb2.ListModelsRequest(state=state, required_capabilities=list(required_capabilities))  # type: ignore[arg-type]
-        try:
-            response = await self.stub.ListModels(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = await self.stub.ListModels(request, timeout=timeout_s)
         return list(response.models)
 
     async def report(self, outcomes: Iterable[registry_pb2.Outcome], timeout_s: float | None = 5.0) -> int:
         """Sends a batch of outcomes; returns how many the registry accepted (unknown models are not)."""
         request = registry_pb2.ReportOutcomeRequest(outcomes=list(outcomes))
-        try:
-            response = await self.stub.ReportOutcome(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = await self.stub.ReportOutcome(request, timeout=timeout_s)
         return int(response.accepted)
 
     async def watch(self) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]:
@@ -109,8 +79,6 @@ class RegistryClient:
         try:
             async for message in call:
                 yield message
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
         finally:
             call.cancel()
 

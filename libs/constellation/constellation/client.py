@@ -10,13 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import grpc
-
-from constellation import telemetry
-from constellation.errors import from_rpc_error
+from constellation.channel import ServiceClient
 from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
-
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
 
 def ask_request(
@@ -41,7 +36,7 @@ def ask_request(
     return dispatch_pb2.AskRequest(prompt=prompt, model=model, sampling=sampling, **fields)
 
 
-class DispatchClient:
+class DispatchClient(ServiceClient[dispatch_pb2_grpc.DispatchServiceStub]):
     """One channel to a dispatch server. An async context manager.
 
     Args:
@@ -50,19 +45,7 @@ class DispatchClient:
     """
 
     def __init__(self, address: str, *, traced: bool = True):
-        interceptors = telemetry.client_interceptors() if traced else []
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-        self.stub = dispatch_pb2_grpc.DispatchServiceStub(self.channel)
-
-    async def __aenter__(self) -> DispatchClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
+        super().__init__(address, dispatch_pb2_grpc.DispatchServiceStub, traced=traced)
 
     async def ask(
         self, request: dispatch_pb2.AskRequest, *, timeout_s: float | None = None
@@ -76,16 +59,11 @@ class DispatchClient:
         try:
             async for event in call:
                 yield event
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
         finally:
             call.cancel()
 
     async def plan(self, request: dispatch_pb2.AskRequest, *, timeout_s: float = 10.0) -> dispatch_pb2.PlanResponse:
-        try:
-            response: dispatch_pb2.PlanResponse = await self.stub.Plan(
-                dispatch_pb2.PlanRequest(request=request), timeout=timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response: dispatch_pb2.PlanResponse = await self.stub.Plan(
+            dispatch_pb2.PlanRequest(request=request), timeout=timeout_s
+        )
         return response
