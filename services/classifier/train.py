@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from constellation.errors import ConstellationError
 from constellation.pools import PoolRecord, read_pool
+from constellation.training import run_training
 from services.classifier.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Encoder
 from services.classifier.heads import (
     TrainingSettings,
@@ -316,16 +314,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``constellation train classifier``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = train(args)
-    except (ConstellationError, FileNotFoundError, ValueError) as exc:
-        print(f"constellation train classifier: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_training(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from constellation import artifacts
 from constellation.errors import FailedPrecondition
 from constellation.evaluation import normalize_answer
 from constellation.pools import PoolRecord, read_model_cards, read_pool
+from constellation.training import run_training
 from services.dispatch.routing import (
     ARTIFACT_KIND,
     CLOSED_KINDS,
@@ -553,11 +553,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    summary = train(args)
-    json.dump(summary, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+    """Entry point of ``constellation train router``; returns the exit status."""
+    return run_training(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

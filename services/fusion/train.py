@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from constellation.errors import ConstellationError
 from constellation.pools import read_pool
+from constellation.training import run_training
 from services.fusion.calibration import (
     Calibrator,
     choose_threshold,
@@ -213,15 +211,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``constellation train fusion``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = train(args)
-    except (ConstellationError, FileNotFoundError, ValueError) as exc:
-        print(f"constellation train fusion: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_training(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

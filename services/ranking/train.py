@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import random
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from constellation.errors import ConstellationError
 from constellation.pools import PoolRecord, read_pool
+from constellation.training import run_training
 from services.ranking.pairwise import (
     FEATURES,
     SIDE_FEATURES,
@@ -471,15 +469,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``constellation train ranker``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = train(args)
-    except (ConstellationError, FileNotFoundError, ValueError) as exc:
-        print(f"constellation train ranker: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_training(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ class FailingRanking(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
 
-    async def Rank(self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranking_pb2.RankResponse:
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
         if not request.candidates:
             violation = FieldViolation("candidates", "at least one candidate is needed")
             await abort(context, InvalidArgument("nothing to rank", [violation]), service="ranking")
