@@ -14,7 +14,6 @@ turns into fast errors instead of unbounded latency.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from prometheus_client import Histogram
 
 from constellation.errors import ResourceExhausted, Unavailable
 from constellation.metrics import REGISTRY
+from constellation.tasks import BackgroundTask
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class MicroBatcher(Generic[T, R]):
         self.name = name
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"classifier-{name}")
-        self._worker: asyncio.Task[None] | None = None
+        self._worker = BackgroundTask(f"batcher-{name}")
         self._last_size = 0
 
     async def __aenter__(self) -> MicroBatcher[T, R]:
@@ -88,16 +88,11 @@ class MicroBatcher(Generic[T, R]):
 
     def start(self) -> None:
         """Starts the worker task on the running loop. Idempotent."""
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+        self._worker.start(self._work())
 
     async def close(self) -> None:
         """Stops the worker, fails waiting callers with ``Unavailable``, and shuts the executor down."""
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await self._worker.stop()
         while not self._queue.empty():
             _, future = self._queue.get_nowait()
             if not future.done():
@@ -112,7 +107,7 @@ class MicroBatcher(Generic[T, R]):
             Unavailable: the batcher is not running.
             Exception: whatever ``run`` raised for this item's batch.
         """
-        if self._worker is None or self._worker.done():
+        if not self._worker.running:
             raise Unavailable("the classifier's encoder is not running", retry_after_s=1.0)
         if self._queue.qsize() >= self.max_queue:
             raise ResourceExhausted(

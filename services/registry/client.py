@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 
 from constellation.channel import ServiceClient
 from constellation.errors import DeadlineExceeded
+from constellation.tasks import BackgroundTask
 from constellation.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class RegistryView:
         self.reconnects = 0
         self._ready = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("registry-view")
 
     async def __aenter__(self) -> RegistryView:
         self.start()
@@ -124,15 +125,10 @@ class RegistryView:
         await self.close()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="registry-view")
+        self._task.start(self._run())
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
 
     async def ready(self, timeout_s: float | None = None) -> None:
         """Waits until the first snapshot is in.
@@ -243,7 +239,7 @@ class OutcomeReporter:
         self.dropped = 0
         self._queue: list[registry_pb2.Outcome] = []
         self._full = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("outcome-reporter")
 
     async def __aenter__(self) -> OutcomeReporter:
         self.start()
@@ -253,8 +249,7 @@ class OutcomeReporter:
         await self.close()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="outcome-reporter")
+        self._task.start(self._run())
 
     def report(self, outcome: registry_pb2.Outcome) -> None:
         """Queues one outcome; drops it (counted) when ``max_queue`` are already waiting."""
@@ -280,11 +275,7 @@ class OutcomeReporter:
 
     async def close(self) -> None:
         """Stops the background task, sends what is queued (each call within ``timeout_s``), closes."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
         await self.flush()
         await self.client.close()
 

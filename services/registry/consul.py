@@ -27,6 +27,7 @@ from google.protobuf import json_format
 
 from constellation.consul import ConsulAgent, Endpoint, discover, instance_id, registered_in_consul
 from constellation.errors import Unavailable
+from constellation.tasks import BackgroundTask
 from constellation.v1 import registry_pb2
 
 __all__ = [
@@ -70,7 +71,7 @@ class ModelMirror:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("consul-mirror")
         self.written = 0
         self.failures = 0
 
@@ -88,24 +89,19 @@ class ModelMirror:
         self._wake.set()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="consul-mirror")
+        """Starts the writer task on the running loop; idempotent."""
+        self._task.start(self._run())
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Waits until everything queued has been written, or ``timeout_s`` passes."""
-        if self._task is None:
+        if not self._task.running:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        """Stops the writer task; what it had not written yet stays unwritten (``drain`` first)."""
+        await self._task.stop()
 
     async def _write(self, name: str, record: registry_pb2.ModelRecord | None) -> None:
         key = self.prefix + name

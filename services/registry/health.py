@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from constellation.tasks import BackgroundTask
 from constellation.v1 import common_pb2, registry_pb2
 from services.registry.stats import ModelStats
 
@@ -118,20 +119,15 @@ class Prober:
         self.apply = apply
         self.interval_s = interval_s
         self.unhealthy_interval_s = unhealthy_interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("registry-prober")
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="registry-prober")
+        """Starts the probing loop on the running loop; idempotent."""
+        self._task.start(self._run())
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        """Stops the probing loop and waits until a sweep in progress has ended."""
+        await self._task.stop()
 
     async def sweep(self, *, everything: bool) -> None:
         """Probes the unhealthy models (or all with a backend endpoint) concurrently, once."""

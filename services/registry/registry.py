@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from constellation.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from constellation.tasks import BackgroundTask
 from constellation.v1 import common_pb2, registry_pb2
 from services.registry.health import HealthPolicy
 from services.registry.stats import ModelStats, StatsSettings
@@ -159,7 +160,7 @@ class Registry:
         self._watchers: set[Watcher] = set()
         self._listeners: list[ChangeListener] = []
         self._pending: set[str] = set()
-        self._flusher: asyncio.Task[None] | None = None
+        self._flusher = BackgroundTask("registry-coalesce")
         for record in store.all():
             self.records[record.name] = record
             self.stats[record.name] = ModelStats(self.settings.stats, record)
@@ -170,18 +171,11 @@ class Registry:
 
     def start(self) -> None:
         """Starts the task that publishes coalesced statistics updates. Needs a running loop."""
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop(), name="registry-coalesce")
+        self._flusher.start(self._flush_loop())
 
     async def close(self) -> None:
         """Publishes pending updates, stops the background task and closes the store."""
-        task, self._flusher = self._flusher, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await self._flusher.stop()
         self.flush_pending()
         self.store.close()
 
