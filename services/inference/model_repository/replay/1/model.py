@@ -57,6 +57,16 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from services.inference.backend_io import (
+    InvalidInput,
+    as_int,
+    config_parameter,
+    generation_outputs,
+    sampling_object,
+    send_final,
+    single_input,
+    to_str,
+)
 from services.inference.generation_metrics import GenerationMetrics
 from services.inference.replay import (
     ChunkStep,
@@ -81,10 +91,6 @@ _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _TAG = "replay (latency is SIMULATED)"
 
 
-class _InvalidInput(ValueError):
-    """A request the client got wrong; answered with TritonError.INVALID_ARG."""
-
-
 @dataclass(frozen=True)
 class _Request:
     prompt: str
@@ -93,51 +99,18 @@ class _Request:
     recorded_model: str | None
 
 
-def _param(config: dict[str, Any], key: str, default: str) -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value")
-    return default if value in (None, "") else str(value)
-
-
-def _to_str(name: str, value: Any) -> str:
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _InvalidInput(f"{name} must be UTF-8") from None
-    return str(value)
-
-
-def _single(request: Any, name: str) -> Any:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    values = tensor.as_numpy().reshape(-1)
-    if values.size != 1:
-        raise _InvalidInput(f"{name} must hold exactly one value, got {values.size}")
-    return values[0]
-
-
 def _max_tokens(raw: str) -> int | None:
     """``max_tokens`` from the sampling_parameters JSON; every other key is accepted and ignored."""
-    if not raw.strip():
-        return None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise _InvalidInput(f"sampling_parameters must be a JSON object: {exc}") from None
-    if not isinstance(data, dict):
-        raise _InvalidInput(f"sampling_parameters must be a JSON object, got {type(data).__name__}")
-    value = data.get("max_tokens")
+    value = sampling_object(raw).get("max_tokens")
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _InvalidInput(f"sampling_parameters.max_tokens must be an integer >= 1, got {value!r}")
-    return value
+    try:
+        tokens = as_int("sampling_parameters.max_tokens", value)
+    except InvalidInput:
+        tokens = 0
+    if tokens < 1:
+        raise InvalidInput(f"sampling_parameters.max_tokens must be an integer >= 1, got {value!r}")
+    return tokens
 
 
 def _recorded_model(request: Any) -> str | None:
@@ -145,12 +118,12 @@ def _recorded_model(request: Any) -> str | None:
     try:
         parameters = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
-        raise _InvalidInput(f"request parameters are not valid JSON: {raw!r}") from None
+        raise InvalidInput(f"request parameters are not valid JSON: {raw!r}") from None
     value = parameters.get("recorded_model") if isinstance(parameters, dict) else None
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise _InvalidInput(f"request parameter recorded_model must be a string, got {value!r}")
+        raise InvalidInput(f"request parameter recorded_model must be a string, got {value!r}")
     return value
 
 
@@ -168,7 +141,7 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("this model must be decoupled (model_transaction_policy)")
         self._model_name = args["model_name"]
-        raw_paths = _param(config, "pool_paths", os.environ.get(POOLS_ENV, ""))
+        raw_paths = config_parameter(config, "pool_paths", os.environ.get(POOLS_ENV, ""))
         paths = [Path(p.strip()).expanduser() for p in raw_paths.split(",") if p.strip()]
         if not paths:
             raise pb_utils.TritonModelException(
@@ -176,9 +149,9 @@ class TritonPythonModel:
             )
         paths = [p if p.is_absolute() else Path.cwd() / p for p in paths]
         try:
-            self._time_scale = float(_param(config, "time_scale", "1.0"))
-            self._tokens_per_chunk = int(_param(config, "tokens_per_chunk", "8"))
-            seed = int(_param(config, "latency_seed", "0"))
+            self._time_scale = float(config_parameter(config, "time_scale", "1.0"))
+            self._tokens_per_chunk = int(config_parameter(config, "tokens_per_chunk", "8"))
+            seed = int(config_parameter(config, "latency_seed", "0"))
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"{_TAG}: bad parameter: {exc}") from None
         if not math.isfinite(self._time_scale) or self._time_scale < 0:
@@ -186,7 +159,7 @@ class TritonPythonModel:
         if self._tokens_per_chunk < 1:
             raise pb_utils.TritonModelException(f"{_TAG}: tokens_per_chunk must be >= 1")
         try:
-            profile = LatencyProfile.from_json(_param(config, "latency_profile", ""))
+            profile = LatencyProfile.from_json(config_parameter(config, "latency_profile", ""))
             self._index = ReplayIndex.from_pools(paths)
         except Exception as exc:  # bad profile JSON, missing file, PoolFormatError (names file and line)
             raise pb_utils.TritonModelException(f"{_TAG}: {exc}") from None
@@ -209,14 +182,14 @@ class TritonPythonModel:
         return None
 
     def _parse(self, request: Any) -> _Request:
-        text = _single(request, "text_input")
+        text = single_input(pb_utils, request, "text_input")
         if text is None:
-            raise _InvalidInput("text_input is required")
-        prompt = _to_str("text_input", text)
-        stream_value = _single(request, "stream")
+            raise InvalidInput("text_input is required")
+        prompt = to_str("text_input", text)
+        stream_value = single_input(pb_utils, request, "stream")
         stream = bool(stream_value) if stream_value is not None else False
-        sampling = _single(request, "sampling_parameters")
-        max_tokens = _max_tokens(_to_str("sampling_parameters", sampling)) if sampling is not None else None
+        sampling = single_input(pb_utils, request, "sampling_parameters")
+        max_tokens = _max_tokens(to_str("sampling_parameters", sampling)) if sampling is not None else None
         return _Request(prompt, stream, max_tokens, _recorded_model(request))
 
     async def _serve(self, request: Any) -> None:
@@ -229,7 +202,7 @@ class TritonPythonModel:
                 replay = self._index.replay(
                     parsed.recorded_model, parsed.prompt, max_tokens=parsed.max_tokens, prompt_hash=prompt_hash
                 )
-            except _InvalidInput as exc:
+            except InvalidInput as exc:
                 self._close_with_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
                 return
             except ReplayNotFound as exc:
@@ -257,15 +230,9 @@ class TritonPythonModel:
             if await self._wait_until(sender, started + step.at_ms / 1000.0 * self._time_scale, last_check):
                 self._finish_cancelled(sender, replay, sent_tokens, ttft, total)
                 return
-            outputs = [
-                pb_utils.Tensor("text_output", np.array([step.text.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("num_input_tokens", np.array([replay.input_tokens], dtype=np.int32)),
-                pb_utils.Tensor("num_output_tokens", np.array([step.output_tokens], dtype=np.int32)),
-                pb_utils.Tensor(
-                    "finish_reason", np.array([(replay.finish_reason if final else "").encode()], dtype=np.object_)
-                ),
-                _f64("simulated_ttft_ms", ttft),
-            ]
+            finish_reason = replay.finish_reason if final else ""
+            outputs = generation_outputs(pb_utils, step.text, replay.input_tokens, step.output_tokens, finish_reason)
+            outputs.append(_f64("simulated_ttft_ms", ttft))
             if final:
                 outputs.append(_f64("simulated_total_ms", total))
                 if replay.cost_usd is not None:
@@ -311,25 +278,9 @@ class TritonPythonModel:
 
     def _finish_cancelled(self, sender: Any, replay: Any, sent_tokens: int, ttft: float, total: float) -> None:
         """Close a cancelled request with the final flag (a response if the sender still takes one)."""
-        try:
-            sender.send(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("text_output", np.array([b""], dtype=np.object_)),
-                        pb_utils.Tensor("num_input_tokens", np.array([replay.input_tokens], dtype=np.int32)),
-                        pb_utils.Tensor("num_output_tokens", np.array([sent_tokens], dtype=np.int32)),
-                        pb_utils.Tensor("finish_reason", np.array([b"cancelled"], dtype=np.object_)),
-                        _f64("simulated_ttft_ms", ttft),
-                        _f64("simulated_total_ms", total),
-                    ]
-                ),
-                flags=_FINAL,
-            )
-        except Exception:
-            try:
-                sender.send(flags=_FINAL)
-            except Exception as exc:
-                pb_utils.Logger.log_warn(f"{_TAG}: could not close a cancelled request: {exc!r}")
+        outputs = generation_outputs(pb_utils, "", replay.input_tokens, sent_tokens, "cancelled")
+        outputs += [_f64("simulated_ttft_ms", ttft), _f64("simulated_total_ms", total)]
+        send_final(pb_utils, sender, pb_utils.InferenceResponse(output_tensors=outputs), _TAG)
         self._metrics.closed("cancelled")
         pb_utils.Logger.log_verbose(f"{_TAG}: {replay.model} cancelled after {sent_tokens} tokens")
 

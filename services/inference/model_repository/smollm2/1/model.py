@@ -54,10 +54,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from services.inference.backend_io import (
+    InvalidInput,
+    as_int,
+    config_parameter,
+    generation_outputs,
+    sampling_object,
+    send_final,
+    single_input,
+    to_str,
+)
 from services.inference.generation_metrics import GenerationMetrics
 
 LOADERS: dict[str, str] = {
@@ -66,13 +75,8 @@ LOADERS: dict[str, str] = {
 """Short names for ``model_loader``: name -> ``"module:function"`` taking a cache dir, returning a Path."""
 
 MAX_STOP_STRINGS = 8
-_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "stop", "seed")
 _MAX_SEED = 2**64 - 1
-
-
-class _InvalidInput(ValueError):
-    """A request the client got wrong; answered with TritonError.INVALID_ARG."""
 
 
 @dataclass(frozen=True)
@@ -97,24 +101,6 @@ class _Job:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
-def _param(config: dict[str, Any], key: str, default: str | None = None) -> str | None:
-    value = config.get("parameters", {}).get(key, {}).get("string_value")
-    return default if value in (None, "") else value
-
-
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise _InvalidInput(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise _InvalidInput(f"{name} must be an integer, got {value!r}")
-
-
 def _as_float(name: str, value: Any) -> float:
     result: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -125,7 +111,7 @@ def _as_float(name: str, value: Any) -> float:
         except ValueError:
             result = None
     if result is None or not math.isfinite(result):
-        raise _InvalidInput(f"{name} must be a finite number, got {value!r}")
+        raise InvalidInput(f"{name} must be a finite number, got {value!r}")
     return result
 
 
@@ -139,39 +125,31 @@ def _parse_sampling_parameters(raw: str, default_max_tokens: int, max_tokens_lim
     Unknown keys are an error.
 
     Raises:
-        _InvalidInput: With a message naming the offending field.
+        InvalidInput: With a message naming the offending field.
     """
-    if not raw.strip():
-        data: Any = {}
-    else:
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise _InvalidInput(f"sampling_parameters must be a JSON object: {exc}") from None
-    if not isinstance(data, dict):
-        raise _InvalidInput(f"sampling_parameters must be a JSON object, got {type(data).__name__}")
+    data = sampling_object(raw)
     unknown = sorted(set(data) - set(_SAMPLING_KEYS))
     if unknown:
-        raise _InvalidInput(
+        raise InvalidInput(
             f"sampling_parameters has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_SAMPLING_KEYS)}"
         )
     values = {k: v for k, v in data.items() if v is not None}
 
     max_tokens = default_max_tokens
     if "max_tokens" in values:
-        max_tokens = _as_int("sampling_parameters.max_tokens", values["max_tokens"])
+        max_tokens = as_int("sampling_parameters.max_tokens", values["max_tokens"])
         if not 1 <= max_tokens <= max_tokens_limit:
-            raise _InvalidInput(f"sampling_parameters.max_tokens must be in [1, {max_tokens_limit}], got {max_tokens}")
+            raise InvalidInput(f"sampling_parameters.max_tokens must be in [1, {max_tokens_limit}], got {max_tokens}")
     temperature = 1.0
     if "temperature" in values:
         temperature = _as_float("sampling_parameters.temperature", values["temperature"])
         if not 0.0 <= temperature <= 2.0:
-            raise _InvalidInput(f"sampling_parameters.temperature must be in [0, 2], got {temperature}")
+            raise InvalidInput(f"sampling_parameters.temperature must be in [0, 2], got {temperature}")
     top_p = 1.0
     if "top_p" in values:
         top_p = _as_float("sampling_parameters.top_p", values["top_p"])
         if not 0.0 < top_p <= 1.0:
-            raise _InvalidInput(f"sampling_parameters.top_p must be in (0, 1], got {top_p}")
+            raise InvalidInput(f"sampling_parameters.top_p must be in (0, 1], got {top_p}")
     stop: tuple[str, ...] = ()
     if "stop" in values:
         raw_stop = values["stop"]
@@ -180,16 +158,16 @@ def _parse_sampling_parameters(raw: str, default_max_tokens: int, max_tokens_lim
             or len(raw_stop) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and s for s in raw_stop)
         ):
-            raise _InvalidInput(
+            raise InvalidInput(
                 f"sampling_parameters.stop must be a list of at most {MAX_STOP_STRINGS} non-empty strings, "
                 f"got {raw_stop!r}"
             )
         stop = tuple(raw_stop)
     seed: int | None = None
     if "seed" in values:
-        seed = _as_int("sampling_parameters.seed", values["seed"])
+        seed = as_int("sampling_parameters.seed", values["seed"])
         if not 0 <= seed <= _MAX_SEED:
-            raise _InvalidInput(f"sampling_parameters.seed must be in [0, 2**64 - 1], got {seed}")
+            raise InvalidInput(f"sampling_parameters.seed must be in [0, 2**64 - 1], got {seed}")
     return _Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
 
 
@@ -271,16 +249,16 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("this model must be decoupled (model_transaction_policy)")
         self._model_name = args["model_name"]
-        self._apply_chat_template = (_param(config, "apply_chat_template", "true") or "").lower() == "true"
-        self._default_max_tokens = int(_param(config, "default_max_tokens", "128") or 128)
-        self._max_tokens_limit = int(_param(config, "max_tokens_limit", "2048") or 2048)
+        self._apply_chat_template = config_parameter(config, "apply_chat_template", "true").lower() == "true"
+        self._default_max_tokens = int(config_parameter(config, "default_max_tokens", "128"))
+        self._max_tokens_limit = int(config_parameter(config, "max_tokens_limit", "2048"))
         if not 1 <= self._default_max_tokens <= self._max_tokens_limit:
             raise pb_utils.TritonModelException("default_max_tokens must be in [1, max_tokens_limit]")
-        loader_name = _param(config, "model_loader")
+        loader_name = config_parameter(config, "model_loader")
         if not loader_name:
             raise pb_utils.TritonModelException("parameter model_loader is required")
 
-        threads = int(_param(config, "num_threads", str(_cpu_count())) or 1)
+        threads = int(config_parameter(config, "num_threads", str(_cpu_count())))
         torch.set_num_threads(max(1, threads))
         try:
             torch.set_num_interop_threads(1)
@@ -336,7 +314,7 @@ class TritonPythonModel:
             self._metrics.opened()
             try:
                 job = self._prepare(request, sender)
-            except _InvalidInput as exc:
+            except InvalidInput as exc:
                 self._close_with_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
                 continue
             except Exception as exc:
@@ -350,31 +328,16 @@ class TritonPythonModel:
         return None
 
     def _prepare(self, request: Any, sender: Any) -> _Job:
-        text_tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
-        if text_tensor is None:
-            raise _InvalidInput("text_input is required")
-        text_values = text_tensor.as_numpy().reshape(-1)
-        if text_values.size != 1:
-            raise _InvalidInput(f"text_input must hold exactly one string, got {text_values.size}")
-        text = _to_str("text_input", text_values[0])
+        text_value = single_input(pb_utils, request, "text_input", "string")
+        if text_value is None:
+            raise InvalidInput("text_input is required")
+        text = to_str("text_input", text_value)
         if not text.strip():
-            raise _InvalidInput("text_input must not be empty")
-
-        stream = False
-        stream_tensor = pb_utils.get_input_tensor_by_name(request, "stream")
-        if stream_tensor is not None:
-            stream_values = stream_tensor.as_numpy().reshape(-1)
-            if stream_values.size != 1:
-                raise _InvalidInput(f"stream must hold exactly one bool, got {stream_values.size}")
-            stream = bool(stream_values[0])
-
-        raw_sampling = ""
-        sampling_tensor = pb_utils.get_input_tensor_by_name(request, "sampling_parameters")
-        if sampling_tensor is not None:
-            sampling_values = sampling_tensor.as_numpy().reshape(-1)
-            if sampling_values.size != 1:
-                raise _InvalidInput(f"sampling_parameters must hold exactly one string, got {sampling_values.size}")
-            raw_sampling = _to_str("sampling_parameters", sampling_values[0])
+            raise InvalidInput("text_input must not be empty")
+        stream_value = single_input(pb_utils, request, "stream", "bool")
+        stream = bool(stream_value) if stream_value is not None else False
+        sampling_value = single_input(pb_utils, request, "sampling_parameters", "string")
+        raw_sampling = to_str("sampling_parameters", sampling_value) if sampling_value is not None else ""
         sampling = _parse_sampling_parameters(raw_sampling, self._default_max_tokens, self._max_tokens_limit)
 
         if self._apply_chat_template:
@@ -385,7 +348,7 @@ class TritonPythonModel:
         else:
             ids = self._tokenizer(text)["input_ids"]
         if len(ids) >= self._context_length:
-            raise _InvalidInput(f"text_input is {len(ids)} tokens, the model's context holds {self._context_length}")
+            raise InvalidInput(f"text_input is {len(ids)} tokens, the model's context holds {self._context_length}")
         return _Job(sender=sender, input_ids=torch.tensor([ids], dtype=torch.long), stream=stream, sampling=sampling)
 
     # ----------------------------------------------------------------------------------------- generation
@@ -489,26 +452,11 @@ class TritonPythonModel:
 
     @staticmethod
     def _response(text: str, n_in: int, n_out: int, finish_reason: str) -> Any:
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("num_input_tokens", np.array([n_in], dtype=np.int32)),
-                pb_utils.Tensor("num_output_tokens", np.array([n_out], dtype=np.int32)),
-                pb_utils.Tensor("finish_reason", np.array([finish_reason.encode("utf-8")], dtype=np.object_)),
-            ]
-        )
+        return pb_utils.InferenceResponse(output_tensors=generation_outputs(pb_utils, text, n_in, n_out, finish_reason))
 
     def _finish(self, sender: Any, text: str, n_in: int, n_out: int, finish_reason: str) -> None:
         """Send the final response (text, counts, finish reason) with the final flag and update metrics."""
-        try:
-            sender.send(self._response(text, n_in, n_out, finish_reason), flags=_FINAL)
-        except Exception as exc:
-            # A cancelled request may refuse responses; it must still be closed.
-            pb_utils.Logger.log_verbose(f"{self._model_name}: final response not sent ({exc!r}); closing")
-            try:
-                sender.send(flags=_FINAL)
-            except Exception as exc2:
-                pb_utils.Logger.log_warn(f"{self._model_name}: could not close request: {exc2!r}")
+        send_final(pb_utils, sender, self._response(text, n_in, n_out, finish_reason), self._model_name)
         self._metrics.closed(finish_reason)
 
     def _close_with_error(self, sender: Any, message: str, code: Any) -> None:
@@ -533,12 +481,3 @@ class TritonPythonModel:
                 self._close_with_error(job.sender, "model is unloading", pb_utils.TritonError.UNAVAILABLE)
         self._metrics.close()
         pb_utils.Logger.log_info(f"{self._model_name}: finalized in {time.monotonic() - started:.3f} s")
-
-
-def _to_str(name: str, value: Any) -> str:
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _InvalidInput(f"{name} must be UTF-8") from None
-    return str(value)
