@@ -15,15 +15,9 @@ from constellation.v1 import classifier_pb2, classifier_pb2_grpc, common_pb2
 
 
 class ClassifierClient(ServiceClient[classifier_pb2_grpc.ClassifierServiceStub]):
-    """One channel to a classifier server. An async context manager; safe for concurrent calls.
+    """One channel to a classifier server (see :class:`~constellation.channel.ServiceClient`)."""
 
-    Args:
-        address: ``host:port`` of the classifier service.
-        traced: Add the OpenTelemetry client interceptors (propagates ``traceparent``).
-    """
-
-    def __init__(self, address: str, *, traced: bool = True):
-        super().__init__(address, classifier_pb2_grpc.ClassifierServiceStub, traced=traced)
+    stub_class = classifier_pb2_grpc.ClassifierServiceStub
 
     async def classify(
         self, prompt: str, timeout_s: float | None = None, *, omit_embedding: bool = False

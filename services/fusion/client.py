@@ -14,15 +14,9 @@ from constellation.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 
 
 class FusionClient(ServiceClient[fusion_pb2_grpc.FusionServiceStub]):
-    """One channel to a fusion server. An async context manager; safe for concurrent calls.
+    """One channel to a fusion server (see :class:`~constellation.channel.ServiceClient`)."""
 
-    Args:
-        address: ``host:port`` of the fusion service.
-        traced: Add the OpenTelemetry client interceptors (propagates ``traceparent``).
-    """
-
-    def __init__(self, address: str, *, traced: bool = True):
-        super().__init__(address, fusion_pb2_grpc.FusionServiceStub, traced=traced)
+    stub_class = fusion_pb2_grpc.FusionServiceStub
 
     async def fuse(
         self,

@@ -14,15 +14,9 @@ from constellation.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 
 
 class RankingClient(ServiceClient[ranking_pb2_grpc.RankingServiceStub]):
-    """One channel to a ranking server. An async context manager; safe for concurrent calls.
+    """One channel to a ranking server (see :class:`~constellation.channel.ServiceClient`)."""
 
-    Args:
-        address: ``host:port`` of the ranking service.
-        traced: Add the OpenTelemetry client interceptors (propagates ``traceparent``).
-    """
-
-    def __init__(self, address: str, *, traced: bool = True):
-        super().__init__(address, ranking_pb2_grpc.RankingServiceStub, traced=traced)
+    stub_class = ranking_pb2_grpc.RankingServiceStub
 
     async def rank(
         self,

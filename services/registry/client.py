@@ -29,15 +29,9 @@ Change = registry_pb2.WatchModelsResponse.Change
 
 
 class RegistryClient(ServiceClient[registry_pb2_grpc.RegistryServiceStub]):
-    """One channel to a registry server. An async context manager; safe for concurrent calls.
+    """One channel to a registry server (see :class:`~constellation.channel.ServiceClient`)."""
 
-    Args:
-        address: ``host:port`` of the registry.
-        traced: Add the OpenTelemetry client interceptors.
-    """
-
-    def __init__(self, address: str, *, traced: bool = True):
-        super().__init__(address, registry_pb2_grpc.RegistryServiceStub, traced=traced)
+    stub_class = registry_pb2_grpc.RegistryServiceStub
 
     async def register(
         self, record: registry_pb2.ModelRecord, timeout_s: float | None = 5.0

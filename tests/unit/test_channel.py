@@ -54,6 +54,18 @@ class FailingFusion(fusion_pb2_grpc.FusionServiceServicer):
         await abort(context, Unavailable("fuser model went away", retry_after_s=1.5, reason="TRITON_DOWN"))
 
 
+class RankingEdge(ServiceClient[ranking_pb2_grpc.RankingServiceStub]):
+    """The bare client edge on the ranking stub (no methods: the tests call the stub)."""
+
+    stub_class = ranking_pb2_grpc.RankingServiceStub
+
+
+class FusionEdge(ServiceClient[fusion_pb2_grpc.FusionServiceStub]):
+    """The bare client edge on the fusion stub."""
+
+    stub_class = fusion_pb2_grpc.FusionServiceStub
+
+
 async def _server(ranking: FailingRanking, fusion: FailingFusion) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(ranking, server)
@@ -67,7 +79,7 @@ async def _server(ranking: FailingRanking, fusion: FailingFusion) -> tuple[grpc.
 async def test_a_unary_error_arrives_as_the_library_exception_with_its_details(traced: bool) -> None:
     server, port = await _server(FailingRanking(), FailingFusion(1))
     try:
-        async with ServiceClient(f"127.0.0.1:{port}", ranking_pb2_grpc.RankingServiceStub, traced=traced) as client:
+        async with RankingEdge(f"127.0.0.1:{port}", traced=traced) as client:
             with pytest.raises(InvalidArgument) as raised:
                 await client.stub.Rank(ranking_pb2.RankRequest(prompt="q"))
             assert raised.value.violations == [FieldViolation("candidates", "at least one candidate is needed")]
@@ -83,7 +95,7 @@ async def test_a_unary_error_arrives_as_the_library_exception_with_its_details(t
 async def test_a_stream_error_after_messages_is_mapped_while_iterating(traced: bool) -> None:
     server, port = await _server(FailingRanking(), FailingFusion(2))
     try:
-        async with ServiceClient(f"127.0.0.1:{port}", fusion_pb2_grpc.FusionServiceStub, traced=traced) as client:
+        async with FusionEdge(f"127.0.0.1:{port}", traced=traced) as client:
             received: list[str] = []
             with pytest.raises(Unavailable) as raised:
                 async for message in client.stub.Fuse(fusion_pb2.FuseRequest(prompt="q")):
@@ -98,7 +110,7 @@ async def test_a_stream_error_after_messages_is_mapped_while_iterating(traced: b
 async def test_a_stream_that_fails_before_its_first_message_and_read_are_mapped() -> None:
     server, port = await _server(FailingRanking(), FailingFusion(0))
     try:
-        async with ServiceClient(f"127.0.0.1:{port}", fusion_pb2_grpc.FusionServiceStub) as client:
+        async with FusionEdge(f"127.0.0.1:{port}") as client:
             with pytest.raises(ResourceExhausted, match="queue full"):
                 async for _ in client.stub.Fuse(fusion_pb2.FuseRequest(prompt="q")):
                     pass
@@ -113,9 +125,7 @@ async def test_the_default_deadline_applies_only_to_calls_without_one() -> None:
     server, port = await _server(FailingRanking(delay_s=0.5), FailingFusion(1))
     request = ranking_pb2.RankRequest(prompt="q", candidates=[{"text": "a"}])
     try:
-        async with ServiceClient(
-            f"127.0.0.1:{port}", ranking_pb2_grpc.RankingServiceStub, default_timeout_s=0.05
-        ) as client:
+        async with RankingEdge(f"127.0.0.1:{port}", default_timeout_s=0.05) as client:
             with pytest.raises(DeadlineExceeded):
                 await client.stub.Rank(request)
             assert list((await client.stub.Rank(request, timeout=5.0)).candidates) == []
@@ -127,7 +137,7 @@ async def test_an_unreachable_service_is_unavailable_and_a_cancelled_caller_stay
     server, port = await _server(FailingRanking(delay_s=30.0), FailingFusion(1))
     request = ranking_pb2.RankRequest(prompt="q", candidates=[{"text": "a"}])
     try:
-        async with ServiceClient(f"127.0.0.1:{port}", ranking_pb2_grpc.RankingServiceStub) as client:
+        async with RankingEdge(f"127.0.0.1:{port}") as client:
             waiting = asyncio.ensure_future(client.stub.Rank(request))
             await asyncio.sleep(0.2)
             waiting.cancel()
@@ -135,6 +145,6 @@ async def test_an_unreachable_service_is_unavailable_and_a_cancelled_caller_stay
                 await waiting
     finally:
         await server.stop(None)
-    async with ServiceClient(f"127.0.0.1:{port}", ranking_pb2_grpc.RankingServiceStub) as client:
+    async with RankingEdge(f"127.0.0.1:{port}") as client:
         with pytest.raises(Unavailable):
             await client.stub.Rank(request, timeout=5.0)

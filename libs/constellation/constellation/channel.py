@@ -10,7 +10,7 @@ exceptions (:func:`constellation.errors.from_rpc_error`), never a raw ``grpc.Rpc
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
 
@@ -97,31 +97,25 @@ async def _translated(call: AsyncIterator[Any]) -> AsyncIterator[Any]:
 class ServiceClient(Generic[StubT]):
     """One channel to one service and its stub. An async context manager; safe for concurrent calls.
 
-    Subclasses add one method per RPC and call ``self.stub`` directly: errors already arrive as the
-    library's exceptions. Leaving a stream early should ``cancel()`` its call (in a ``finally:``), which
-    cancels the work the server does for it.
+    A subclass names its generated stub class in ``stub_class`` and adds one method per RPC that calls
+    ``self.stub`` directly: errors already arrive as the library's exceptions. Leaving a stream early
+    should ``cancel()`` its call (in a ``finally:``), which cancels the work the server does for it.
 
     Args:
         address: ``host:port`` of the service.
-        stub: The generated stub class (``XServiceStub``).
         traced: Add the OpenTelemetry client interceptors (a client span per call, ``traceparent`` sent).
         default_timeout_s: Deadline in seconds of calls made without one; None: such calls wait indefinitely.
     """
 
-    def __init__(
-        self,
-        address: str,
-        stub: Callable[[grpc.aio.Channel], StubT],
-        *,
-        traced: bool = True,
-        default_timeout_s: float | None = None,
-    ) -> None:
+    stub_class: ClassVar[type[Any]]
+
+    def __init__(self, address: str, *, traced: bool = True, default_timeout_s: float | None = None) -> None:
         interceptors = error_mapping_interceptors(default_timeout_s)
         if traced:
             interceptors.extend(telemetry.client_interceptors())
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-        self.stub = stub(self.channel)
+        self.stub: StubT = self.stub_class(self.channel)
 
     async def __aenter__(self) -> Self:
         return self

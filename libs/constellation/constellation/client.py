@@ -37,15 +37,9 @@ def ask_request(
 
 
 class DispatchClient(ServiceClient[dispatch_pb2_grpc.DispatchServiceStub]):
-    """One channel to a dispatch server. An async context manager.
+    """One channel to a dispatch server (see :class:`~constellation.channel.ServiceClient`)."""
 
-    Args:
-        address: ``host:port`` of the dispatch service.
-        traced: Add the OpenTelemetry client interceptors (propagates ``traceparent``).
-    """
-
-    def __init__(self, address: str, *, traced: bool = True):
-        super().__init__(address, dispatch_pb2_grpc.DispatchServiceStub, traced=traced)
+    stub_class = dispatch_pb2_grpc.DispatchServiceStub
 
     async def ask(
         self, request: dispatch_pb2.AskRequest, *, timeout_s: float | None = None
