@@ -6,11 +6,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 from constellation.errors import ConstellationError
 from constellation.server import Registration, RunningServer, serving
-from constellation.service import Flag, ServiceMain, disable
+from constellation.service import Flag, ServiceMain, disable, optional_artifact
 from constellation.v1 import classifier_pb2_grpc
 from services.classifier.classify import Classifier, Policy
 from services.classifier.config import ClassifierConfig
@@ -23,13 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def _load_artifact(config: ClassifierConfig) -> Artifact | None:
-    where = Path(config.artifact) if config.artifact else default_artifact_root()
-    try:
-        artifact = load_artifact(where)
-    except ConstellationError as error:
-        log.warning("classifier: %s; serving with the keyword path only (decided_by=keyword)", error.message)
-        return None
-    log.info("classifier: loaded heads %s from %s", artifact.content_hash[:12], artifact.path)
+    without = "serving with the keyword path only (decided_by=keyword)"
+    artifact = optional_artifact("classifier", load_artifact, config.artifact, default_artifact_root, without)
+    if artifact is not None:
+        log.info("classifier: loaded heads %s from %s", artifact.content_hash[:12], artifact.path)
     return artifact
 
 

@@ -6,11 +6,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-from constellation.errors import ConstellationError
 from constellation.server import Registration, RunningServer, serving
-from constellation.service import Flag, ServiceMain
+from constellation.service import Flag, ServiceMain, optional_artifact
 from constellation.triton import TritonClient
 from constellation.v1 import fusion_pb2_grpc
 from services.fusion.calibration import Calibrator, default_artifact_root, load_artifact
@@ -23,15 +21,12 @@ log = logging.getLogger(__name__)
 
 def load_calibrator(config: FusionConfig) -> Calibrator | None:
     """The calibrator ``config`` names (or the current one); None, with a warning, when there is none."""
-    where = Path(config.artifact) if config.artifact else default_artifact_root()
-    try:
-        artifact = load_artifact(where)
-    except ConstellationError as error:
-        log.warning(
-            "fusion: %s; vote confidence is the weighted share of the winner (uncalibrated), uncertain below %.2f",
-            error.message,
-            config.uncalibrated_threshold,
-        )
+    without = (
+        "vote confidence is the weighted share of the winner (uncalibrated), "
+        f"uncertain below {config.uncalibrated_threshold:.2f}"
+    )
+    artifact = optional_artifact("fusion", load_artifact, config.artifact, default_artifact_root, without)
+    if artifact is None:
         return None
     log.info(
         "fusion: calibrator %s from %s (%s, %s weighting, uncertain below %.3f)",

@@ -6,11 +6,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
-from pathlib import Path
 
 from constellation.errors import ConstellationError
 from constellation.server import Registration, RunningServer, serving
-from constellation.service import Flag, ServiceMain, disable
+from constellation.service import Flag, ServiceMain, disable, optional_artifact
 from constellation.v1 import ranking_pb2_grpc
 from services.ranking.config import RankingConfig
 from services.ranking.pairwise import RankerArtifact, default_artifact_root, load_ranker
@@ -21,13 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def _load_artifact(config: RankingConfig) -> RankerArtifact | None:
-    where = Path(config.artifact) if config.artifact else default_artifact_root()
-    try:
-        artifact = load_ranker(where)
-    except ConstellationError as error:
-        log.warning("ranking: %s; ranking by the first stage alone (centrality, agreement, form)", error.message)
-        return None
-    log.info("ranking: loaded pair ranker %s from %s", artifact.content_hash[:12], artifact.path)
+    without = "ranking by the first stage alone (centrality, agreement, form)"
+    artifact = optional_artifact("ranking", load_ranker, config.artifact, default_artifact_root, without)
+    if artifact is not None:
+        log.info("ranking: loaded pair ranker %s from %s", artifact.content_hash[:12], artifact.path)
     return artifact
 
 

@@ -14,10 +14,14 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from constellation.config import ServiceConfig, load_config
+from constellation.errors import ConstellationError
 from constellation.server import run_until_stopped
+
+log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -29,6 +33,7 @@ class Bound(Protocol):
     def port(self) -> int: ...
 
 
+A = TypeVar("A")
 C = TypeVar("C", bound=ServiceConfig)
 R = TypeVar("R", bound=Bound)
 
@@ -98,3 +103,26 @@ class ServiceMain(Generic[C, R]):
         asyncio.run(
             run_until_stopped(self.lifespan(config), lambda running: print(self.banner(config, running), flush=True))
         )
+
+
+def optional_artifact(
+    service: str, load: Callable[[Path], A], configured: str, default_root: Callable[[], Path], without: str
+) -> A | None:
+    """The trained artifact a service serves with, or None when there is none it can use.
+
+    A missing or unreadable artifact is not an error: the service runs on its untrained path, and a
+    warning (``"<service>: <why>; <without>"``) says which one. Blocking (reads files): call it off the loop.
+
+    Args:
+        service: The service's name, first word of the warning.
+        load: Reads the artifact at a directory (one artifact, or a folder holding ``CURRENT``).
+        configured: The directory the config names; empty: ``default_root()``.
+        default_root: Where the service's trained artifacts live by default.
+        without: How the service serves without it, for the warning.
+    """
+    where = Path(configured) if configured else default_root()
+    try:
+        return load(where)
+    except ConstellationError as error:
+        log.warning("%s: %s; %s", service, error.message, without)
+        return None
