@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -72,7 +72,7 @@ class ServiceMain(Generic[C, R]):
     description: str
     lifespan: Callable[[C], AbstractAsyncContextManager[R]]
     flags: Sequence[Flag] = ()
-    details: Callable[[R], str] | None = field(default=None)
+    details: Callable[[R], str] | None = None
 
     def parser(self) -> argparse.ArgumentParser:
         """The argument parser: the common flags, then the service's own."""
