@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from constellation.channel import ServiceClient
+from constellation.channel import ServiceClient, server_stream
 from constellation.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 
 
@@ -18,7 +18,7 @@ class FusionClient(ServiceClient[fusion_pb2_grpc.FusionServiceStub]):
 
     stub_class = fusion_pb2_grpc.FusionServiceStub
 
-    async def fuse(
+    def fuse(
         self,
         prompt: str,
         candidates: Sequence[common_pb2.ScoredCandidate],
@@ -50,9 +50,4 @@ class FusionClient(ServiceClient[fusion_pb2_grpc.FusionServiceStub]):
             fuser_model=fuser_model,
             sampling=sampling,
         )
-        call = self.stub.Fuse(request, timeout=timeout_s)
-        try:
-            async for response in call:
-                yield response
-        finally:
-            call.cancel()
+        return server_stream(lambda: self.stub.Fuse(request, timeout=timeout_s))

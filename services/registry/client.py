@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 
-from constellation.channel import ServiceClient
+from constellation.channel import ServiceClient, server_stream
 from constellation.errors import DeadlineExceeded
 from constellation.tasks import BackgroundTask
 from constellation.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -63,19 +63,14 @@ class RegistryClient(ServiceClient[registry_pb2_grpc.RegistryServiceStub]):
         response = await self.stub.ReportOutcome(request, timeout=timeout_s)
         return int(response.accepted)
 
-    async def watch(self) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]:
+    def watch(self) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]:
         """The WatchModels stream: the snapshot, CHANGE_SNAPSHOT_END, then changes until cancelled.
 
         Raises:
             constellation.errors.ConstellationError: the stream ended (``ResourceExhausted`` when this
                 reader fell too far behind; ``Unavailable`` when the registry went away).
         """
-        call = self.stub.WatchModels(registry_pb2.WatchModelsRequest())
-        try:
-            async for message in call:
-                yield message
-        finally:
-            call.cancel()
+        return server_stream(lambda: self.stub.WatchModels(registry_pb2.WatchModelsRequest()))
 
 
 class RegistryView:

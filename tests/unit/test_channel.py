@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 import pytest
 
-from constellation.channel import ServiceClient
+from constellation.channel import ServiceClient, server_stream
 from constellation.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -148,3 +149,38 @@ async def test_an_unreachable_service_is_unavailable_and_a_cancelled_caller_stay
     async with RankingEdge(f"127.0.0.1:{port}") as client:
         with pytest.raises(Unavailable):
             await client.stub.Rank(request, timeout=5.0)
+
+
+class EndlessFusion(fusion_pb2_grpc.FusionServiceServicer):
+    """Sends one delta, then waits; records when the client's cancel reaches it."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def Fuse(
+        self, request: fusion_pb2.FuseRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fusion_pb2.FuseResponse]:
+        yield fusion_pb2.FuseResponse(delta=fusion_pb2.FusedDelta(text="first"))
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+async def test_leaving_a_server_stream_early_cancels_the_call_in_the_server() -> None:
+    fusion = EndlessFusion()
+    server = grpc.aio.server()
+    fusion_pb2_grpc.add_FusionServiceServicer_to_server(fusion, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with FusionEdge(f"127.0.0.1:{port}") as client:
+            stream = server_stream(lambda: client.stub.Fuse(fusion_pb2.FuseRequest(prompt="q")))
+            async with aclosing(stream):
+                async for message in stream:
+                    assert message.delta.text == "first"
+                    break
+            await asyncio.wait_for(fusion.cancelled.wait(), timeout=5)
+    finally:
+        await server.stop(None)

@@ -9,7 +9,7 @@ exceptions (:func:`constellation.errors.from_rpc_error`), never a raw ``grpc.Rpc
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
@@ -22,6 +22,7 @@ MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
 
 StubT = TypeVar("StubT")
+T = TypeVar("T")
 
 
 def _with_default_timeout(details: grpc.aio.ClientCallDetails, timeout_s: float | None) -> grpc.aio.ClientCallDetails:
@@ -92,6 +93,20 @@ async def _translated(call: AsyncIterator[Any]) -> AsyncIterator[Any]:
             yield message
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from exc
+
+
+async def server_stream(start: Callable[[], AsyncIterable[T]]) -> AsyncGenerator[T, None]:
+    """The messages of the server stream ``start()`` opens, opened on the first read.
+
+    Leaving early (``break``, an error in the loop, ``aclose()``, a cancelled task) cancels the call,
+    and with it the work the server does for it. Errors arrive already translated by the channel.
+    """
+    call = start()
+    try:
+        async for message in call:
+            yield message
+    finally:
+        call.cancel()  # type: ignore[attr-defined]
 
 
 class ServiceClient(Generic[StubT]):

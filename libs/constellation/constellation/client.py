@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-from constellation.channel import ServiceClient
+from constellation.channel import ServiceClient, server_stream
 from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
 
@@ -41,7 +41,7 @@ class DispatchClient(ServiceClient[dispatch_pb2_grpc.DispatchServiceStub]):
 
     stub_class = dispatch_pb2_grpc.DispatchServiceStub
 
-    async def ask(
+    def ask(
         self, request: dispatch_pb2.AskRequest, *, timeout_s: float | None = None
     ) -> AsyncGenerator[dispatch_pb2.AskResponse, None]:
         """Streams the events of one Ask.
@@ -49,12 +49,7 @@ class DispatchClient(ServiceClient[dispatch_pb2_grpc.DispatchServiceStub]):
         Raises:
             constellation.errors.ConstellationError: the call failed (mapped from its status).
         """
-        call = self.stub.Ask(request, timeout=timeout_s)
-        try:
-            async for event in call:
-                yield event
-        finally:
-            call.cancel()
+        return server_stream(lambda: self.stub.Ask(request, timeout=timeout_s))
 
     async def plan(self, request: dispatch_pb2.AskRequest, *, timeout_s: float = 10.0) -> dispatch_pb2.PlanResponse:
         response: dispatch_pb2.PlanResponse = await self.stub.Plan(
