@@ -234,9 +234,13 @@ class ScalingPolicy:
         margin = replicas_for(load.in_system, knobs.concurrency * (1.0 - knobs.hysteresis))
         down_to = min(max(load.wanted, stable, margin), knobs.max_replicas)
         if down_to >= current:
-            return "hold", current, (
-                f"down held: {stable} wanted within {knobs.down_stabilization_s:g} s, "
-                f"{margin} with {knobs.hysteresis:.0%} headroom"
+            return (
+                "hold",
+                current,
+                (
+                    f"down held: {stable} wanted within {knobs.down_stabilization_s:g} s, "
+                    f"{margin} with {knobs.hysteresis:.0%} headroom"
+                ),
             )
         if since_change < knobs.down_cooldown_s:
             return "hold", current, f"down cooldown ({since_change:.1f} of {knobs.down_cooldown_s:g} s)"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from constellation.v1 import registry_pb2
 from services.scaler.policy import Knobs, ScalingPolicy, replicas_for
 from services.scaler.sources import ArrivalWindow, FixedLatency, RecordLatency
-from constellation.v1 import registry_pb2
 
 
 class FakeClock:
@@ -33,9 +33,7 @@ def arrive(window: ArrivalWindow, clock: FakeClock, model: str, rate: float, sec
 def make(knobs: Knobs, latency_s: float = 2.0) -> tuple[ScalingPolicy, ArrivalWindow, FakeClock]:
     clock = FakeClock()
     window = ArrivalWindow(clock)
-    policy = ScalingPolicy(
-        demand=window, latency=FixedLatency({"m": latency_s}), clock=clock, tiers={"default": knobs}
-    )
+    policy = ScalingPolicy(demand=window, latency=FixedLatency({"m": latency_s}), clock=clock, tiers={"default": knobs})
     return policy, window, clock
 
 
@@ -86,8 +84,14 @@ def test_max_and_floor_bound_the_target() -> None:
 
 def test_up_is_fast_down_waits_for_stabilization_and_cooldown() -> None:
     knobs = Knobs(
-        concurrency=1, max_replicas=10, window_s=10, up_cooldown_s=0, down_cooldown_s=30,
-        down_stabilization_s=60, hysteresis=0.0, idle_to_zero_s=1000,
+        concurrency=1,
+        max_replicas=10,
+        window_s=10,
+        up_cooldown_s=0,
+        down_cooldown_s=30,
+        down_stabilization_s=60,
+        hysteresis=0.0,
+        idle_to_zero_s=1000,
     )
     policy, window, clock = make(knobs, latency_s=1.0)
     arrive(window, clock, "m", 5.0, 10.0)
@@ -104,8 +108,16 @@ def test_up_is_fast_down_waits_for_stabilization_and_cooldown() -> None:
 
 
 def test_down_cooldown_holds_after_a_change() -> None:
-    knobs = Knobs(concurrency=1, max_replicas=10, window_s=10, up_cooldown_s=0, down_cooldown_s=30,
-                  down_stabilization_s=0, hysteresis=0.0, idle_to_zero_s=1000)
+    knobs = Knobs(
+        concurrency=1,
+        max_replicas=10,
+        window_s=10,
+        up_cooldown_s=0,
+        down_cooldown_s=30,
+        down_stabilization_s=0,
+        hysteresis=0.0,
+        idle_to_zero_s=1000,
+    )
     policy, window, clock = make(knobs, latency_s=1.0)
     arrive(window, clock, "m", 4.0, 10.0)
     assert policy.decide("m", 1).target == 4
@@ -130,8 +142,15 @@ def test_up_cooldown_delays_a_second_scale_up() -> None:
 
 def test_hysteresis_keeps_a_replica_until_the_load_leaves_headroom() -> None:
     # 1.9 in flight at 1 per replica with 10% hysteresis: 2 are kept (1 would need <= 0.9).
-    knobs = Knobs(concurrency=1, max_replicas=10, window_s=10, down_cooldown_s=0, down_stabilization_s=0,
-                  hysteresis=0.1, idle_to_zero_s=1000)
+    knobs = Knobs(
+        concurrency=1,
+        max_replicas=10,
+        window_s=10,
+        down_cooldown_s=0,
+        down_stabilization_s=0,
+        hysteresis=0.1,
+        idle_to_zero_s=1000,
+    )
     policy, window, clock = make(knobs, latency_s=1.0)
     arrive(window, clock, "m", 0.95, 20.0)  # 0.95 req/s x 1 s = 0.95 in flight, raw 1
     decision = policy.decide("m", 2)
