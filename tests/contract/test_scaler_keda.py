@@ -31,9 +31,7 @@ class FakeClock:
         return self.now
 
 
-KNOBS = Knobs(
-    concurrency=1, max_replicas=5, window_s=10, idle_to_zero_s=60, default_latency_s=2.0, up_cooldown_s=0
-)
+KNOBS = Knobs(concurrency=1, max_replicas=5, window_s=10, idle_to_zero_s=60, default_latency_s=2.0, up_cooldown_s=0)
 
 
 @pytest.fixture
@@ -95,7 +93,7 @@ async def test_keda_client_follows_the_targets(scaler_server: tuple[RunningScale
 
 
 async def test_dry_run_decides_but_publishes_nothing(scaler_server: tuple[RunningScaler, FakeClock]) -> None:
-    running, clock = scaler_server
+    running, _ = scaler_server
     address = f"127.0.0.1:{running.port}"
     async with grpc.aio.insecure_channel(address) as channel, ScalerClient(address, traced=False) as client:
         keda = externalscaler_pb2_grpc.ExternalScalerStub(channel)
