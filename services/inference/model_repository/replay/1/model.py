@@ -38,8 +38,8 @@ Config parameters: ``pool_paths`` (comma-separated pool files; empty: ``$CONSTEL
 ``time_scale`` (float >= 0, default 1.0; 0 = no waiting), ``tokens_per_chunk`` (int >= 1, default 8),
 ``latency_seed`` (int, default 0), ``latency_profile`` (JSON, see ``LatencyProfile``; empty = defaults),
 ``max_concurrency`` (int >= 0, default 0 = no cap), ``load_time_s`` (JSON seconds by size class merged into
-``DEFAULT_LOAD_S``; empty = defaults), ``load_time_scale`` (float >= 0; empty = ``time_scale``), ``load_as`` (recorded model whose size class sets the load time;
-empty = the largest class in the pools).
+``DEFAULT_LOAD_S``; empty = defaults), ``load_time_scale`` (float >= 0; empty = ``time_scale``), ``load_as``
+(recorded model whose size class sets the load time; empty = the largest class in the pools).
 
 Capacity: one instance (a replica; ``instance_group`` count) serves at most ``max_concurrency`` requests at
 once; later ones wait in arrival order (polling for cancellation) and their simulated schedule starts when
