@@ -204,12 +204,13 @@ class TargetBoard:
 class KedaActuator:
     """Publishes targets on a :class:`TargetBoard` for KEDA to read; the cluster does the scaling.
 
-    ``replicas`` reports the published target (``initial`` before the first publish), since the pods that
-    KEDA and the HPA start are not observable from here.
+    ``replicas`` reports the published target, since the pods that KEDA and the HPA start are not observable
+    from here. A model asked about for the first time is published at ``initial``, so that KEDA sees a model
+    the scaler holds steady as active from the first round (a hold publishes nothing).
 
     Args:
         board: Where targets go (shared with the external scaler servicer).
-        initial: Replicas assumed for a model with no published target yet.
+        initial: Replicas published for a model the scaler starts managing.
     """
 
     name = "keda"
@@ -220,7 +221,10 @@ class KedaActuator:
 
     async def replicas(self, model: str) -> int:
         target = self.board.get(model)
-        return self.initial if target is None else target
+        if target is None:
+            await self.board.publish(model, self.initial)
+            return self.initial
+        return target
 
     async def scale(self, model: str, replicas: int) -> None:
         await self.board.publish(model, replicas)

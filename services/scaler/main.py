@@ -84,7 +84,7 @@ async def running_scaler(
         latency: LatencySource = FixedLatency({})
         if config.registry_address:
             view = await stack.enter_async_context(RegistryView(config.registry_address))
-            latency = RecordLatency(view.models, config.output_tokens)
+            latency = RecordLatency(lambda: view.models, config.output_tokens)
         arrivals = ArrivalWindow(clock)
         policy = ScalingPolicy(
             demand=arrivals,

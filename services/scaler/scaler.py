@@ -111,9 +111,12 @@ class Scaler:
 
     async def tick(self) -> list[Decision]:
         """One round: a decision per managed model, applied unless dry-run. A model whose actuator fails is
-        logged and skipped; the others still get their decision."""
+        logged and skipped, and so is a model being loaded for a waiting request (next round); the others
+        still get their decision."""
         decisions = []
         for model in sorted(self.capacity):
+            if self._lane(model).loading is not None:
+                continue
             try:
                 decisions.append(await self._decide_and_apply(model))
             except Exception as exc:  # one model's failure must not stop the round

@@ -75,17 +75,18 @@ class RecordLatency:
     statistics (both 0) gives None, so the policy falls back to its ``default_latency_s``.
 
     Args:
-        records: Model name -> ``constellation.v1.ModelRecord``, kept current by the caller (for example
-            :class:`services.registry.client.RegistryView`'s ``models``); read on every call.
+        records: Returns model name -> ``constellation.v1.ModelRecord`` as known now (for example
+            ``lambda: view.models`` of a :class:`services.registry.client.RegistryView`, which replaces its
+            mapping on every reconnection); called on every lookup.
         output_tokens: Typical answer length in tokens.
     """
 
-    def __init__(self, records: Mapping[str, Any], output_tokens: int = 128) -> None:
+    def __init__(self, records: Callable[[], Mapping[str, Any]], output_tokens: int = 128) -> None:
         self.records = records
         self.output_tokens = output_tokens
 
     def latency_s(self, model: str) -> float | None:
-        record = self.records.get(model)
+        record = self.records().get(model)
         if record is None:
             return None
         ttft_ms = float(record.stats.time_to_first_token.ewma_ms)

@@ -97,16 +97,21 @@ async def test_dry_run_decides_but_publishes_nothing(scaler_server: tuple[Runnin
     address = f"127.0.0.1:{running.port}"
     async with grpc.aio.insecure_channel(address) as channel, ScalerClient(address, traced=False) as client:
         keda = externalscaler_pb2_grpc.ExternalScalerStub(channel)
+
+        async def published() -> float:
+            request = externalscaler_pb2.GetMetricsRequest(scaledObjectRef=ref())
+            return (await keda.GetMetrics(request, timeout=5)).metricValues[0].metricValueFloat
+
         assert await client.set_dry_run(True) is True
         await client.record_arrivals(["llama"] * 10)
         [decision] = await running.scaler.tick()
         assert (decision.action, decision.target) == ("scale_up", 2)
-        assert (await keda.IsActive(ref(), timeout=5)).result is False
+        assert await published() == 1.0  # the model's starting replicas, not the decision
         status = await client.status()
         assert status.dry_run and not status.models[0].last_decision.applied
         assert await client.set_dry_run(False) is False
         await running.scaler.tick()
-        assert (await keda.IsActive(ref(), timeout=5)).result is True
+        assert await published() == 2.0
 
 
 async def test_a_scaled_object_without_metadata_is_its_model_and_bad_arrivals_are_rejected(

@@ -207,7 +207,8 @@ def test_record_latency_reads_the_registry_statistics() -> None:
     record = registry_pb2.ModelRecord(name="m")
     record.stats.time_to_first_token.ewma_ms = 200.0
     record.stats.per_token.ewma_ms = 10.0
-    source = RecordLatency({"m": record, "new": registry_pb2.ModelRecord(name="new")}, output_tokens=100)
+    records = {"m": record, "new": registry_pb2.ModelRecord(name="new")}
+    source = RecordLatency(lambda: records, output_tokens=100)
     assert source.latency_s("m") == pytest.approx(1.2)
     assert source.latency_s("new") is None
     assert source.latency_s("absent") is None
