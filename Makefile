@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTO_FILES := $(wildcard protos/constellation/v1/*.proto)
+PROTO_FILES := $(wildcard protos/constellation/v1/*.proto) $(wildcard protos/constellation/keda/*.proto)
 STUBS := libs/constellation/constellation/v1/.stubs
 PYTEST_ARGS ?=
 # Nothing may fetch weights from a hub: the models come from installed packages.

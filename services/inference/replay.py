@@ -13,6 +13,8 @@ This module is plain Python (no Triton, no torch) so that it can be unit-tested 
   :class:`~constellation.pools.ModelCard`; :meth:`ReplayIndex.replay` applies ``max_tokens``.
 * :class:`LatencyModel` / :class:`LatencyProfile`: simulated (ttft_ms, per_token_ms).
 * :func:`chunk_text` and :func:`stream_plan`: what to send, and at which simulated millisecond.
+* :class:`ConcurrencyCap` and :func:`load_seconds`: an instance's capacity (requests served at once, the
+  rest queued) and its SIMULATED load time by size class.
 
 Token estimates: where a pool records no token counts (the RouterBench pools), they are estimated as
 ``max(1, round(len(text) / 4))`` (:data:`CHARS_PER_TOKEN` characters per token) and flagged as estimated.
@@ -20,12 +22,14 @@ Token estimates: where a pool records no token counts (the RouterBench pools), t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -681,3 +685,81 @@ def stream_plan(replay: Replay, ttft_ms: float, per_token_ms: float, tokens_per_
         previous = tokens
         steps.append(ChunkStep(piece, tokens, LatencyModel.total_ms(ttft_ms, per_token_ms, tokens)))
     return steps
+
+
+# ----------------------------------------------------------------------------------------------- capacity
+
+DEFAULT_LOAD_S: Mapping[str, float] = {"small": 2.0, "medium": 5.0, "large": 12.0, "xl": 25.0}
+"""SIMULATED time to load a recorded model, by size class, in unscaled seconds (the replay model waits this
+times its ``time_scale`` in ``initialize``, so Triton's load call takes that long)."""
+
+
+def load_seconds(
+    latency: LatencyModel, models: Iterable[str], *, load_as: str = "", table: Mapping[str, float] | None = None
+) -> tuple[str, float]:
+    """The SIMULATED load time of a replay model instance: (size class, unscaled seconds).
+
+    Args:
+        latency: Gives each recorded model's size class.
+        models: The recorded models the instance serves; the largest class among them is the one loaded,
+            unless ``load_as`` names the model to load as (a replay model set up for one recorded model).
+        table: Seconds by size class, merged into :data:`DEFAULT_LOAD_S`.
+
+    Raises:
+        ValueError: A negative time or an unknown size class in ``table``.
+    """
+    merged = {**DEFAULT_LOAD_S, **(table or {})}
+    bad = sorted(k for k, v in merged.items() if k not in SIZE_CLASSES or not v >= 0)
+    if bad:
+        raise ValueError(f"load_time_s: classes {bad} are unknown or negative (classes: {SIZE_CLASSES})")
+    names = [load_as] if load_as else list(models)
+    if not names:
+        return "small", float(merged["small"])
+    size = max((latency.size_class(name) for name in names), key=SIZE_CLASSES.index)
+    return size, float(merged[size])
+
+
+class ConcurrencyCap:
+    """At most ``limit`` requests in service at once in one model instance (a replica); the rest wait in
+    arrival order, so latency grows with load. ``limit`` 0 means no cap. Use from one event loop.
+
+    A waiter that is cancelled (its ``cancelled`` callback says so, asked every ``poll_s``) leaves the queue
+    without ever being served.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"max_concurrency must be >= 0, got {limit}")
+        self.limit = limit
+        self.in_service = 0
+        self.waiting = 0
+        self._semaphore = asyncio.Semaphore(limit) if limit > 0 else None
+
+    async def acquire(self, cancelled: Callable[[], bool], poll_s: float) -> bool:
+        """Waits for a slot; True when one is held (call :meth:`release` after), False when cancelled first."""
+        if self._semaphore is None:
+            self.in_service += 1
+            return True
+        self.waiting += 1
+        slot = asyncio.ensure_future(self._semaphore.acquire())
+        try:
+            while not slot.done():
+                if cancelled():
+                    slot.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await slot
+                    if not slot.cancelled():  # it got the slot just before the cancel: hand it back
+                        self._semaphore.release()
+                    return False
+                await asyncio.wait({slot}, timeout=poll_s)
+            await slot
+        finally:
+            self.waiting -= 1
+        self.in_service += 1
+        return True
+
+    def release(self) -> None:
+        """Frees the slot of a request that is done."""
+        self.in_service -= 1
+        if self._semaphore is not None:
+            self._semaphore.release()

@@ -36,7 +36,15 @@ every :data:`CANCEL_POLL_S` seconds and before every chunk, and stops at once wh
 
 Config parameters: ``pool_paths`` (comma-separated pool files; empty: ``$CONSTELLATION_REPLAY_POOLS``),
 ``time_scale`` (float >= 0, default 1.0; 0 = no waiting), ``tokens_per_chunk`` (int >= 1, default 8),
-``latency_seed`` (int, default 0), ``latency_profile`` (JSON, see ``LatencyProfile``; empty = defaults).
+``latency_seed`` (int, default 0), ``latency_profile`` (JSON, see ``LatencyProfile``; empty = defaults),
+``max_concurrency`` (int >= 0, default 0 = no cap), ``load_time_s`` (JSON seconds by size class merged into
+``DEFAULT_LOAD_S``; empty = defaults), ``load_time_scale`` (float >= 0; empty = ``time_scale``), ``load_as``
+(recorded model whose size class sets the load time; empty = the largest class in the pools).
+
+Capacity: one instance (a replica; ``instance_group`` count) serves at most ``max_concurrency`` requests at
+once; later ones wait in arrival order (polling for cancellation) and their simulated schedule starts when
+they are served, so their real latency grows with the load. ``initialize`` waits the SIMULATED load time of
+the size class, times ``load_time_scale``, so loading an instance takes visible time.
 
 Prometheus metrics (labels ``model``; the counter also ``finish_reason``: stop, length, cancelled,
 error): ``constellation_generations_in_flight``, ``constellation_generated_tokens_total`` (replayed
@@ -70,10 +78,12 @@ from services.inference.backend_io import (
 from services.inference.generation_metrics import GenerationMetrics
 from services.inference.replay import (
     ChunkStep,
+    ConcurrencyCap,
     LatencyModel,
     LatencyProfile,
     ReplayIndex,
     ReplayNotFound,
+    load_seconds,
     prompt_sha256,
     stream_plan,
 )
@@ -164,6 +174,7 @@ class TritonPythonModel:
         except Exception as exc:  # bad profile JSON, missing file, PoolFormatError (names file and line)
             raise pb_utils.TritonModelException(f"{_TAG}: {exc}") from None
         self._latency = LatencyModel(profile, seed=seed, cards=self._index.cards)
+        self._cap, load_note = self._capacity(config)
 
         self._metrics = GenerationMetrics(pb_utils, self._model_name)
         self._stopping = False
@@ -171,8 +182,29 @@ class TritonPythonModel:
             f"{_TAG}: {self._model_name} loaded {len(self._index)} recorded answers of "
             f"{len(self._index.models())} models from {len(paths)} pool(s) in {time.monotonic() - started:.2f} s "
             f"(time_scale {self._time_scale}, tokens_per_chunk {self._tokens_per_chunk}, latency_seed {seed}; "
-            f"simulated base ttft ms by size class {dict(profile.ttft_ms)})"
+            f"simulated base ttft ms by size class {dict(profile.ttft_ms)}; max_concurrency {self._cap.limit}; "
+            f"{load_note})"
         )
+
+    def _capacity(self, config: dict[str, Any]) -> tuple[ConcurrencyCap, str]:
+        """The instance's concurrency cap; then waits its SIMULATED load time (a real wait, scaled)."""
+        try:
+            cap = ConcurrencyCap(int(_param(config, "max_concurrency", "0")))
+            raw_table = _param(config, "load_time_s", "")
+            table = json.loads(raw_table) if raw_table else None
+            if table is not None and not isinstance(table, dict):
+                raise ValueError("load_time_s must be a JSON object of seconds by size class")
+            size, seconds = load_seconds(
+                self._latency, self._index.models(), load_as=_param(config, "load_as", ""), table=table
+            )
+            load_scale = float(_param(config, "load_time_scale", str(self._time_scale)))
+            if not (math.isfinite(load_scale) and load_scale >= 0):
+                raise ValueError(f"load_time_scale must be >= 0, got {load_scale}")
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"{_TAG}: bad parameter: {exc}") from None
+        wait_s = seconds * load_scale
+        time.sleep(wait_s)
+        return cap, f"SIMULATED load of a {size} model: {seconds:g} s, waited {wait_s:.2f} s"
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -209,7 +241,13 @@ class TritonPythonModel:
                 pb_utils.Logger.log_verbose(f"{_TAG}: {exc}")
                 self._close_with_error(sender, str(exc), pb_utils.TritonError.NOT_FOUND)
                 return
-            await self._stream(sender, parsed, replay, prompt_hash)
+            if not await self._cap.acquire(lambda: self._stopping or sender.is_cancelled(), CANCEL_POLL_S):
+                self._finish_cancelled(sender, replay, 0, 0.0, 0.0)
+                return
+            try:
+                await self._stream(sender, parsed, replay, prompt_hash)
+            finally:
+                self._cap.release()
         except Exception as exc:
             pb_utils.Logger.log_error(f"{_TAG}: request failed: {exc!r}")
             self._close_with_error(sender, f"replay failed: {exc}", pb_utils.TritonError.INTERNAL)
