@@ -5,19 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from constellation.ml.answers import candidate_answer, extract_answer
+from constellation.ml.calibration import choose_threshold, expected_calibration_error, fit_isotonic
+from constellation.ml.vote import FEATURE_NAMES, UNKNOWN_RELIABILITY, Ballot, features, tally, weight
 from constellation.triton import Sampling
-from services.fusion.answers import candidate_answer, extract_answer
-from services.fusion.calibration import (
-    choose_threshold,
-    expected_calibration_error,
-    fit_calibrator,
-    fit_isotonic,
-    load_artifact,
-    save_artifact,
-)
+from services.fusion.calibration import fit_calibrator, load_artifact, save_artifact
 from services.fusion.fuse import FuseCandidate, FuseInput, Fuser, FuserSettings
 from services.fusion.prompt import fuser_prompt, share_budget
-from services.fusion.vote import FEATURE_NAMES, UNKNOWN_RELIABILITY, Ballot, features, tally, weight
 
 
 class _NoGenerator:
@@ -160,7 +154,7 @@ def test_prompt_fits_the_budget_and_keeps_short_candidates_whole() -> None:
 
 
 def test_options_are_counted_in_the_last_question_only() -> None:
-    from services.fusion.vote import options_in
+    from constellation.ml.vote import options_in
 
     few_shot = "Q: pick one\nA) x\nB) y\nC) z\nAnswer: B\n\nNow: which?\nA) Kyle\nB) Logan\nAnswer:"
     assert options_in(few_shot) == 2

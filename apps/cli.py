@@ -40,7 +40,7 @@ def _err(message: str) -> None:
 def _dispatch_address(explicit: str | None) -> str:
     if explicit:
         return explicit
-    from constellation.mesh import MeshState, state_file
+    from apps.mesh import MeshState, state_file
 
     state = MeshState.load(state_file())
     return state.dispatch if state else "127.0.0.1:50051"
@@ -171,7 +171,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from constellation.mesh import Mesh, MeshPorts, default_run_dir, state_file
+    from apps.mesh import Mesh, MeshPorts, default_run_dir, state_file
 
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     ports = MeshPorts(
@@ -253,7 +253,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from constellation.mesh import MeshState, state_file
+    from apps.mesh import MeshState, state_file
 
     state = MeshState.load(state_file(Path(args.run_dir) if args.run_dir else None))
     if state is None:
@@ -277,7 +277,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from constellation.eval_run import markdown, run_eval, write_report
+    from apps.eval_run import markdown, run_eval, write_report
 
     pool = Path(args.pool)
     if not pool.is_file():
@@ -308,8 +308,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _traces_collect(args: argparse.Namespace) -> int:
+    from apps.traces.collector import CollectorConfig, running_collector
     from constellation.config import load_config
-    from constellation.traces.collector import CollectorConfig, running_collector
 
     config = load_config(CollectorConfig, args.config, port=args.port, http_port=args.http_port, db=args.db)
 
@@ -333,8 +333,8 @@ def _traces_collect(args: argparse.Namespace) -> int:
 
 
 def _traces_analyze(args: argparse.Namespace) -> int:
-    from constellation.traces.analyze import analyze, markdown, plot, write_json
-    from constellation.traces.store import SpanStore
+    from apps.traces.analyze import analyze, markdown, plot, write_json
+    from apps.traces.store import SpanStore
 
     if not Path(args.db).is_file():
         _err(f"no trace database at {args.db}; collect spans with `constellation traces collect --db {args.db}`")
@@ -358,7 +358,7 @@ def _traces_analyze(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from constellation.load import run_load
+    from apps.load import run_load
     from constellation.pools import pool_models, read_pool
 
     if args.pool:
