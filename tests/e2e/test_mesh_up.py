@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from apps.mesh import port_in_use, state_file, wait_serving
-from tests.conftest import free_port
+from constellation.net import free_port
 
 
 def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
