@@ -18,6 +18,19 @@ import numpy as np
 from constellation.ml.encoder import Encoder
 
 
+def text_key(text: str) -> str:
+    """The cache key of a text: the hex SHA-256 of its UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes ``arrays`` to ``path`` atomically: a temporary file beside it, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp.npz")
+    np.savez(staging, **arrays)
+    staging.replace(path)
+
+
 class EmbeddingCache:
     """Embeddings of texts under one encoder identity, kept in one ``.npz`` file.
 
@@ -34,9 +47,7 @@ class EmbeddingCache:
                 ):
                     self._rows[str(key)] = (vector, bool(cut), int(count))
 
-    @staticmethod
-    def key(text: str) -> str:
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = staticmethod(text_key)
 
     def get(self, text: str) -> tuple[np.ndarray, bool, int] | None:
         return self._rows.get(self.key(text))
@@ -47,17 +58,16 @@ class EmbeddingCache:
     def save(self) -> None:
         if self.path is None or not self._rows:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self._rows)
-        staging = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(
-            staging,
-            keys=np.array(keys),
-            vectors=np.stack([self._rows[k][0] for k in keys]).astype(np.float32),
-            truncated=np.array([self._rows[k][1] for k in keys]),
-            tokens=np.array([self._rows[k][2] for k in keys], dtype=np.int64),
+        save_npz(
+            self.path,
+            {
+                "keys": np.array(keys),
+                "vectors": np.stack([self._rows[k][0] for k in keys]).astype(np.float32),
+                "truncated": np.array([self._rows[k][1] for k in keys]),
+                "tokens": np.array([self._rows[k][2] for k in keys], dtype=np.int64),
+            },
         )
-        staging.replace(self.path)
 
 
 def embed(
@@ -101,9 +111,7 @@ class EmbeddingStore:
             with np.load(path, allow_pickle=False) as data:
                 self.vectors = {str(k): v for k, v in zip(data["keys"], data["vectors"], strict=True)}
 
-    @staticmethod
-    def key(text: str) -> str:
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = staticmethod(text_key)
 
     def missing(self, texts: Sequence[str]) -> list[str]:
         """Distinct texts not yet stored, shortest first (similar lengths batch with little padding)."""
@@ -135,8 +143,5 @@ class EmbeddingStore:
     def save(self) -> None:
         if self.path is None or not self.vectors:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self.vectors)
-        staging = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(staging, keys=np.array(keys), vectors=np.stack([self.vectors[k] for k in keys]))
-        staging.replace(self.path)
+        save_npz(self.path, {"keys": np.array(keys), "vectors": np.stack([self.vectors[k] for k in keys])})
