@@ -8,7 +8,7 @@ is empty, :func:`extract_answer` reads it from the text:
   a letter (``B``, ``(B)``, ``B)``, ``B.``, ``B: ...``). A leading article (``A first step ...``) or a
   refusal (``I do not ...``) is not read as a letter.
 
-Either way the result goes through :func:`apps.evaluation.normalize_answer`, so ``"1,000.0"``
+Either way the result goes through :func:`normalize_answer`, so ``"1,000.0"``
 and ``"1000"`` vote together.
 """
 

@@ -27,7 +27,7 @@ final flag. ``finalize()`` stops the worker within one token and fails requests 
 Model parameters (config.pbtxt ``parameters``):
 
 * ``model_loader`` (required): a key of :data:`LOADERS` or ``"package.module:function"``; the function is
-  called with the cache directory (:func:`constellation.paths.default_cache_dir`, i.e.
+  called with the cache directory (:func:`services.inference.smollm2.default_cache_dir`, i.e.
   ``$CONSTELLATION_CACHE_DIR``) and returns a transformers checkpoint directory.
 * ``apply_chat_template`` (default ``"true"``): wrap ``text_input`` as one user message with the
   tokenizer's chat template (which must exist); ``"false"`` feeds the text as is.
@@ -290,7 +290,7 @@ class TritonPythonModel:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from constellation.paths import default_cache_dir
+        from services.inference.smollm2 import default_cache_dir
 
         started = time.monotonic()
         weights_dir = Path(_resolve_loader(loader_name)(default_cache_dir()))
