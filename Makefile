@@ -49,9 +49,9 @@ test: setup
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; exit 1; fi; exit $$rc
 
 lint: setup
-	$(BIN)/ruff check libs services tests bench
-	$(BIN)/ruff format --check libs services tests bench
-	$(BIN)/mypy libs/constellation/constellation services bench
+	$(BIN)/ruff check libs services apps tests bench
+	$(BIN)/ruff format --check libs services apps tests bench
+	$(BIN)/mypy libs/constellation/constellation services apps bench
 	$(BIN)/buf lint
 
 bench: setup

@@ -27,10 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.report import DOCS, markdown_table, write_section
-from constellation.evaluation import normalize_answer
+from constellation.ml.answers import normalize_answer
+from constellation.ml.vote import Ballot, tally
 from constellation.pools import read_pool
 from services.dispatch.router_train import default_data_dir
-from services.fusion.vote import Ballot, tally
 
 
 @dataclass

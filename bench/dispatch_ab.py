@@ -28,11 +28,11 @@ from pathlib import Path
 import tritonclient.grpc.aio as aioclient
 from tqdm import tqdm
 
+from apps.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
 from bench.mesh_overhead import REPLAY_POOL, Target, direct, targets, through_mesh
 from bench.report import markdown_table
 from constellation.client import DispatchClient
-from constellation.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
-from services.inference.launcher import free_port
+from constellation.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = Path("libs/constellation/constellation/v1")

@@ -27,11 +27,11 @@ from typing import Any
 
 import grpc
 
+from apps.mesh import ServiceProcess, wait_serving
 from bench import grpc_echo
 from bench.report import markdown_table, percentiles, write_section
 from constellation.client import DispatchClient, ask_request
-from constellation.mesh import ServiceProcess, wait_serving
-from services.inference.launcher import free_port
+from constellation.net import free_port
 
 KINDS = {
     "plan": "`Plan` to dispatch, asyncio client",

@@ -27,20 +27,16 @@ from typing import Any
 import numpy as np
 
 from bench.report import DOCS, markdown_table, write_section
-from constellation.evaluation import normalize_answer
+from constellation.ml.answers import normalize_answer
+from constellation.ml.calibration import expected_calibration_error, reliability_bins
+from constellation.ml.vote import Ballot, tally
 from constellation.pools import read_pool
-from services.fusion.calibration import (
-    default_artifact_root,
-    expected_calibration_error,
-    load_artifact,
-    reliability_bins,
-)
+from services.fusion.calibration import default_artifact_root, load_artifact
 from services.fusion.fuse import FuseCandidate, FuseInput, Fuser, FuserSettings
 from services.fusion.simulate import POOLS, answers_of, by_accuracy, train_accuracy
 from services.fusion.train import DEFAULT_DATA_DIR
 from services.fusion.train import build_parser as train_parser
 from services.fusion.train import train as train_calibrator
-from services.fusion.vote import Ballot, tally
 
 COMMAND = "python -m bench.fusion"
 KS = (3, 5, 7)

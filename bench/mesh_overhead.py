@@ -29,12 +29,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tqdm import tqdm
 
+from apps.mesh import Mesh, MeshPorts
 from bench.report import DOCS, markdown_table, percentiles, write_section
 from constellation.client import DispatchClient, ask_request
-from constellation.mesh import Mesh, MeshPorts
+from constellation.net import free_port
 from constellation.pools import read_pool
 from constellation.triton import Sampling
-from services.inference.launcher import free_port
 
 PROMPT = "List three facts about the Moon."
 MODEL = "smollm2"

@@ -18,9 +18,9 @@ import platform
 import time
 from pathlib import Path
 
+from apps.eval_run import markdown, run_eval, write_report
+from apps.evaluation import mean_quality_by_model
 from bench.report import DOCS, write_section
-from constellation.eval_run import markdown, run_eval, write_report
-from constellation.evaluation import mean_quality_by_model
 from constellation.pools import read_pool
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

@@ -28,17 +28,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from apps.eval_run import REPLAY_MODEL, catalog_for
+from apps.evaluation import Call, Judge, percentiles
+from apps.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
 from bench.report import DOCS, markdown_table, write_section
 from constellation import artifacts
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import ConstellationError
-from constellation.eval_run import REPLAY_MODEL, catalog_for
-from constellation.evaluation import Call, Judge, percentiles
-from constellation.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
+from constellation.net import free_port
 from constellation.pools import read_pool
 from constellation.v1 import common_pb2
 from services.dispatch.routing import ARTIFACT_KIND, TRAIN_COMMAND, ProfileSettings, Weights
-from services.inference.launcher import free_port
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SIDES = ("quorum", "wait-all")

@@ -29,7 +29,7 @@ from services.ranking.rank import Ranker
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from services.classifier.encoder import Encoder
+    from constellation.ml.encoder import Encoder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pools", nargs="*", default=["routerbench_mbpp", "alpacaeval"])

@@ -143,7 +143,7 @@ def evaluate_pool(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from services.classifier.encoder import Encoder
+    from constellation.ml.encoder import Encoder
 
     started = time.perf_counter()
     root = Path(args.artifact) if args.artifact else default_artifact_root()

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from apps.mesh import ServiceProcess
 from bench.dispatch_ab import replay_run, rounds
 from bench.mesh_overhead import REPLAY_MODEL, bootstrap_median_interval
 from bench.report import DOCS, markdown_table, write_section
-from constellation.mesh import ServiceProcess
-from services.inference.launcher import free_port
+from constellation.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MS = 1.5

@@ -30,16 +30,16 @@ from pathlib import Path
 
 import psutil
 
+from apps.eval_run import trained_router
+from apps.load import run_load
+from apps.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
+from apps.traces.analyze import analyze, markdown, plot, write_json
+from apps.traces.collector import CollectorConfig, running_collector
 from bench.report import DOCS, markdown_table, write_section
 from constellation.client import DispatchClient, ask_request
 from constellation.config import load_config
-from constellation.eval_run import trained_router
-from constellation.load import run_load
-from constellation.mesh import Mesh, MeshPorts, ServiceProcess, wait_serving
+from constellation.net import free_port
 from constellation.pools import pool_models, read_pool
-from constellation.traces.analyze import analyze, markdown, plot, write_json
-from constellation.traces.collector import CollectorConfig, running_collector
-from services.inference.launcher import free_port
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 POOL = DATA / "gsm8k.jsonl.gz"
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             return cost, load.summary(), load, load_started_ns
 
         cost, load_summary, load, load_started_ns = asyncio.run(run())
-        from constellation.traces.store import SpanStore
+        from apps.traces.store import SpanStore
 
         store = SpanStore.open(db)
         # Only the load phase: the overhead phase's requests went through the traced dispatch too.

@@ -3,7 +3,6 @@ starts, so every test can inspect the spans the mesh produced."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -23,12 +22,6 @@ def spans() -> Iterator[InMemorySpanExporter]:
     """The in-memory span exporter, emptied before the test."""
     _EXPORTER.clear()
     yield _EXPORTER
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ from typing import Literal
 import numpy as np
 
 from constellation.errors import FieldViolation, InvalidArgument
+from constellation.ml.encoder import Encoder
 from services.classifier.batcher import MicroBatcher
-from services.classifier.encoder import Encoder
 from services.classifier.heads import Artifact, features
 from services.classifier.rules import KeywordResult, KeywordRules
 

@@ -55,7 +55,7 @@ _VOLATILE = ("content_hash", "created_at")
 
 
 def default_artifact_root() -> Path:
-    """``<cache dir>/artifacts``: the cache dir of :func:`services.inference.smollm2.default_cache_dir`."""
+    """``<cache dir>/artifacts``: the cache dir of :func:`constellation.paths.default_cache_dir`."""
     return artifacts.default_root()
 
 

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from constellation.errors import ConstellationError
+from constellation.ml.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Encoder
 from constellation.server import Registration, RunningServer, serving
 from constellation.service import Flag, ServiceMain, disable, optional_artifact
 from constellation.v1 import classifier_pb2_grpc
 from services.classifier.classify import Classifier, Policy
 from services.classifier.config import ClassifierConfig
-from services.classifier.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Encoder
 from services.classifier.heads import Artifact, default_artifact_root, load_artifact
 from services.classifier.rules import DEFAULT_RULES, KeywordRules
 from services.classifier.servicer import SERVICE_NAME, ClassifierServicer

@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from constellation.ml.embeddings import EmbeddingCache, embed
+from constellation.ml.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Encoder
 from constellation.pools import PoolRecord, read_pool
 from constellation.training import run_training
-from services.classifier.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Encoder
 from services.classifier.heads import (
     TrainingSettings,
     default_artifact_root,
@@ -51,76 +50,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 """``../shared/data`` beside the project checkout."""
-
-
-class EmbeddingCache:
-    """Embeddings of texts under one encoder identity, kept in one ``.npz`` file.
-
-    Not safe for two writers at once (the last save wins; nothing is corrupted: saves are atomic).
-    """
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._rows: dict[str, tuple[np.ndarray, bool, int]] = {}
-        if path is not None and path.is_file():
-            with np.load(path, allow_pickle=False) as data:
-                for key, vector, cut, count in zip(
-                    data["keys"], data["vectors"], data["truncated"], data["tokens"], strict=True
-                ):
-                    self._rows[str(key)] = (vector, bool(cut), int(count))
-
-    @staticmethod
-    def key(text: str) -> str:
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-    def get(self, text: str) -> tuple[np.ndarray, bool, int] | None:
-        return self._rows.get(self.key(text))
-
-    def put(self, text: str, vector: np.ndarray, truncated: bool, tokens: int) -> None:
-        self._rows[self.key(text)] = (vector, truncated, tokens)
-
-    def save(self) -> None:
-        if self.path is None or not self._rows:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(self._rows)
-        staging = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(
-            staging,
-            keys=np.array(keys),
-            vectors=np.stack([self._rows[k][0] for k in keys]).astype(np.float32),
-            truncated=np.array([self._rows[k][1] for k in keys]),
-            tokens=np.array([self._rows[k][2] for k in keys], dtype=np.int64),
-        )
-        staging.replace(self.path)
-
-
-def embed(
-    encoder: Encoder,
-    texts: Sequence[str],
-    cache: EmbeddingCache,
-    *,
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Embeddings, truncation flags and token counts of ``texts``, from the cache where possible."""
-    from tqdm import tqdm
-
-    missing = sorted({t for t in texts if cache.get(t) is None}, key=len)
-    with tqdm(total=len(missing), desc="embedding", unit="prompt", disable=not show_progress or not missing) as bar:
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            encoded = encoder.encode(chunk)
-            for i, text in enumerate(chunk):
-                cache.put(text, encoded.embeddings[i], bool(encoded.truncated[i]), int(encoded.tokens[i]))
-            bar.update(len(chunk))
-    rows = [cache.get(t) for t in texts]
-    assert all(r is not None for r in rows)
-    return (
-        np.stack([r[0] for r in rows if r is not None]),
-        np.array([r[1] for r in rows if r is not None], dtype=bool),
-        np.array([r[2] for r in rows if r is not None], dtype=np.int64),
-    )
 
 
 def _file_sha256(path: Path) -> str:

@@ -26,6 +26,8 @@ from prometheus_client import Counter, Histogram
 from constellation import telemetry
 from constellation.errors import ConstellationError, DeadlineExceeded, NotFound
 from constellation.metrics import REGISTRY
+from constellation.ml.answers import extract_answer
+from constellation.ml.vote import Ballot, tally, weight
 from constellation.triton import TritonClient
 from constellation.v1 import common_pb2, registry_pb2
 from constellation.v1.common_pb2 import Classification
@@ -41,9 +43,7 @@ from services.dispatch.routing import (
     estimate_tokens,
     waves_of,
 )
-from services.fusion.answers import extract_answer
 from services.fusion.client import FusionClient
-from services.fusion.vote import Ballot, tally, weight
 from services.ranking.client import RankingClient
 from services.registry.client import OutcomeReporter, RegistryView
 

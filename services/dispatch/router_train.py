@@ -33,7 +33,9 @@ import numpy as np
 
 from constellation import artifacts
 from constellation.errors import FailedPrecondition
-from constellation.evaluation import normalize_answer
+from constellation.ml.answers import normalize_answer
+from constellation.ml.calibration import expected_calibration_error, fit_isotonic
+from constellation.ml.vote import Ballot, tally
 from constellation.pools import PoolRecord, read_model_cards, read_pool
 from constellation.training import run_training
 from services.dispatch.routing import (
@@ -48,10 +50,7 @@ from services.dispatch.routing import (
     Weights,
     brier,
     estimate_tokens,
-    isotonic,
 )
-from services.fusion.calibration import expected_calibration_error
-from services.fusion.vote import Ballot, tally
 
 K_GRID = (10, 20, 40)
 ALPHA_GRID = (2.0, 8.0, 32.0, 128.0)
@@ -113,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def embed_prompts(records: Sequence[PoolRecord], root: Path, *, quiet: bool) -> np.ndarray:
     """Unit embeddings of each record's keyword focus, as the classifier computes them at run time."""
-    from services.classifier.encoder import Encoder
+    from constellation.ml.embeddings import EmbeddingCache, embed
+    from constellation.ml.encoder import Encoder
     from services.classifier.rules import KeywordRules
-    from services.classifier.train import EmbeddingCache, embed
 
     rules = KeywordRules()
     encoder = Encoder()
@@ -194,10 +193,10 @@ class RankerPicks:
     """
 
     def __init__(self, artifact_path: Path, pools: Sequence[PoolData], *, quiet: bool):
-        from services.classifier.encoder import Encoder
+        from constellation.ml.embeddings import EmbeddingStore
+        from constellation.ml.encoder import Encoder
         from services.ranking.pairwise import load_ranker
         from services.ranking.rank import Ranker
-        from services.ranking.train import EmbeddingStore
 
         artifact = load_ranker(artifact_path)
         assert artifact.path is not None
@@ -359,7 +358,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     raw, obs, out_tokens, wide, pool_means, loo_groups = pooled_loo(predictor, train_vectors, pools)
     present = ~np.isnan(quality) & ~np.isnan(raw)
-    predictor.calibration = isotonic(raw[present], quality[present])
+    predictor.calibration = fit_isotonic(raw[present], quality[present], merge_ties=False)
     calibrated = predictor.calibrate(np.nan_to_num(raw))
     anchors = predictor.calibrate(np.nan_to_num(wide))
 

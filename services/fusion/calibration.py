@@ -1,7 +1,7 @@
 """Calibrated confidence of a vote: P(the voted answer is correct) from its agreement features.
 
 A :class:`Calibrator` is a logistic regression over the standardised features of
-:func:`services.fusion.vote.features`, optionally followed by an isotonic map of its output (a
+:func:`constellation.ml.vote.features`, optionally followed by an isotonic map of its output (a
 monotone step function fitted by pool-adjacent-violators, interpolated linearly between steps). Both
 are fitted here in numpy (Newton's method with a small L2 penalty; no scikit-learn), in well under a
 second for tens of thousands of rows. ``uncertain`` is ``confidence < threshold``, with the threshold
@@ -29,13 +29,13 @@ import numpy as np
 
 from constellation import artifacts
 from constellation.errors import FailedPrecondition
-from services.fusion.vote import FEATURE_NAMES
+from constellation.ml.calibration import fit_isotonic
+from constellation.ml.vote import FEATURE_NAMES
 
 ARTIFACT_KIND = "constellation.fusion.calibrator"
 SCHEMA_VERSION = 1
 FAMILY = "fusion"
 TRAIN_COMMAND = "constellation train fusion"
-Values = Sequence[float] | np.ndarray
 """Numbers given as a sequence or a 1-D array."""
 
 
@@ -51,7 +51,7 @@ class Calibrator:
         iso_x: Isotonic step positions on the regression's probability (ascending); empty: none.
         iso_y: Calibrated probabilities at those positions (non-decreasing).
         threshold: Confidence below which a vote is flagged ``uncertain``.
-        weighting: The vote weighting the calibrator was fitted for (see :data:`~services.fusion.vote.WEIGHTINGS`).
+        weighting: The vote weighting the calibrator was fitted for (see :data:`~constellation.ml.vote.WEIGHTINGS`).
     """
 
     mean: tuple[float, ...]
@@ -133,26 +133,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iterations: 
     return beta[1:], float(beta[0])
 
 
-def fit_isotonic(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Non-decreasing fit of ``y`` on ``scores`` (pool-adjacent-violators).
-
-    Returns:
-        Step positions (the mean score of each pooled block) and the block means of ``y``.
-    """
-    order = np.argsort(scores, kind="stable")
-    xs, ys = scores[order].astype(float), y[order].astype(float)
-    blocks: list[list[float]] = []  # [sum_y, count, sum_x]
-    for xv, yv in zip(xs, ys, strict=True):
-        blocks.append([yv, 1.0, xv])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
-            last = blocks.pop()
-            for i in range(3):
-                blocks[-1][i] += last[i]
-    positions = np.array([b[2] / b[1] for b in blocks])
-    values = np.array([b[0] / b[1] for b in blocks])
-    return positions, values
-
-
 def fit_calibrator(
     x: np.ndarray, y: np.ndarray, *, isotonic: bool, weighting: str, threshold: float = 0.5
 ) -> Calibrator:
@@ -173,47 +153,6 @@ def fit_calibrator(
         calibrator.mean, calibrator.std, calibrator.coef, intercept,
         tuple(float(v) for v in iso_x), tuple(float(v) for v in iso_y), threshold, weighting,
     )  # fmt: skip
-
-
-def expected_calibration_error(confidence: Values, correct: Values, bins: int = 10) -> float:
-    """ECE over ``bins`` equal-width confidence bins on [0, 1]: sum over bins of share x |accuracy - confidence|."""
-    conf = np.asarray(confidence, dtype=float)
-    hit = np.asarray(correct, dtype=float)
-    if conf.size == 0:
-        return math.nan
-    index = np.minimum((conf * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            total += mask.mean() * abs(float(hit[mask].mean()) - float(conf[mask].mean()))
-    return total
-
-
-def reliability_bins(confidence: Values, correct: Values, bins: int = 10) -> list[dict[str, float]]:
-    """Per equal-width bin: count, mean confidence and accuracy (bins with no rows are left out)."""
-    conf = np.asarray(confidence, dtype=float)
-    hit = np.asarray(correct, dtype=float)
-    index = np.minimum((conf * bins).astype(int), bins - 1)
-    rows = []
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            mean_conf, accuracy = float(conf[mask].mean()), float(hit[mask].mean())
-            rows.append({"bin": b, "n": int(mask.sum()), "confidence": mean_conf, "accuracy": accuracy})
-    return rows
-
-
-def choose_threshold(confidence: Values, correct: Values, target: float) -> float:
-    """The lowest confidence threshold whose kept answers (confidence >= it) are right at least ``target`` of
-    the time; 1.0 when none reaches it (everything is flagged)."""
-    conf = np.asarray(confidence, dtype=float)
-    hit = np.asarray(correct, dtype=float)
-    for threshold in np.round(np.arange(0.0, 1.0001, 0.005), 3):
-        kept = conf >= threshold
-        if kept.any() and float(hit[kept].mean()) >= target:
-            return float(threshold)
-    return 1.0
 
 
 # --- artifact -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Turning ranked candidates into one answer (no gRPC here; the servicer maps protobuf to these types).
 
-* Closed answers (``number``, ``choice``): a reliability-weighted vote (:mod:`services.fusion.vote`);
+* Closed answers (``number``, ``choice``): a reliability-weighted vote (:mod:`constellation.ml.vote`);
   the answer's text is that of the best-ranked candidate that voted for the winner, sent as one delta.
   Confidence is the calibrator's P(correct) (:mod:`services.fusion.calibration`), or the weighted
   share when no calibrator is loaded; ``uncertain`` is confidence below the threshold. When no
@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from constellation.errors import ConstellationError
+from constellation.ml.answers import CLOSED_KINDS, candidate_answer
+from constellation.ml.vote import DEFAULT_WEIGHTING, Ballot, features, options_in, tally
 from constellation.triton import Chunk, Sampling
-from services.fusion.answers import CLOSED_KINDS, candidate_answer
 from services.fusion.calibration import Calibrator
 from services.fusion.prompt import fuser_prompt
-from services.fusion.vote import DEFAULT_WEIGHTING, Ballot, features, options_in, tally
 
 log = logging.getLogger(__name__)
 

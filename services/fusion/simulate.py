@@ -2,7 +2,7 @@
 
 For one prompt, a constellation is a set of k models; its candidates are those models' recorded texts,
 their reliability each model's accuracy on the pool's train split (what a router would know), ranked
-by that reliability. The vote reads each answer from the text (:func:`services.fusion.answers.extract_answer`),
+by that reliability. The vote reads each answer from the text (:func:`constellation.ml.answers.extract_answer`),
 as the service does when a candidate arrives without ``normalized_answer``; a vote is correct when its
 answer equals the normalised reference. Prompts without a reference are skipped.
 
@@ -17,10 +17,9 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from constellation.evaluation import normalize_answer
+from constellation.ml.answers import extract_answer, normalize_answer
+from constellation.ml.vote import DEFAULT_WEIGHTING, Ballot, Tally, features, options_in, tally
 from constellation.pools import PoolRecord
-from services.fusion.answers import extract_answer
-from services.fusion.vote import DEFAULT_WEIGHTING, Ballot, Tally, features, options_in, tally
 
 POOLS = {"gsm8k": "number", "routerbench_arc": "choice", "routerbench_winogrande": "choice"}
 """The closed-answer pools in ``../shared/data`` and their answer kinds."""

@@ -32,18 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from constellation.ml.calibration import choose_threshold, expected_calibration_error
+from constellation.ml.vote import FEATURE_NAMES, WEIGHTINGS
 from constellation.pools import read_pool
 from constellation.training import run_training
-from services.fusion.calibration import (
-    Calibrator,
-    choose_threshold,
-    default_artifact_root,
-    expected_calibration_error,
-    fit_calibrator,
-    save_artifact,
-)
+from services.fusion.calibration import Calibrator, default_artifact_root, fit_calibrator, save_artifact
 from services.fusion.simulate import POOLS, VoteRow, simulate, train_accuracy
-from services.fusion.vote import FEATURE_NAMES, WEIGHTINGS
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -51,13 +50,6 @@ SHM_DIR = Path("/dev/shm")
 
 class TritonError(RuntimeError):
     """Triton could not be started, or died, or did not become ready."""
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (racy by nature; fine for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pytriton_dir() -> Path:
@@ -247,11 +239,11 @@ class TritonServer:
             models: Models loaded at start-up (``--load-model``); others in the repository stay unloaded
                 until loaded over the model-control API.
             model_repository: Directory of Triton models.
-            grpc_port: gRPC port (see :func:`free_port` for tests).
+            grpc_port: gRPC port (see :func:`constellation.net.free_port` for tests).
             http_port: HTTP port; also used by :meth:`wait_ready`.
             metrics_port: Prometheus metrics port.
             cache_dir: Converted weights and the backend directory; default
-                :func:`services.inference.smollm2.default_cache_dir`. Passed to models as
+                :func:`constellation.paths.default_cache_dir`. Passed to models as
                 ``CONSTELLATION_CACHE_DIR``.
             log_file: Triton's stdout and stderr; default ``<run_dir>/tritonserver.log``.
             run_dir: Directory for the log when ``log_file`` is not given; default a new temporary

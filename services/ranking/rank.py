@@ -147,7 +147,7 @@ class Ranker:
     """Ranks candidate sets. ``rank`` is blocking; see the module docstring for threading.
 
     Args:
-        encoder: A loaded :class:`services.classifier.encoder.Encoder` (anything with its ``encode``),
+        encoder: A loaded :class:`constellation.ml.encoder.Encoder` (anything with its ``encode``),
             or None: no embeddings, so no centrality and no pairwise stage.
         artifact: A trained pair ranker, or None: the first stage alone orders the survivors.
         keep_fraction: Share of a large set kept by the first stage when the request leaves ``keep`` at 0.

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from constellation.ml.embeddings import EmbeddingStore
 from constellation.pools import PoolRecord, read_pool
 from constellation.training import run_training
 from services.ranking.pairwise import (
@@ -65,60 +66,6 @@ def data_dir() -> Path:
 def _unit(key: str) -> float:
     """A stable number in [0, 1) from a string (splits and sampling must not depend on the run)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
-
-
-class EmbeddingStore:
-    """Embeddings of texts under one encoder identity, in one ``.npz`` file keyed by the text's SHA-256.
-
-    Saves are atomic (a temporary file renamed); with two concurrent writers the last save wins.
-    """
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.vectors: dict[str, np.ndarray] = {}
-        if path is not None and path.is_file():
-            with np.load(path, allow_pickle=False) as data:
-                self.vectors = {str(k): v for k, v in zip(data["keys"], data["vectors"], strict=True)}
-
-    @staticmethod
-    def key(text: str) -> str:
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-    def missing(self, texts: Sequence[str]) -> list[str]:
-        """Distinct texts not yet stored, shortest first (similar lengths batch with little padding)."""
-        return sorted({t for t in texts if self.key(t) not in self.vectors}, key=len)
-
-    def fill(self, encoder: Any, texts: Sequence[str], *, batch_size: int = 64, show_progress: bool = True) -> int:
-        """Embeds the missing ``texts`` in batches, saving every ~2000 so an interrupted run keeps its work."""
-        from tqdm import tqdm
-
-        todo = self.missing(texts)
-        since_save = 0
-        with tqdm(total=len(todo), desc="embedding", unit="text", disable=not show_progress or not todo) as bar:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                encoded = encoder.encode(chunk)
-                for text, vector in zip(chunk, encoded.embeddings, strict=True):
-                    self.vectors[self.key(text)] = np.asarray(vector, dtype=np.float32)
-                bar.update(len(chunk))
-                since_save += len(chunk)
-                if since_save >= 2000:
-                    self.save()
-                    since_save = 0
-        self.save()
-        return len(todo)
-
-    def get(self, texts: Sequence[str]) -> np.ndarray:
-        return np.stack([self.vectors[self.key(t)] for t in texts]) if texts else np.zeros((0, 384), np.float32)
-
-    def save(self) -> None:
-        if self.path is None or not self.vectors:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(self.vectors)
-        staging = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(staging, keys=np.array(keys), vectors=np.stack([self.vectors[k] for k in keys]))
-        staging.replace(self.path)
 
 
 @dataclass(frozen=True)
@@ -372,7 +319,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Runs training for parsed arguments; returns a summary (what ``main`` prints)."""
     from tqdm import tqdm
 
-    from services.classifier.encoder import Encoder
+    from constellation.ml.encoder import Encoder
 
     started = time.perf_counter()
     paths = list(args.pool) or sorted(data_dir().glob("*.jsonl.gz"))

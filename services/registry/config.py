@@ -9,12 +9,11 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from constellation.config import ServiceConfig
+from constellation.paths import default_cache_dir
 
 
 def default_db_path() -> Path:
     """``<cache dir>/registry.sqlite`` (``$CONSTELLATION_CACHE_DIR`` or ``~/.cache/constellation``)."""
-    from services.inference.smollm2 import default_cache_dir
-
     return default_cache_dir() / "registry.sqlite"
 
 

@@ -19,11 +19,11 @@ import pytest
 
 from constellation.config import load_config
 from constellation.errors import InvalidArgument
+from constellation.ml.encoder import Encoder
 from constellation.v1 import common_pb2
 from services.classifier.classify import Classifier, Policy
 from services.classifier.client import ClassifierClient
 from services.classifier.config import ClassifierConfig
-from services.classifier.encoder import Encoder
 from services.classifier.heads import TrainingSettings, fit_heads, load_artifact, save_artifact
 from services.classifier.labels import ANSWER_KINDS, COMPLEXITIES, TASKS
 from services.classifier.main import build_classifier, running_classifier

@@ -13,9 +13,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from apps.traces.collector import CollectorConfig, running_collector
+from apps.traces.store import SpanStore
 from constellation.config import load_config
-from constellation.traces.collector import CollectorConfig, running_collector
-from constellation.traces.store import SpanStore
 
 
 async def test_otlp_grpc_and_http_exports_are_stored_durably(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import InvalidArgument, Unavailable
+from constellation.net import free_port
 from constellation.v1 import common_pb2
-from tests.conftest import free_port
 from tests.grpc_checks import SERVING, reflected, serving
 
 

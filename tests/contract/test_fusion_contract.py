@@ -15,12 +15,12 @@ import pytest
 
 from constellation.config import load_config
 from constellation.errors import InvalidArgument
+from constellation.net import free_port
 from constellation.v1 import common_pb2, fusion_pb2
 from services.fusion.client import FusionClient
 from services.fusion.config import FusionConfig
 from services.fusion.main import running_fusion
 from services.fusion.servicer import SERVICE_NAME
-from tests.conftest import free_port
 from tests.grpc_checks import SERVING, reflected, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

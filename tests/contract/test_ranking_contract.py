@@ -18,8 +18,8 @@ import pytest
 
 from constellation.config import load_config
 from constellation.errors import InvalidArgument
+from constellation.ml.encoder import Encoder
 from constellation.v1 import common_pb2
-from services.classifier.encoder import Encoder
 from services.ranking.client import RankingClient
 from services.ranking.config import RankingConfig
 from services.ranking.main import build_ranker, running_ranking

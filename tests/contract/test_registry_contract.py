@@ -16,12 +16,12 @@ import pytest
 
 from constellation.config import load_config
 from constellation.errors import InvalidArgument, NotFound, ResourceExhausted
+from constellation.net import free_port
 from constellation.v1 import common_pb2, registry_pb2
 from services.registry.client import OutcomeReporter, RegistryClient, RegistryView
 from services.registry.config import RegistryConfig
 from services.registry.main import RunningRegistry, running_registry
 from services.registry.servicer import SERVICE_NAME
-from tests.conftest import free_port
 from tests.grpc_checks import SERVING, reflected, serving
 
 Change = registry_pb2.WatchModelsResponse

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.launcher import SHM_DIR, TritonServer, free_port
+from constellation.net import free_port
+from services.inference.launcher import SHM_DIR, TritonServer
 from tests.e2e.processes import process_group_alive
 
 E2E_DIR = Path(__file__).resolve().parent

@@ -23,12 +23,12 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from apps.mesh import Mesh, MeshPorts
 from constellation.client import DispatchClient, ask_request
-from constellation.mesh import Mesh, MeshPorts
+from constellation.net import free_port
 from constellation.triton import TritonClient
 from constellation.v1 import common_pb2, dispatch_pb2
 from services.dispatch.routing import ProfileSettings, Weights
-from services.inference.launcher import free_port
 from tests.e2e import router_artifacts
 from tests.e2e.triton_metrics import generations, in_flight, scrape
 

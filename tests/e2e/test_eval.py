@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from constellation.eval_run import run_eval, write_report
+from apps.eval_run import run_eval, write_report
 from tests.pool_fixtures import write_pool
 
 
@@ -66,13 +66,13 @@ def test_baselines_through_the_mesh_match_the_hand_computed_metrics(tmp_path: Pa
 
 def test_cli_rejects_a_missing_pool_and_runs_one_policy(tmp_path: Path) -> None:
     missing = subprocess.run(
-        [sys.executable, "-m", "constellation.cli", "eval", "--pool", str(tmp_path / "nope.jsonl")],
+        [sys.executable, "-m", "apps.cli", "eval", "--pool", str(tmp_path / "nope.jsonl")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert missing.returncode == 2 and "no pool file" in missing.stderr
     pool = write_pool(tmp_path / "tiny.jsonl.gz")
     ran = subprocess.run(
-        [sys.executable, "-m", "constellation.cli", "eval", "--pool", str(pool), "--policy", "static",
+        [sys.executable, "-m", "apps.cli", "eval", "--pool", str(pool), "--policy", "static",
          "--out", str(tmp_path / "out"), "--no-progress"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

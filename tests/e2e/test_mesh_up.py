@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 
-from constellation.mesh import port_in_use, state_file, wait_serving
-from tests.conftest import free_port
+from apps.mesh import port_in_use, state_file, wait_serving
+from constellation.net import free_port
 
 
 def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     up = subprocess.Popen(
         [
-            sys.executable, "-m", "constellation.cli", "up",
+            sys.executable, "-m", "apps.cli", "up",
             "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
             "--triton-grpc-port", str(ports["grpc"]), "--triton-http-port", str(ports["http"]),
             "--triton-metrics-port", str(ports["tmetrics"]), "--classifier-port", str(ports["classifier"]),
@@ -42,7 +42,7 @@ def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         assert any("tritonserver" in c for c in started_groups)
 
         ask = subprocess.run(
-            [sys.executable, "-m", "constellation.cli", "ask", "--address", address, "--max-tokens", "12",
+            [sys.executable, "-m", "apps.cli", "ask", "--address", address, "--max-tokens", "12",
              "--temperature", "0", "What is the capital of France?"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip

@@ -24,10 +24,10 @@ from typing import Any
 import psutil
 import pytest
 
+from apps.mesh import Mesh, MeshPorts, port_in_use
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import NotFound
-from constellation.mesh import Mesh, MeshPorts, port_in_use
-from services.inference.launcher import free_port
+from constellation.net import free_port
 from tests.pool_fixtures import RECORDS, write_pool
 
 PROMETHEUS = shutil.which("prometheus")

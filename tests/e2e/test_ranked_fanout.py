@@ -20,10 +20,11 @@ import pytest
 
 from constellation.client import DispatchClient, ask_request
 from constellation.config import load_config
+from constellation.ml.encoder import Encoder
+from constellation.net import free_port
 from constellation.v1 import common_pb2, dispatch_pb2
-from services.classifier.encoder import Encoder
 from services.dispatch.routing import ProfileSettings, Weights
-from services.inference.launcher import TritonServer, free_port
+from services.inference.launcher import TritonServer
 from services.ranking.config import RankingConfig
 from services.ranking.main import build_ranker, running_ranking
 from tests.e2e import router_artifacts

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from constellation.config import load_config
+from constellation.net import free_port
 from constellation.v1 import common_pb2, registry_pb2
-from services.inference.launcher import TritonServer, free_port
+from services.inference.launcher import TritonServer
 from services.registry.client import RegistryClient, RegistryView
 from services.registry.config import RegistryConfig
 from services.registry.main import running_registry

@@ -25,8 +25,9 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 
 from constellation.errors import NotFound
+from constellation.net import free_port
 from constellation.triton import Chunk, Sampling, TritonClient
-from services.inference.launcher import SHM_DIR, TritonServer, free_port
+from services.inference.launcher import SHM_DIR, TritonServer
 from services.inference.replay import LatencyModel, ReplayIndex
 from tests.e2e.processes import process_group_alive
 from tests.e2e.triton_metrics import generations, in_flight, scrape

@@ -13,11 +13,11 @@ from contextlib import aclosing
 
 import pytest
 
+from apps.eval_run import REPLAY_MODEL, catalog_for
+from apps.mesh import Mesh, MeshPorts
 from constellation.client import DispatchClient, ask_request
-from constellation.eval_run import REPLAY_MODEL, catalog_for
-from constellation.mesh import Mesh, MeshPorts
+from constellation.net import free_port
 from constellation.v1 import common_pb2, registry_pb2
-from services.inference.launcher import free_port
 from services.registry.client import RegistryClient
 from tests.pool_fixtures import write_pool
 

@@ -27,11 +27,12 @@ import pytest
 from aiohttp import ClientSession, web
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from apps.traces.collector import CollectorConfig, running_collector
 from constellation.client import DispatchClient, ask_request
-from constellation.traces.collector import CollectorConfig, running_collector
+from constellation.net import free_port
 from constellation.triton import Sampling, TritonClient
 from services.dispatch.config import ModelEntry
-from services.inference.launcher import TritonServer, free_port
+from services.inference.launcher import TritonServer
 from tests.pool_fixtures import write_pool
 
 MODEL = "replay"

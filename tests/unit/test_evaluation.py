@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from constellation.evaluation import Call, Judge, normalize_answer, verdict, vote
+from apps.evaluation import Call, Judge, normalize_answer, verdict, vote
 from constellation.pools import read_pool
 from tests.pool_fixtures import write_pool
 

@@ -5,19 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from constellation.ml.calibration import expected_calibration_error
+from constellation.ml.vote import Ballot, features, tally
 from constellation.triton import Sampling
-from services.fusion.answers import candidate_answer, extract_answer
-from services.fusion.calibration import (
-    choose_threshold,
-    expected_calibration_error,
-    fit_calibrator,
-    fit_isotonic,
-    load_artifact,
-    save_artifact,
-)
+from services.fusion.calibration import fit_calibrator, load_artifact, save_artifact
 from services.fusion.fuse import FuseCandidate, FuseInput, Fuser, FuserSettings
 from services.fusion.prompt import fuser_prompt, share_budget
-from services.fusion.vote import FEATURE_NAMES, UNKNOWN_RELIABILITY, Ballot, features, tally, weight
 
 
 class _NoGenerator:
@@ -43,50 +36,12 @@ def _input(kind: str, *candidates: tuple[str, float], answers: tuple[str, ...] =
     )
 
 
-def test_reading_answers_from_text() -> None:
-    assert extract_answer("number", 'so {"reasoning": "...", "answer": "1,250.0"}') == "1250"
-    assert extract_answer("number", r"The total is \boxed{42} dollars, not 7.") == "42"
-    assert extract_answer("number", "First 3, then 5, so the answer is 18.") == "18"
-    assert extract_answer("number", "no digits here") is None
-    assert extract_answer("choice", "B") == "B"
-    assert extract_answer("choice", "(C) because ...") == "C"
-    assert extract_answer("choice", "The answer is (d).") == "D"
-    assert extract_answer("choice", "I do not know") is None
-    assert extract_answer("choice", "A first step would be") is None
-    assert candidate_answer("number", "$1,000", "whatever 7") == "1000"
-
-
-def test_weights_decide_over_headcount() -> None:
-    strong, weak = 0.97, 0.55
-    result = tally([Ballot("7", strong, 0), Ballot("9", weak, 1), Ballot("9", weak, 2)])
-    assert weight(strong) > 2 * weight(weak)
-    assert result.answer == "7"
-    assert (result.votes_for, result.votes_total) == (1, 3)
-    assert 0.5 < result.weighted_share < 1.0
-    assert result.runner_up == "9"
-    # Plurality ignores reliability: headcount wins.
-    assert tally([Ballot("7", strong, 0), Ballot("9", weak, 1), Ballot("9", weak, 2)], "plurality").answer == "9"
-
-
-def test_exact_tie_goes_to_the_better_ranked_voter_whatever_the_order() -> None:
-    ballots = [Ballot("B", 0.8, 1), Ballot("A", 0.8, 0)]
-    assert tally(ballots).answer == "A"
-    assert tally(list(reversed(ballots))).answer == "A"
-    assert tally(ballots).weighted_share == pytest.approx(0.5)
-
-
 def test_nobody_answered_returns_the_top_candidate_flagged() -> None:
     result = _fuser().vote(_input("choice", ("I do not know", 0.9), ("Unfortunately I cannot", 0.8)))
     assert result.method == "top_candidate"
     assert result.text == "I do not know"
     assert result.uncertain is True and result.confidence == 0.0
     assert result.agreement is not None and result.agreement.votes_total == 0
-
-
-def test_unset_reliability_counts_as_unknown() -> None:
-    assert Ballot("1", 0.0).p == UNKNOWN_RELIABILITY
-    result = tally([Ballot("1", 0.0), Ballot("1", 0.0), Ballot("2", 0.0)])
-    assert result.answer == "1" and result.weighted_share == pytest.approx(2 / 3)
 
 
 def test_vote_text_is_the_best_ranked_winner_and_abstainers_do_not_count() -> None:
@@ -139,16 +94,6 @@ def test_calibrator_is_calibrated_on_its_own_data_and_survives_the_artifact(tmp_
     assert (tmp_path / "fusion" / "CURRENT").read_text().strip() == saved.path.name
 
 
-def test_isotonic_is_monotone_and_threshold_reaches_the_target() -> None:
-    positions, values = fit_isotonic(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.0, 1.0, 0.0, 1.0]))
-    assert list(values) == sorted(values) and len(positions) == len(values) == 3
-    confidence = [0.1, 0.3, 0.6, 0.9, 0.95]
-    correct = [0, 0, 1, 1, 1]
-    assert choose_threshold(confidence, correct, 1.0) == pytest.approx(0.305)
-    assert choose_threshold([0.2], [0], 0.9) == 1.0
-    assert len(features(tally([Ballot("1", 0.9)]), "number")) == len(FEATURE_NAMES)
-
-
 def test_prompt_fits_the_budget_and_keeps_short_candidates_whole() -> None:
     assert share_budget([10, 1000, 1000], 610) == [10, 300, 300]
     short, long = "Paris.", "Paris is the capital of France. " * 200
@@ -157,12 +102,3 @@ def test_prompt_fits_the_budget_and_keeps_short_candidates_whole() -> None:
     assert cut > 0
     assert "\nParis.\n" in prompt
     assert prompt.index("Answer 1:") < prompt.index("Answer 2:") < prompt.index("Answer 3:")
-
-
-def test_options_are_counted_in_the_last_question_only() -> None:
-    from services.fusion.vote import options_in
-
-    few_shot = "Q: pick one\nA) x\nB) y\nC) z\nAnswer: B\n\nNow: which?\nA) Kyle\nB) Logan\nAnswer:"
-    assert options_in(few_shot) == 2
-    assert options_in("(A) red\n(B) blue\n(C) green\n(D) none") == 4
-    assert options_in("What is 2 + 2?") == 0

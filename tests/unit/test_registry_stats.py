@@ -152,8 +152,8 @@ def test_records_from_model_cards_point_at_the_replay_model() -> None:
 
 
 async def test_triton_probe_says_not_ready_when_nothing_listens() -> None:
+    from constellation.net import free_port
     from services.registry.health import TritonReadiness
-    from tests.conftest import free_port
 
     readiness = TritonReadiness(timeout_s=1.0)
     record = registry_pb2.ModelRecord(

@@ -9,6 +9,7 @@ import pytest
 
 from constellation import artifacts
 from constellation.errors import FailedPrecondition
+from constellation.ml.calibration import expected_calibration_error, fit_isotonic
 from services.dispatch.pipeline import CallResult, Dispatcher, PlanMade, PlannedModel
 from services.dispatch.routing import (
     ARTIFACT_KIND,
@@ -20,11 +21,9 @@ from services.dispatch.routing import (
     ScoredModel,
     Weights,
     brier,
-    isotonic,
     load_router,
     score_candidates,
 )
-from services.fusion.calibration import expected_calibration_error
 
 
 def unit(v: list[float]) -> np.ndarray:
@@ -50,7 +49,7 @@ def two_topics() -> QualityPredictor:
 def test_isotonic_is_monotone_and_fits_steps() -> None:
     x = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     y = np.array([0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    xs, ys = isotonic(x, y)
+    xs, ys = fit_isotonic(x, y, merge_ties=False)
     assert np.all(np.diff(ys) >= 0)
     assert ys[0] == pytest.approx(0.0) and ys[-1] == pytest.approx(1.0)
     assert np.interp(0.25, xs, ys) == pytest.approx(0.5)
@@ -165,7 +164,7 @@ def test_vote_plans_per_answer_kind() -> None:
 
 def test_artifact_round_trip(tmp_path: Path) -> None:
     predictor = two_topics()
-    predictor.calibration = isotonic(np.array([0.0, 0.5, 1.0]), np.array([0.1, 0.5, 0.9]))
+    predictor.calibration = fit_isotonic(np.array([0.0, 0.5, 1.0]), np.array([0.1, 0.5, 0.9]), merge_ties=False)
     manifest = {
         "models": predictor.models,
         "cards": {"maths": {"family": "fam", "params_b": 7.0}},

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from constellation.traces.analyze import ASK, MODEL_CALL, analyze, markdown
-from constellation.traces.store import SpanRow
+from apps.traces.analyze import ASK, MODEL_CALL, analyze, markdown
+from apps.traces.store import SpanRow
 
 MS = 1_000_000  # nanoseconds per millisecond
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from constellation.errors import FailedPrecondition
+from constellation.paths import default_cache_dir
 
 CURRENT = "CURRENT"
 _VOLATILE = ("content_hash", "created_at")
@@ -35,8 +36,6 @@ _VOLATILE = ("content_hash", "created_at")
 
 def default_root() -> Path:
     """``<cache dir>/artifacts`` (``CONSTELLATION_CACHE_DIR`` or ``~/.cache/constellation``)."""
-    from services.inference.smollm2 import default_cache_dir
-
     return default_cache_dir() / "artifacts"
 
 

@@ -189,15 +189,15 @@ class TritonPythonModel:
     def _capacity(self, config: dict[str, Any]) -> tuple[ConcurrencyCap, str]:
         """The instance's concurrency cap; then waits its SIMULATED load time (a real wait, scaled)."""
         try:
-            cap = ConcurrencyCap(int(_param(config, "max_concurrency", "0")))
-            raw_table = _param(config, "load_time_s", "")
+            cap = ConcurrencyCap(int(config_parameter(config, "max_concurrency", "0")))
+            raw_table = config_parameter(config, "load_time_s", "")
             table = json.loads(raw_table) if raw_table else None
             if table is not None and not isinstance(table, dict):
                 raise ValueError("load_time_s must be a JSON object of seconds by size class")
             size, seconds = load_seconds(
-                self._latency, self._index.models(), load_as=_param(config, "load_as", ""), table=table
+                self._latency, self._index.models(), load_as=config_parameter(config, "load_as", ""), table=table
             )
-            load_scale = float(_param(config, "load_time_scale", str(self._time_scale)))
+            load_scale = float(config_parameter(config, "load_time_scale", str(self._time_scale)))
             if not (math.isfinite(load_scale) and load_scale >= 0):
                 raise ValueError(f"load_time_scale must be >= 0, got {load_scale}")
         except ValueError as exc:

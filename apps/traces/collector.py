@@ -25,9 +25,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from apps.traces.store import SpanStore, rows_from_otlp
 from constellation.config import ServiceConfig
 from constellation.server import Registration, create_server
-from constellation.traces.store import SpanStore, rows_from_otlp
 
 log = logging.getLogger(__name__)
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"

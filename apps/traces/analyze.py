@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hdrh.histogram import HdrHistogram
 
-from constellation.traces.store import SpanRow
+from apps.traces.store import SpanRow
 
 ASK = "/constellation.v1.DispatchService/Ask"
 SERVER_KIND = 2  # OTLP SpanKind.SPAN_KIND_SERVER

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from constellation.net import port_in_use
+from constellation.paths import default_cache_dir
+
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """Where converted model weights and run state live (see ``services.inference.smollm2``)."""
-    from services.inference.smollm2 import default_cache_dir as inference_cache_dir
-
-    return inference_cache_dir()
 
 
 def default_run_dir() -> Path:
@@ -316,10 +311,3 @@ class Mesh:
                 found.append(f"port {port} still bound")
         found += [str(p) for p in self.triton.shm_leftovers()]
         return found
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """True when something still listens on ``host:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0

@@ -8,16 +8,15 @@ is empty, :func:`extract_answer` reads it from the text:
   a letter (``B``, ``(B)``, ``B)``, ``B.``, ``B: ...``). A leading article (``A first step ...``) or a
   refusal (``I do not ...``) is not read as a letter.
 
-Either way the result goes through :func:`constellation.evaluation.normalize_answer`, so ``"1,000.0"``
+Either way the result goes through :func:`normalize_answer`, so ``"1,000.0"``
 and ``"1000"`` vote together.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
-
-from constellation.evaluation import normalize_answer
 
 CLOSED_KINDS = ("number", "choice")
 
@@ -31,6 +30,26 @@ _CHOICE_EXPLICIT = re.compile(
     re.IGNORECASE,
 )
 _CHOICE_WHOLE = re.compile(r"^\s*\(?([A-J])\s*(?:[).:]|\s*$|\s+\()")
+
+
+def normalize_answer(kind: str, answer: str | None) -> str | None:
+    """A canonical form for comparing closed answers: numbers as floats, choices as upper-case letters."""
+    if answer is None:
+        return None
+    text = answer.strip()
+    if not text:
+        return None
+    if kind == "number":
+        try:
+            value = float(text.replace(",", "").replace("$", ""))
+        except ValueError:
+            return text
+        if math.isfinite(value) and value == int(value):
+            return str(int(value))
+        return repr(value)
+    if kind == "choice":
+        return text.upper()
+    return text
 
 
 def _number_from(fragment: str) -> str | None:

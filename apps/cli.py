@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 from constellation.errors import ConstellationError, InvalidArgument
 
@@ -40,10 +41,67 @@ def _err(message: str) -> None:
 def _dispatch_address(explicit: str | None) -> str:
     if explicit:
         return explicit
-    from constellation.mesh import MeshState, state_file
+    from apps.mesh import MeshState, state_file
 
     state = MeshState.load(state_file())
     return state.dispatch if state else "127.0.0.1:50051"
+
+
+class AnswerPrinter:
+    """Prints an Ask's event stream: answer text on stdout, the plan and the summary on stderr.
+
+    One method per event kind, looked up in :attr:`HANDLERS` by the event's ``oneof`` name; kinds without
+    a method (candidate progress) print nothing.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        self.verbose = bool(args.verbose)
+        self.quiet = bool(args.quiet)
+        self.started = time.perf_counter()
+        self.first_at: float | None = None
+
+    def show(self, event: Any) -> None:
+        handler = self.HANDLERS.get(event.WhichOneof("event"))
+        if handler is not None:
+            handler(self, event)
+
+    def classification(self, event: Any) -> None:
+        if not self.verbose:
+            return
+        from constellation.v1 import common_pb2
+
+        c = event.classification.classification
+        print(
+            f"[classify] task {common_pb2.TaskType.Name(c.task).removeprefix('TASK_TYPE_').lower()} "
+            f"({c.task_confidence:.2f}), complexity "
+            f"{common_pb2.Complexity.Name(c.complexity).removeprefix('COMPLEXITY_').lower()} "
+            f"({c.complexity_confidence:.2f}), ~{c.expected_output_tokens} output tokens, by {c.decided_by}",
+            file=sys.stderr,
+        )
+
+    def plan(self, event: Any) -> None:
+        if self.verbose:
+            plan = event.plan.plan
+            chosen = ", ".join(f"{c.model} ({c.reason})" for c in plan.candidates if c.chosen)
+            print(f"[plan] {plan.policy}: {chosen}", file=sys.stderr)
+
+    def delta(self, event: Any) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        sys.stdout.write(event.delta.text)
+        sys.stdout.flush()
+
+    def final(self, event: Any) -> None:
+        sys.stdout.write("\n")
+        if not self.quiet:
+            _print_summary(event.final, self.started, self.first_at)
+
+    HANDLERS: ClassVar[dict[str, Callable[[AnswerPrinter, Any], None]]] = {
+        "classification": classification,
+        "plan": plan,
+        "delta": delta,
+        "final": final,
+    }
 
 
 async def _ask(args: argparse.Namespace) -> int:
@@ -60,36 +118,10 @@ async def _ask(args: argparse.Namespace) -> int:
         **_routing_fields(args),
     )
     address = _dispatch_address(args.address)
-    started = time.perf_counter()
-    first_at: float | None = None
+    printer = AnswerPrinter(args)
     async with DispatchClient(address) as client:
         async for event in client.ask(request, timeout_s=args.timeout):
-            kind = event.WhichOneof("event")
-            if kind == "classification" and args.verbose:
-                from constellation.v1 import common_pb2
-
-                c = event.classification.classification
-                print(
-                    f"[classify] task {common_pb2.TaskType.Name(c.task).removeprefix('TASK_TYPE_').lower()} "
-                    f"({c.task_confidence:.2f}), complexity "
-                    f"{common_pb2.Complexity.Name(c.complexity).removeprefix('COMPLEXITY_').lower()} "
-                    f"({c.complexity_confidence:.2f}), ~{c.expected_output_tokens} output tokens, by {c.decided_by}",
-                    file=sys.stderr,
-                )
-            elif kind == "plan" and args.verbose:
-                plan = event.plan.plan
-                chosen = ", ".join(f"{c.model} ({c.reason})" for c in plan.candidates if c.chosen)
-                print(f"[plan] {plan.policy}: {chosen}", file=sys.stderr)
-            elif kind == "delta":
-                if first_at is None:
-                    first_at = time.perf_counter()
-                sys.stdout.write(event.delta.text)
-                sys.stdout.flush()
-            elif kind == "final":
-                final = event.final
-                sys.stdout.write("\n")
-                if not args.quiet:
-                    _print_summary(final, started, first_at)
+            printer.show(event)
     return 0
 
 
@@ -171,7 +203,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from constellation.mesh import Mesh, MeshPorts, default_run_dir, state_file
+    from apps.mesh import Mesh, MeshPorts, default_run_dir, state_file
 
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     ports = MeshPorts(
@@ -253,7 +285,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from constellation.mesh import MeshState, state_file
+    from apps.mesh import MeshState, state_file
 
     state = MeshState.load(state_file(Path(args.run_dir) if args.run_dir else None))
     if state is None:
@@ -277,7 +309,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from constellation.eval_run import markdown, run_eval, write_report
+    from apps.eval_run import markdown, run_eval, write_report
 
     pool = Path(args.pool)
     if not pool.is_file():
@@ -308,8 +340,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _traces_collect(args: argparse.Namespace) -> int:
+    from apps.traces.collector import CollectorConfig, running_collector
     from constellation.config import load_config
-    from constellation.traces.collector import CollectorConfig, running_collector
 
     config = load_config(CollectorConfig, args.config, port=args.port, http_port=args.http_port, db=args.db)
 
@@ -333,8 +365,8 @@ def _traces_collect(args: argparse.Namespace) -> int:
 
 
 def _traces_analyze(args: argparse.Namespace) -> int:
-    from constellation.traces.analyze import analyze, markdown, plot, write_json
-    from constellation.traces.store import SpanStore
+    from apps.traces.analyze import analyze, markdown, plot, write_json
+    from apps.traces.store import SpanStore
 
     if not Path(args.db).is_file():
         _err(f"no trace database at {args.db}; collect spans with `constellation traces collect --db {args.db}`")
@@ -358,7 +390,7 @@ def _traces_analyze(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from constellation.load import run_load
+    from apps.load import run_load
     from constellation.pools import pool_models, read_pool
 
     if args.pool:
@@ -389,56 +421,36 @@ def _load(args: argparse.Namespace) -> int:
     return 0 if not result.errors else EXIT_ERROR
 
 
+TRAINERS: dict[str, str] = {
+    "classifier": "services.classifier.train",
+    "router": "services.dispatch.router_train",
+    "ranker": "services.ranking.train",
+    "fusion": "services.fusion.train",
+}
+"""``constellation train <what>`` -> the module whose ``main(argv)`` trains it (imported only when chosen)."""
+
+SERVICES: dict[str, str] = {
+    "dispatch": "services.dispatch.main",
+    "classifier": "services.classifier.main",
+    "registry": "services.registry.main",
+    "ranking": "services.ranking.main",
+    "fusion": "services.fusion.main",
+    "triton": "services.inference.launcher",
+}
+"""``constellation serve <service>`` -> the module whose ``main(argv)`` runs it in the foreground."""
+
+
+def _main_of(module: str) -> Callable[[list[str]], int | None]:
+    """The ``main`` of ``module``, imported now: a command pays only for the code it runs."""
+    return cast(Callable[[list[str]], int | None], importlib.import_module(module).main)
+
+
 def _train(args: argparse.Namespace) -> int:
-    if args.what == "classifier":
-        from services.classifier.train import main as train_classifier
-
-        return int(train_classifier(args.rest) or 0)
-    if args.what == "ranker":
-        from services.ranking.train import main as train_ranker
-
-        return int(train_ranker(args.rest) or 0)
-    if args.what == "router":
-        from services.dispatch.router_train import main as train_router
-
-        return int(train_router(args.rest) or 0)
-    if args.what == "fusion":
-        from services.fusion.train import main as train_fusion
-
-        return int(train_fusion(args.rest) or 0)
-    _err(f"training {args.what!r} is not available yet")
-    return EXIT_USAGE
+    return int(_main_of(TRAINERS[args.what])(args.rest) or 0)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.service == "dispatch":
-        from services.dispatch.main import main as dispatch_main
-
-        dispatch_main(args.rest)
-        return 0
-    if args.service == "classifier":
-        from services.classifier.main import main as classifier_main
-
-        classifier_main(args.rest)
-        return 0
-    if args.service == "ranking":
-        from services.ranking.main import main as ranking_main
-
-        ranking_main(args.rest)
-        return 0
-    if args.service == "registry":
-        from services.registry.main import main as registry_main
-
-        registry_main(args.rest)
-        return 0
-    if args.service == "fusion":
-        from services.fusion.main import main as fusion_main
-
-        fusion_main(args.rest)
-        return 0
-    from services.inference.launcher import main as triton_main
-
-    triton_main(args.rest)
+    _main_of(SERVICES[args.service])(args.rest)
     return 0
 
 
@@ -586,12 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a component on the train splits of recorded pools and writes a versioned "
         "artifact. `constellation train classifier --help` (or `train ranker --help`) lists a trainer's options.",
     )
-    train.add_argument("what", choices=["classifier", "router", "ranker", "fusion"], help="what to train")
+    train.add_argument("what", choices=list(TRAINERS), help="what to train")
     train.add_argument("rest", nargs=argparse.REMAINDER, help="the trainer's own flags")
     train.set_defaults(handler=_train)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (for deployments)")
-    serve.add_argument("service", choices=["dispatch", "classifier", "registry", "ranking", "fusion", "triton"])
+    serve.add_argument("service", choices=list(SERVICES))
     serve.add_argument("rest", nargs=argparse.REMAINDER, help="the service's own flags (see `serve X --help`)")
     serve.set_defaults(handler=_serve)
 

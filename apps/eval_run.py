@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from apps.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, verdict
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import ConstellationError
-from constellation.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, verdict
 from constellation.pools import PoolRecord, model_cards_for, read_pool
 from constellation.v1 import common_pb2
 
@@ -150,8 +150,8 @@ def run_eval(
     found (``router_artifact``, else the CURRENT one) and ``profiles`` is not False; routed policies also
     start the classifier, whose query embedding the router reads.
     """
-    from constellation.mesh import Mesh, MeshPorts
-    from services.inference.launcher import free_port
+    from apps.mesh import Mesh, MeshPorts
+    from constellation.net import free_port
 
     records = list(read_pool(pool))  # one pass over the file for both splits
     evaluated = [r for r in records if split == "all" or r.split == split]

@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from constellation.ml.answers import normalize_answer
 from constellation.pools import PoolRecord
 
 CLOSED_KINDS = ("number", "choice")
@@ -103,26 +104,6 @@ class PolicyResult:
             "mean_models": self.mean_models,
             "failures": self.failures,
         }
-
-
-def normalize_answer(kind: str, answer: str | None) -> str | None:
-    """A canonical form for comparing closed answers: numbers as floats, choices as upper-case letters."""
-    if answer is None:
-        return None
-    text = answer.strip()
-    if not text:
-        return None
-    if kind == "number":
-        try:
-            value = float(text.replace(",", "").replace("$", ""))
-        except ValueError:
-            return text
-        if math.isfinite(value) and value == int(value):
-            return str(int(value))
-        return repr(value)
-    if kind == "choice":
-        return text.upper()
-    return text
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:

@@ -61,7 +61,7 @@ class Ballot:
     """One candidate's vote.
 
     Attributes:
-        answer: Normalised answer (see :mod:`services.fusion.answers`); None when it gave none.
+        answer: Normalised answer (see :mod:`constellation.ml.answers`); None when it gave none.
         reliability: Probability that its model is right on such queries, in [0, 1]; 0 = unknown.
         rank: Position after ranking (0 = best); breaks exact ties.
     """
