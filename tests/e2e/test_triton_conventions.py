@@ -1,5 +1,6 @@
-"""A model that follows the TensorRT-LLM ensemble's convention (``trtllm_echo``) streams through the Triton
-client and through dispatch like smollm2 does: real Triton, real dispatch server."""
+"""Models that follow the TensorRT-LLM ensemble's convention (``trtllm_echo``) and the vLLM backend's
+(``vllm_echo``) stream through the Triton client and through dispatch like smollm2 does: real Triton, real
+dispatch server."""
 
 from __future__ import annotations
 
@@ -46,6 +47,34 @@ async def test_client_reports_stop_when_the_model_ends_before_max_tokens(trtllm_
         received = [chunk async for chunk in chunks]
     assert "".join(c.text for c in received) == "two words"
     assert received[-1].finish_reason == "stop"
+
+
+@pytest.fixture
+async def vllm_echo(triton: TritonServer) -> AsyncIterator[TritonClient]:
+    """The session's Triton with ``vllm_echo`` loaded for the test, unloaded after it."""
+    async with TritonClient(triton.grpc_url) as client:
+        await client.load("vllm_echo", timeout_s=120)
+        try:
+            yield client
+        finally:
+            await client.unload("vllm_echo")
+
+
+async def test_client_streams_a_vllm_model_token_by_token(vllm_echo: TritonClient) -> None:
+    stream = vllm_echo.stream("vllm_echo", PROMPT, Sampling(max_tokens=3, top_p=0.9), timeout_s=30, convention="vllm")
+    async with stream as chunks:
+        received = [chunk async for chunk in chunks]
+    assert [c.text for c in received if c.text] == ["the", " quick", " brown"]
+    assert received[-1].final and received[-1].finish_reason == "length"
+
+
+async def test_the_default_convention_is_refused_by_a_tensorrtllm_model(trtllm_echo: TritonClient) -> None:
+    from constellation.errors import ConstellationError
+
+    # Which error class Triton's message maps to is the error mapping's business; the message names the input.
+    with pytest.raises(ConstellationError, match="unexpected inference input 'sampling_parameters'"):
+        async with trtllm_echo.stream("trtllm_echo", PROMPT, Sampling(max_tokens=3), timeout_s=30) as chunks:
+            [chunk async for chunk in chunks]
 
 
 async def test_dispatch_streams_from_a_tensorrtllm_model(dispatch_factory, trtllm_echo: TritonClient) -> None:  # type: ignore[no-untyped-def]
