@@ -19,8 +19,11 @@ output [
 instance_group [ { count: 1, kind: KIND_MODEL } ]
 {{- end -}}
 
+{{/* vLLM's engine arguments (model.json); max_model_len only when set: vLLM reads it from the model otherwise. */}}
 {{- define "constellation.vllmModelJson" -}}
-{{- toJson (dict "model" (printf "/models/%s" .model.path) "disable_log_requests" true "gpu_memory_utilization" (.model.gpuMemoryUtilization | default 0.9) "max_model_len" (.model.maxModelLen | default 8192) "tensor_parallel_size" (.gpus | default 1)) -}}
+{{- $args := dict "model" (printf "/models/%s" .model.path) "disable_log_requests" true "gpu_memory_utilization" (.model.gpuMemoryUtilization | default 0.9) "tensor_parallel_size" (.gpus | default 1) -}}
+{{- with .model.maxModelLen }}{{ $_ := set $args "max_model_len" . }}{{ end -}}
+{{- toJson $args -}}
 {{- end -}}
 
 {{/* TensorRT-LLM: the ensemble's convention, text_input, max_tokens, stream -> text_output. Its steps
