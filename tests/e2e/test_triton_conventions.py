@@ -19,7 +19,7 @@ PROMPT = "the quick brown fox jumps over the lazy dog"
 @pytest.fixture
 async def trtllm_echo(triton: TritonServer) -> AsyncIterator[TritonClient]:
     """The session's Triton with ``trtllm_echo`` loaded for the test, unloaded after it."""
-    async with TritonClient(triton.grpc_url) as client:
+    async with TritonClient(triton.grpc_url, control_timeout_s=60) as client:  # unloads are slow on a busy machine
         await client.load("trtllm_echo", timeout_s=120)
         try:
             yield client
@@ -52,7 +52,7 @@ async def test_client_reports_stop_when_the_model_ends_before_max_tokens(trtllm_
 @pytest.fixture
 async def vllm_echo(triton: TritonServer) -> AsyncIterator[TritonClient]:
     """The session's Triton with ``vllm_echo`` loaded for the test, unloaded after it."""
-    async with TritonClient(triton.grpc_url) as client:
+    async with TritonClient(triton.grpc_url, control_timeout_s=60) as client:  # unloads are slow on a busy machine
         await client.load("vllm_echo", timeout_s=120)
         try:
             yield client
