@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup stubs run up test lint bench clean
+.PHONY: all setup stubs run up test lint bench clean deploy-check
 
 all: setup
 
@@ -68,6 +68,13 @@ bench: setup
 	$(PY) -m bench.fusion --train
 	$(PY) -m bench.ranker
 	$(PY) -m bench.ranked_fanout
+
+# The Helm chart and alert rules, offline: lint, render three value sets, validate every object against
+# Kubernetes' and KEDA's schemas, refuse bad values, promtool check/test rules (Debian: prometheus).
+deploy-check: setup
+	$(BIN)/ruff check deploy
+	$(BIN)/mypy deploy/check.py
+	$(PY) -m deploy.check
 
 clean:
 	rm -rf build .run $(STUBS) libs/constellation/constellation/v1/*_pb2*.py* 

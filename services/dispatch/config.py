@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from constellation.config import ServiceConfig
+from constellation.triton_conventions import Convention
 
 
 class ModelEntry(BaseModel):
@@ -25,6 +26,8 @@ class ModelEntry(BaseModel):
         params_b: Parameters in billions, when known.
         capabilities: What the model can do (``code``, ``long_context``...), matched against
             ``Ceilings.required_capabilities``; empty means unknown (not excluded).
+        convention: The Triton model's tensor convention: ``constellation`` (our python-backend models),
+            ``vllm`` (Triton's vLLM backend) or ``tensorrtllm`` (a TensorRT-LLM ensemble).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -36,6 +39,7 @@ class ModelEntry(BaseModel):
     family: str | None = None
     params_b: float | None = None
     capabilities: list[str] = Field(default_factory=list)
+    convention: Convention = "constellation"
 
 
 class DispatchConfig(ServiceConfig):

@@ -907,6 +907,7 @@ class Dispatcher:
                     timeout_s=remaining,
                     headers=telemetry.inject_headers(),
                     parameters=entry.parameters,
+                    convention=entry.convention,
                 )
                 async with generation as chunks:
                     # The request has left for Triton; the plan and "started" events go to the caller

@@ -52,7 +52,7 @@ async def test_a_served_service_is_registered_with_a_grpc_check_and_deregistered
             await asyncio.sleep(0.05)
         (registered,) = fake.services.values()
         assert registered["Name"] == "constellation-classifier"
-        check = registered["Check"]
+        (check,) = registered["Checks"]
         assert isinstance(check, dict) and check["GRPC"] == f"127.0.0.1:{registered['Port']}"
     finally:
         task.cancel()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -18,15 +19,38 @@ from services.registry.config import RegistryConfig
 from services.registry.consul import ConsulAgent, discover
 from services.registry.main import running_registry
 
+_FIELDS = {
+    name.lower(): name
+    for name in (
+        *("ID", "Name", "Address", "Port", "Tags", "Meta", "Check", "Checks"),
+        *("GRPC", "GRPCUseTLS", "Interval", "Timeout", "DeregisterCriticalServiceAfter"),
+    )
+}
+
+
+def _canonical(body: dict[str, Any]) -> dict[str, Any]:
+    """A register body as Consul reads it: field names in any case or snake_case (``grpc_use_tls``), a
+    single ``Check`` or a ``Checks`` list; returned with Consul's names and every check under ``Checks``."""
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        name = _FIELDS.get(key.replace("_", "").lower(), key)
+        out[name] = [_canonical(c) for c in value] if name == "Checks" and isinstance(value, list) else value
+    checks = list(out.pop("Checks", None) or [])
+    if isinstance(out.get("Check"), dict):
+        checks.insert(0, _canonical(out.pop("Check")))
+    out["Checks"] = checks
+    return out
+
 
 class FakeConsul:
     """A fake Consul agent: an aiohttp server implementing only the documented endpoints the adapter uses
     (agent service register/deregister, KV put/delete, health service with ``passing``). It is a fake because
     no Consul server can be installed from the package registries this project builds from. Every
-    registered check is reported passing unless its id is in ``critical``."""
+    registered check is reported passing unless its id is in ``critical``. Like Consul, it reads register bodies
+    in any case of field names (py-consul sends ``name``, ``checks``, ``grpc``...)."""
 
     def __init__(self) -> None:
-        self.services: dict[str, dict[str, object]] = {}
+        self.services: dict[str, dict[str, Any]] = {}
         self.kv: dict[str, bytes] = {}
         self.critical: set[str] = set()
         self.deregistered: list[str] = []
@@ -50,7 +74,7 @@ class FakeConsul:
         await self.runner.cleanup()
 
     async def register(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = _canonical(await request.json())
         if not body.get("Name"):
             return web.Response(status=400, text="Missing service name")
         self.services[body.get("ID") or body["Name"]] = body
@@ -92,7 +116,8 @@ class FakeConsul:
                     "Checks": [{"ServiceID": service_id, "Status": status}],
                 }
             )
-        return web.json_response(entries)
+        # Consul answers every blocking-query endpoint with the index of the data it read.
+        return web.json_response(entries, headers={"X-Consul-Index": str(len(self.deregistered) + len(self.services))})
 
 
 @pytest.fixture
@@ -118,7 +143,7 @@ async def test_registry_registers_mirrors_and_deregisters(consul: FakeConsul, tm
         (service,) = consul.services.values()
         assert service["Name"] == "constellation-registry"
         assert service["Port"] == running.port
-        check = service["Check"]
+        (check,) = service["Checks"]
         assert isinstance(check, dict)
         assert check["GRPC"] == f"127.0.0.1:{running.port}" and check["Interval"] == "10s"
 

@@ -1,33 +1,41 @@
-"""Consul over its HTTP API: service registration with a gRPC health check, and discovery.
+"""Consul: service registration with a gRPC health check, discovery, and the KV store, through the
+maintained ``py-consul`` client (imported as ``consul``; its ``consul.aio`` flavour runs on aiohttp).
 
 Used only when ``CONSUL_HTTP_ADDR`` (or a service's ``consul_http_addr`` setting) is set. Every call has
 a deadline; failures raise :class:`~constellation.errors.Unavailable` and never stop a service (a failed
 registration is logged, discovery falls back to static configuration).
 
 * :func:`registered_in_consul`: an instance registers itself with the local agent
-  (``PUT /v1/agent/service/register``) with a gRPC health check (``Check.GRPC`` against the stock
-  ``grpc.health.v1`` service every Constellation server runs), and deregisters on exit
+  (``PUT /v1/agent/service/register``) with a gRPC health check (against the stock ``grpc.health.v1``
+  service every Constellation server runs), and deregisters on exit
   (``PUT /v1/agent/service/deregister/<id>``).
-* :func:`discover`: healthy endpoints of a service (``GET /v1/health/service/<name>?passing=true``).
+* :func:`discover`: healthy endpoints of a service (``GET /v1/health/service/<name>?passing=1``).
 * :class:`ConsulAgent` also writes the KV store (the registry mirrors model records there).
+
+py-consul itself reads ``CONSUL_HTTP_TOKEN`` (over the ``token`` argument), ``CONSUL_HTTP_SSL`` and
+``CONSUL_HTTP_SSL_VERIFY``, the standard Consul variables, as the Consul CLI does.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
+import consul
+import consul.aio
 
 from constellation.errors import Unavailable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def service_name(component: str) -> str:
@@ -49,7 +57,8 @@ class Endpoint:
 
 
 class ConsulAgent:
-    """An HTTP client of one Consul agent. An async context manager; safe for concurrent calls.
+    """A client of one Consul agent (py-consul's asyncio client). An async context manager; safe for
+    concurrent calls.
 
     Args:
         address: The agent's HTTP address, ``http://host:8500`` (a bare ``host:port`` gets ``http://``).
@@ -59,8 +68,17 @@ class ConsulAgent:
 
     def __init__(self, address: str, *, timeout_s: float = 3.0, token: str = ""):
         self.base = (address if "://" in address else f"http://{address}").rstrip("/")
-        headers = {"X-Consul-Token": token} if token else {}
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), headers=headers)
+        parts = urlsplit(self.base)
+        with warnings.catch_warnings():
+            # py-consul 1.8 hands aiohttp its deprecated ssl_context/verify_ssl arguments; nothing to act on here.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"consul\.aio")
+            self._client = consul.aio.Consul(
+                host=parts.hostname or "127.0.0.1",
+                port=parts.port or 8500,
+                scheme=parts.scheme,
+                token=token or None,
+                connections_timeout=timeout_s,
+            )
 
     async def __aenter__(self) -> ConsulAgent:
         return self
@@ -69,22 +87,15 @@ class ConsulAgent:
         await self.close()
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._client.close()
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        url = f"{self.base}{path}"
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        """Awaits one py-consul call; its failures become :class:`Unavailable` (the one mapping point)."""
         try:
-            async with self._session.request(method, url, **kwargs) as response:
-                body = await response.read()
-                if response.status >= 400:
-                    raise Unavailable(
-                        f"Consul {method} {path} answered {response.status}: {body[:200].decode(errors='replace')}",
-                        reason="CONSUL_ERROR",
-                    )
-                if body and response.content_type == "application/json":
-                    return json.loads(body)
-                return None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            return await call
+        except consul.ConsulException as exc:
+            raise Unavailable(f"Consul {what} failed: {exc}", reason="CONSUL_ERROR") from exc
+        except (aiohttp.ClientError, TimeoutError, consul.Timeout) as exc:
             raise Unavailable(f"Consul at {self.base} cannot be reached: {exc!r}", reason="CONSUL_UNREACHABLE") from exc
 
     async def register_service(
@@ -105,35 +116,36 @@ class ConsulAgent:
             deregister_after_s: The agent removes the instance after its check has been critical this
                 long, in seconds (covers a process that died without deregistering).
         """
-        body = {
-            "ID": service_id,
-            "Name": name,
-            "Address": host,
-            "Port": port,
-            "Tags": list(tags),
-            "Check": {
-                "Name": f"{name} gRPC health",
-                "GRPC": f"{host}:{port}",
-                "GRPCUseTLS": False,
-                "Interval": f"{check_interval_s:g}s",
-                "Timeout": "2s",
-                "DeregisterCriticalServiceAfter": f"{deregister_after_s:g}s",
-            },
-        }
-        await self._call("PUT", "/v1/agent/service/register", json=body)
+        check: dict[str, Any] = consul.Check.grpc(
+            f"{host}:{port}",
+            f"{check_interval_s:g}s",
+            use_tls=False,
+            timeout="2s",
+            deregister=f"{deregister_after_s:g}s",
+        )
+        check["Name"] = f"{name} gRPC health"
+        register = self._client.agent.service.register(
+            name, service_id=service_id, address=host, port=port, tags=list(tags), check=check
+        )
+        await self._confirm(f"register of {service_id}", register)
 
     async def deregister_service(self, service_id: str) -> None:
-        await self._call("PUT", f"/v1/agent/service/deregister/{quote(service_id, safe='')}")
+        await self._confirm(f"deregister of {service_id}", self._client.agent.service.deregister(service_id))
+
+    async def _confirm(self, what: str, call: Awaitable[bool]) -> None:
+        """Agent calls answer a bool: py-consul returns False (no exception) for a 404 such as an unknown id."""
+        if not await self._call(what, call):
+            raise Unavailable(f"Consul {what} failed: the agent does not know it (404)", reason="CONSUL_ERROR")
 
     async def put_kv(self, key: str, value: bytes) -> None:
-        await self._call("PUT", f"/v1/kv/{quote(key, safe='/')}", data=value)
+        await self._call(f"put of {key}", self._client.kv.put(key, value))
 
     async def delete_kv(self, key: str) -> None:
-        await self._call("DELETE", f"/v1/kv/{quote(key, safe='/')}")
+        await self._call(f"delete of {key}", self._client.kv.delete(key))
 
     async def healthy(self, service: str) -> list[Endpoint]:
         """Instances of ``service`` whose checks all pass, in Consul's order."""
-        entries = await self._call("GET", f"/v1/health/service/{quote(service, safe='')}", params={"passing": "true"})
+        _, entries = await self._call(f"health of {service}", self._client.health.service(service, passing=True))
         endpoints = []
         for entry in entries or []:
             svc = entry.get("Service") or {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,8 +259,10 @@ class GenerationStream:
         model: str,
         timeout_s: float,
         headers: Mapping[str, str] | None,
+        decode: Callable[[service_pb2.ModelInferResponse], Chunk] = decode_chunk,
     ):
         self._method = method
+        self._decode = decode
         self._request = request
         self._url = url
         self._model = model
@@ -300,7 +302,7 @@ class GenerationStream:
                 # response can leave Triton 2.51 unable to unload the model at shutdown.
                 await self._finish()
                 raise _map_stream_error(response.error_message, self._model)
-            chunk = decode_chunk(response.infer_response)
+            chunk = self._decode(response.infer_response)
             if chunk.final:
                 # Read to the end too: a client that walks away right after the final response leaves
                 # Triton's stream handler waiting (seen with 2.51). The answer is complete by now, so a
@@ -428,6 +430,7 @@ class TritonClient:
         headers: Mapping[str, str] | None = None,
         request_id: str = "",
         parameters: Mapping[str, str] | None = None,
+        convention: str = "constellation",
     ) -> GenerationStream:
         """One generation of ``model`` for ``prompt``, to enter with ``async with`` and read with ``async for``.
 
@@ -444,17 +447,22 @@ class TritonClient:
             request_id: Triton request id (shows in Triton's logs and traces).
             parameters: KServe request parameters, e.g. ``{"recorded_model": "gpt-4o"}`` for the replay
                 model.
+            convention: The model's tensor convention (``constellation``, ``vllm`` or ``tensorrtllm``; see
+                :mod:`constellation.triton_conventions`).
 
         Raises (on entering or reading):
             NotFound, InvalidArgument, Unavailable, DeadlineExceeded, Cancelled, InternalError.
         """
+        from constellation import triton_conventions as conventions  # it builds on this module
+
         return GenerationStream(
             self._stream_method,
-            stream_request(model, prompt, sampling, request_id, parameters),
+            conventions.build_request(convention, model, prompt, sampling, request_id, parameters),  # type: ignore[arg-type]
             url=self.url,
             model=model,
             timeout_s=timeout_s,
             headers=headers,
+            decode=conventions.decoder_for(convention, sampling),  # type: ignore[arg-type]
         )
 
     async def generate(
