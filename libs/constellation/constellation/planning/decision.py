@@ -1,0 +1,83 @@
+"""The likelihood-ratio vote of a plan's answers, and the certified early stop.
+
+:class:`LikelihoodVote` scores each label by ``sum_calls log P_m(y | theta)`` under the same confusion
+matrices the plan was chosen on and returns the best (ties go to the label listed first); that is the
+decision rule the bounds of :mod:`constellation.planning.surrogate` are about.
+
+:func:`certified_stop` is exact, not a heuristic: it returns True iff no combination of answers from the
+calls still running can change the vote's decision. For the current leader ``a`` and any rival ``b``,
+the remaining calls move the score gap ``s_a - s_b`` by a sum of independent per-call terms, so the
+worst case is the sum of each call's smallest ``log P(y|a) - log P(y|b)`` over its possible answers;
+the decision is settled iff that worst-case gap stays > 0 for every rival. (A worst case of exactly 0
+counts as unsettled, which can only delay a stop.) Stopping early never changes the answer, so the
+plan's error bound still holds for the stopped vote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from constellation.errors import InvalidArgument
+from constellation.planning.confusion import ConfusionMatrix, check_aligned
+
+Answer = tuple[str, str | None]
+"""One call's result: (model, answer); an answer outside the labels or None counts as abstain."""
+
+
+class LikelihoodVote:
+    """Maximum-likelihood vote over closed answers; immutable, cheap, thread-safe."""
+
+    def __init__(self, matrices: Mapping[str, ConfusionMatrix]) -> None:
+        self.labels = check_aligned(matrices)
+        self._matrices = dict(matrices)
+        self._log = {m: np.log(c.probs) for m, c in matrices.items()}
+
+    def _table(self, model: str) -> np.ndarray:
+        try:
+            return self._log[model]
+        except KeyError:
+            raise InvalidArgument(f"no confusion matrix for model {model!r}") from None
+
+    def scores(self, answers: Sequence[Answer]) -> np.ndarray:
+        """Log-likelihood of the answers under each label (length K)."""
+        total = np.zeros(len(self.labels))
+        for model, answer in answers:
+            total += self._table(model)[:, self._matrices[model].column(answer)]
+        return total
+
+    def decide(self, answers: Sequence[Answer]) -> str:
+        """The label with the highest likelihood; ties to the first listed; no answers: the first label."""
+        return self.labels[int(np.argmax(self.scores(answers)))]
+
+    def posterior(self, answers: Sequence[Answer]) -> dict[str, float]:
+        """Posterior over labels under a uniform prior (a confidence to report, not the guarantee)."""
+        scores = self.scores(answers)
+        weights = np.exp(scores - scores.max())
+        weights /= weights.sum()
+        return {label: float(w) for label, w in zip(self.labels, weights, strict=True)}
+
+    def worst_gap(self, model: str, leader: int) -> np.ndarray:
+        """Per rival label, the smallest change one call of ``model`` can make to ``s_leader - s_rival``."""
+        table = self._table(model)
+        return (table[leader][None, :] - table).min(axis=1)
+
+
+def certified_stop(vote: LikelihoodVote, answers: Sequence[Answer], remaining: Sequence[str]) -> bool:
+    """True iff no answers of the ``remaining`` calls (model names, repeats allowed) can change the decision.
+
+    Args:
+        vote: The plan's vote.
+        answers: Answers received so far.
+        remaining: Models of the calls still running (or not yet started).
+    """
+    if not remaining:
+        return True
+    scores = vote.scores(answers)
+    leader = int(np.argmax(scores))
+    gap = scores[leader] - scores
+    for model in remaining:
+        gap = gap + vote.worst_gap(model, leader)
+    gap[leader] = np.inf
+    return bool((gap > 0).all())
