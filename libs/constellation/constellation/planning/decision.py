@@ -15,6 +15,7 @@ plan's error bound still holds for the stopped vote.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -81,3 +82,24 @@ def certified_stop(vote: LikelihoodVote, answers: Sequence[Answer], remaining: S
         gap = gap + vote.worst_gap(model, leader)
     gap[leader] = np.inf
     return bool((gap > 0).all())
+
+
+def exact_error(vote: LikelihoodVote, calls: Sequence[str]) -> np.ndarray:
+    """The vote's true error probability per label (length K) for ``calls``, by enumerating every outcome.
+
+    Exact under the matrices and independence; costs ``(K+1)^len(calls)`` score updates, so only for
+    small plans (the optimality-gap benchmark and the tests).
+    """
+    k = len(vote.labels)
+    tables = [vote._table(model) for model in calls]
+    probs = [np.exp(t) for t in tables]
+    error = np.zeros(k)
+    for outcome in itertools.product(range(k + 1), repeat=len(calls)):
+        scores = np.zeros(k)
+        likelihood = np.ones(k)
+        for table, prob, y in zip(tables, probs, outcome, strict=True):
+            scores += table[:, y]
+            likelihood *= prob[:, y]
+        decided = int(np.argmax(scores))
+        error += np.where(np.arange(k) == decided, 0.0, likelihood)
+    return error

@@ -60,10 +60,14 @@ class Part:
     text: str
 
 
+_PRONOUN = re.compile(r"\b(?:it|its|them|they|their)\b", re.IGNORECASE)
+
+
 def refers_back(text: str) -> bool:
-    """Whether a part's text leans on something said before it (a pronoun lead or a back-reference)."""
+    """Whether a later part leans on something said before it: a pronoun lead, a third-person pronoun
+    anywhere ("what is it doubled?"), or a back-reference ("the result above", "then use that")."""
     stripped = text.strip()
-    return bool(_STARTS_WITH_REFERENCE.match(stripped) or _REFERENCE.search(stripped))
+    return bool(_STARTS_WITH_REFERENCE.match(stripped) or _PRONOUN.search(stripped) or _REFERENCE.search(stripped))
 
 
 def _items(lines: list[str]) -> tuple[str, list[str]] | None:
