@@ -43,13 +43,19 @@ _STARTS_WITH_REFERENCE = re.compile(
     re.IGNORECASE,
 )
 _REFERENCE = re.compile(
-    r"\b(?:the (?:result|answer|output|number|value|list|sum|total|one)s? (?:above|from|of (?:the )?(?:previous|last|"
-    r"first|above))|above|previous(?:ly)?|preceding|earlier|aforementioned|the same (?:one|thing|number)"
+    r"\b(?:the (?:result|answer|output|number|value|list|sum|total)s? (?:above|from|of (?:the )?(?:previous|last|first))"
+    r"|(?:the|that|this) (?:\w+ ){0,2}above|previous(?:ly)?|preceding|aforementioned|the same (?:one|thing|number)"
     r"|(?:use|using|take|multiply|divide|add|subtract|square|double|halve|translate|summari[sz]e|rewrite|sort"
     r"|reverse|compare) (?:it|them|that|this|those|these|the result|the answer)\b|(?:part|question|step|item)"
-    r" (?:#)?\d|(?:that|this) (?:result|answer|number|value|one)|then use|from (?:it|that|this))\b",
+    r" (?:#)?\d|then use|from (?:it|that|this))\b",
     re.IGNORECASE,
 )
+_HEAD_REFERENCE = re.compile(
+    r"\b(?:it|its|them|they|their|he|she|him|his|her|(?:that|this|those|these) \w+)\b", re.IGNORECASE
+)
+_FIRST_SENTENCE = re.compile(r"^.*?(?:[.?!](?=\s)|$)", re.DOTALL)
+_ANTECEDENT = re.compile(r"\b(?:a|an|the|some|each|every|\d+)\s+\w+|\b[A-Z][a-z]+")
+_OPTIONS = re.compile(r"(?:^|\s)A\)\s.+\sB\)\s", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -60,14 +66,29 @@ class Part:
     text: str
 
 
-_PRONOUN = re.compile(r"\b(?:it|its|them|they|their)\b", re.IGNORECASE)
-
-
 def refers_back(text: str) -> bool:
-    """Whether a later part leans on something said before it: a pronoun lead, a third-person pronoun
-    anywhere ("what is it doubled?"), or a back-reference ("the result above", "then use that")."""
+    """Whether a later part leans on something said before it.
+
+    True for a pronoun lead ("It ..."), a third-person pronoun or a demonstrative ("that number") in
+    the part's first sentence with no noun phrase or name before it in that sentence ("what is it
+    doubled?", but not "Henry rode his bike"; later sentences may refer to the part's own first one,
+    as word problems do), or a back-reference anywhere ("the result above", "then use that", "from
+    part 1").
+    """
     stripped = text.strip()
-    return bool(_STARTS_WITH_REFERENCE.match(stripped) or _PRONOUN.search(stripped) or _REFERENCE.search(stripped))
+    first = _FIRST_SENTENCE.match(stripped)
+    head = first.group(0) if first else stripped
+    if _STARTS_WITH_REFERENCE.match(stripped) or _REFERENCE.search(stripped):
+        return True
+    return any(not _has_antecedent(head[: m.start()]) for m in _HEAD_REFERENCE.finditer(head))
+
+
+def _has_antecedent(prefix: str) -> bool:
+    """Whether the words before a pronoun name something it can stand for (a noun phrase or a name)."""
+    for match in _ANTECEDENT.finditer(prefix):
+        if not _REQUEST.match(match.group(0)) and match.group(0) not in ("If", "When", "In", "On", "At", "For", "I"):
+            return True
+    return False
 
 
 def _items(lines: list[str]) -> tuple[str, list[str]] | None:
@@ -104,7 +125,7 @@ def _split_list(prompt: str) -> list[str] | None:
         return None
     if any(len(item) > 1500 or len(item.split()) < 3 for item in items):
         return None
-    if not all(item.rstrip().endswith("?") or _REQUEST.match(item) for item in items):
+    if not all("?" in item or _REQUEST.match(item) or _OPTIONS.search(item) for item in items):
         return None
     return items
 
@@ -117,8 +138,8 @@ def _split_and_also(prompt: str) -> list[str] | None:
     if len(pieces) != 2:
         return None
     first, second = pieces[0].strip().rstrip(",;"), pieces[1].strip()
-    if len(first.split()) < 3 or len(second.split()) < 3:
-        return None
+    if len(first.split()) < 2 or len(second.split()) < 2 or re.search(r"[.?!]\s", first):
+        return None  # too short, or the first side is more than one sentence
     if not (_REQUEST.match(first) and _REQUEST.match(second)):
         return None
     if not first.endswith(("?", ".", "!")):
