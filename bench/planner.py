@@ -28,6 +28,7 @@ Run: ``python -m bench.planner [--data-dir ../shared/data]``; writes ``docs/benc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -43,7 +44,7 @@ import numpy as np
 
 from bench.report import DOCS, markdown_table, write_section
 from constellation.planning.confusion import ConfusionMatrix, from_records, mean_costs
-from constellation.planning.decision import LikelihoodVote, certified_stop, exact_error
+from constellation.planning.decision import LikelihoodVote, certified_stop, exact_error, exact_error_counts
 from constellation.planning.decompose import split
 from constellation.planning.plan import InfeasiblePlan, Planner
 from constellation.planning.solve import Problem, StateBudgetExceeded, solve_exact, solve_grid
@@ -203,23 +204,29 @@ def baselines(data: PoolData) -> dict[str, Any]:
     }
 
 
-def optimality_gap(data: PoolData, alphas: Sequence[float], instances: int, seed: int) -> list[dict[str, Any]]:
+def optimality_gap(
+    matrices: Mapping[str, ConfusionMatrix],
+    costs: Mapping[str, float],
+    alphas: Sequence[float],
+    instances: int,
+    seed: int,
+) -> list[dict[str, Any]]:
     """Part 2: surrogate plan vs the cheapest plan meeting alpha on the *exact* error, 6-model instances."""
     rng = random.Random(seed)
     rows = []
     for _ in range(instances):
-        models = rng.sample(list(data.matrices), 6)
-        matrices = {m: data.matrices[m] for m in models}
-        vote = LikelihoodVote(matrices)
+        models = rng.sample(list(matrices), 6)
+        subset = {m: matrices[m] for m in models}
+        vote = LikelihoodVote(subset)
         exact = {}
         for mask in range(1, 1 << len(models)):
             chosen = [m for i, m in enumerate(models) if mask >> i & 1]
-            exact[mask] = (sum(data.costs[m] for m in chosen), exact_error(vote, chosen))
+            exact[mask] = (sum(costs[m] for m in chosen), exact_error(vote, chosen))
         for alpha in alphas:
             feasible = [c for c, err in exact.values() if (err <= alpha).all()]
             true_opt = min(feasible) if feasible else math.inf
             try:
-                plan = Planner().plan(matrices, data.costs, alpha, method="exact")
+                plan = Planner().plan(subset, costs, alpha, method="exact")
                 mask = sum(1 << models.index(m) for m in plan.members)
                 surrogate_cost, truly_feasible = plan.cost, bool((exact[mask][1] <= alpha).all())
             except InfeasiblePlan:
@@ -230,7 +237,33 @@ def optimality_gap(data: PoolData, alphas: Sequence[float], instances: int, seed
     return rows
 
 
+def repeated_gap(labels: int, cap: int, alphas: Sequence[float], instances: int) -> list[dict[str, Any]]:
+    """Part 2 with repeated samples: 3 synthetic models, every count vector up to ``cap`` enumerated."""
+    rows = []
+    for seed in range(instances):
+        matrices, costs = synthetic_matrices(3, labels, seed=200 + seed)
+        vote = LikelihoodVote(matrices)
+        names = list(matrices)
+        plans = {}
+        for counts in itertools.product(range(cap + 1), repeat=3):
+            if any(counts):
+                error = exact_error_counts(vote, dict(zip(names, counts, strict=True)))
+                plans[counts] = (float(np.dot(counts, [costs[m] for m in names])), error)
+        for alpha in alphas:
+            feasible = [c for c, err in plans.values() if (err <= alpha).all()]
+            try:
+                plan = Planner().plan(matrices, costs, alpha, cap=cap, method="exact")
+                chosen = tuple(dict(zip(plan.members, plan.counts, strict=True)).get(m, 0) for m in names)
+                surrogate_cost, ok = plan.cost, bool((plans[chosen][1] <= alpha).all())
+            except InfeasiblePlan:
+                surrogate_cost, ok = math.inf, True
+            true_opt = min(feasible) if feasible else math.inf
+            rows.append({"alpha": alpha, "true_opt": true_opt, "surrogate": surrogate_cost, "truly_feasible": ok})
+    return rows
+
+
 def gap_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Shares of instances where the surrogate plan is optimal or close, over those both can solve."""
     solvable = [r for r in rows if math.isfinite(r["true_opt"])]
     both = [r for r in solvable if math.isfinite(r["surrogate"])]
     ratios = [r["surrogate"] / r["true_opt"] for r in both]
@@ -246,17 +279,23 @@ def gap_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def synthetic(models: int, labels: int, seed: int) -> tuple[Any, np.ndarray]:
+def synthetic_matrices(models: int, labels: int, seed: int) -> tuple[dict[str, ConfusionMatrix], dict[str, float]]:
     """Synthetic confusion matrices (accuracy 0.5-0.95) with costs rising steeply with accuracy."""
     rng = np.random.default_rng(seed)
-    matrices, costs = [], []
+    matrices, costs = {}, {}
     for m in range(models):
         accuracy = rng.uniform(0.5, 0.95)
         counts = rng.dirichlet(np.ones(labels + 1), size=labels) * (1 - accuracy) * 200
         counts[np.arange(labels), np.arange(labels)] += accuracy * 200
-        matrices.append(ConfusionMatrix(f"s{m}", tuple("ABCDEFGH"[:labels]), counts))
-        costs.append(math.exp(6 * accuracy) * rng.uniform(0.7, 1.3))
-    return pair_table(matrices), np.asarray(costs)
+        matrices[f"s{m}"] = ConfusionMatrix(f"s{m}", tuple("ABCDEFGH"[:labels]), counts)
+        costs[f"s{m}"] = math.exp(6 * accuracy) * rng.uniform(0.7, 1.3)
+    return matrices, costs
+
+
+def synthetic(models: int, labels: int, seed: int) -> tuple[Any, np.ndarray]:
+    """The pair table and cost vector of :func:`synthetic_matrices`."""
+    matrices, costs = synthetic_matrices(models, labels, seed)
+    return pair_table(list(matrices.values())), np.asarray(list(costs.values()))
 
 
 def solve_times(alpha: float = 1e-3) -> list[dict[str, Any]]:
@@ -273,9 +312,9 @@ def solve_times(alpha: float = 1e-3) -> list[dict[str, Any]]:
 
 def _run_solvers(problem: Problem) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    exact = solve_exact(problem, max_nodes=200_000)
+    exact = solve_exact(problem, max_nodes=100_000)
     out["exact"] = None if exact is None else {"s": exact.seconds, "cost": exact.cost, "complete": exact.optimal}
-    search = solve_exact(problem, eps=0.1, max_nodes=200_000)
+    search = solve_exact(problem, eps=0.1, max_nodes=100_000)
     out["search_eps0.1"] = None if search is None else {"s": search.seconds, "cost": search.cost}
     try:
         grid = solve_grid(problem, eps=0.1, max_states=300_000)
@@ -395,9 +434,9 @@ def _add(sums: dict[str, dict[str, list[float]]], name: str, right: bool, cost: 
 def splitter_quality(data_dir: Path, compounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Part 5: precision and recall on compounds + hand-written prompts; split rate on every pool prompt."""
     labelled = [(c["prompt"], c["parts"]) for c in compounds]
-    for line in HAND_WRITTEN.read_text().splitlines():
-        row = json.loads(line)
-        labelled.append((row["prompt"], row["parts"]))
+    hand = [(row["prompt"], row["parts"]) for row in map(json.loads, HAND_WRITTEN.read_text().splitlines())]
+    labelled += hand
+    hand_results = [correctly_split(prompt, parts) for prompt, parts in hand]
     positives = sum(parts is not None for _, parts in labelled)
     split_any = split_right = 0
     for prompt, parts in labelled:
@@ -418,6 +457,8 @@ def splitter_quality(data_dir: Path, compounds: Sequence[Mapping[str, Any]]) -> 
         "precision": split_right / (split_any + split_pool) if split_any + split_pool else math.nan,
         "recall": split_right / positives,
         "pools": pools,
+        "hand_written": f"{sum(ok for _, ok in hand_results)}/{len(hand)} right "
+        f"({sum(parts is not None for _, parts in hand)} compound, the rest referential or data lists)",
         "pool_split_rate": split_pool / sum(p["prompts"] for p in pools.values()),
     }
 
@@ -434,10 +475,18 @@ def main(argv: list[str] | None = None) -> None:
         data = PoolData.read(args.data_dir / f"{name}.jsonl.gz", labels)
         plans = {str(a): plan_section(data, a) for a in alphas}
         result["pools"][name] = {"plans": plans, "baselines": baselines(data), "test_prompts": len(data.test)}
-        gap_alphas = alphas[:3] if name.endswith("arc") else alphas
-        rows = optimality_gap(data, gap_alphas, args.gap_instances, seed=5)
-        result["gap"][name] = {"summary": gap_summary(rows), "rows": rows}
+        rows = optimality_gap(data.matrices, data.costs, alphas, args.gap_instances, seed=5)
+        result["gap"][name] = _gap_by_alpha(rows)
         print(f"{name}: plans and gap done at {time.perf_counter() - started:.0f}s", flush=True)
+    for k in (2, 4):
+        rows = []
+        for seed in range(args.gap_instances):
+            matrices, costs = synthetic_matrices(6, k, seed=100 + seed)
+            rows += optimality_gap(matrices, costs, [0.1, 0.01, 1e-3], 1, seed=seed)
+        result["gap"][f"synthetic, 6 models x 1 call, {k} labels"] = _gap_by_alpha(rows)
+    for k, cap in ((2, 8), (4, 4)):
+        rows = repeated_gap(k, cap, [0.1, 0.03, 0.01, 3e-3, 1e-3], args.gap_instances // 2)
+        result["gap"][f"synthetic, 3 models x up to {cap} samples, {k} labels"] = _gap_by_alpha(rows)
     result["solve_times"] = solve_times()
     print(f"solve times done at {time.perf_counter() - started:.0f}s", flush=True)
     compounds = build_compounds(args.data_dir, args.compounds, seed=3)
@@ -452,6 +501,11 @@ def main(argv: list[str] | None = None) -> None:
     body = markdown_report(result)
     write_section("planner", body)
     print(body)
+
+
+def _gap_by_alpha(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    alphas = sorted({r["alpha"] for r in rows}, reverse=True)
+    return {str(a): {"summary": gap_summary([r for r in rows if r["alpha"] == a])} for a in alphas} | {"rows": rows}
 
 
 def _errors(error: Mapping[str, Mapping[str, Any]]) -> str:
@@ -610,9 +664,10 @@ def decomposition_table(decomposition: Mapping[str, Any], splitter: Mapping[str,
         + markdown_table(
             ["execution", "every part right", "mean cost $", "mean latency ms (SIMULATED)", "p95 ms"], rows
         )
-        + f"\n\nSplitter on {splitter['labelled']} labelled prompts ({splitter['positives']} compound) plus every pool prompt: "
-        f"precision {splitter['precision'] * 100:.1f} %, recall {splitter['recall'] * 100:.1f} %; ordinary pool prompts split "
-        f"{splitter['pool_split_rate'] * 100:.2f} % of the time ({pools}).\n"
+        + f"\n\nSplitter on {splitter['labelled']} labelled prompts ({splitter['positives']} compound) "
+        f"plus every pool prompt: precision {splitter['precision'] * 100:.1f} %, recall "
+        f"{splitter['recall'] * 100:.1f} % (hand-written set alone: {splitter['hand_written']}); ordinary pool "
+        f"prompts split {splitter['pool_split_rate'] * 100:.2f} % of the time ({pools}).\n"
     )
 
 

@@ -49,4 +49,3 @@ def test_two_agreeing_strong_answers_settle_a_two_label_vote_against_one_weak_ca
     assert certified_stop(vote, [("strong", "A"), ("strong", "A")], ["weak"])
     assert not certified_stop(vote, [("weak", "A")], ["strong"])
     assert certified_stop(vote, [], [])
-

@@ -41,7 +41,7 @@ def test_exact_search_matches_brute_force_and_grid_stays_feasible(labels: str, c
         grid = solve_grid(problem, eps=0.1)
         assert grid is not None
         assert (label_bounds(problem.table, grid.counts) <= problem.alpha * (1 + 1e-9)).all()
-        tightened = Problem(problem.table, problem.costs, problem.alpha ** 1.1 * 0.9, problem.caps)
+        tightened = Problem(problem.table, problem.costs, problem.alpha**1.1 * 0.9, problem.caps)
         assert grid.cost <= brute_force(tightened) + 1e-9
         approx = solve_exact(problem, eps=0.2)
         assert approx is not None and approx.cost <= 1.2 * optimum + 1e-9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from constellation.planning.confusion import ConfusionMatrix
-from constellation.planning.decision import LikelihoodVote, exact_error
+from constellation.planning.decision import LikelihoodVote, exact_error, exact_error_counts
 from constellation.planning.surrogate import bhattacharyya, chernoff_bounds, label_bounds, pair_table
 
 
@@ -45,3 +45,11 @@ def test_pessimistic_table_has_less_separation_than_the_point_estimate() -> None
     point, pessimistic = pair_table(matrices), pair_table(matrices, level=0.9, draws=500)
     assert (pessimistic.log_rho >= point.log_rho - 1e-9).all()
     assert (pessimistic.log_rho > point.log_rho).any()
+
+
+def test_count_enumeration_equals_sequence_enumeration_for_repeated_samples() -> None:
+    matrices = random_matrices(np.random.default_rng(0), 3, "ABC")
+    vote = LikelihoodVote({m.model: m for m in matrices})
+    by_sequence = exact_error(vote, ["m0", "m0", "m1", "m2", "m2", "m2"])
+    assert np.allclose(exact_error_counts(vote, {"m0": 2, "m1": 1, "m2": 3}), by_sequence)
+    assert (by_sequence <= label_bounds(pair_table(matrices), [2, 1, 3]) + 1e-12).all()

@@ -15,6 +15,8 @@ plan's error bound still holds for the stopped vote.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -99,3 +101,31 @@ def exact_error(vote: LikelihoodVote, calls: Sequence[str]) -> np.ndarray:
     right = likelihood[np.arange(len(decided)), decided]
     correct = np.bincount(decided, weights=right, minlength=k)
     return 1.0 - correct
+
+
+def _compositions(calls: int, outputs: int) -> np.ndarray:
+    """Every way ``calls`` answers fall into ``outputs`` columns, as a ``N x outputs`` count array."""
+    rows = []
+    for combo in itertools.combinations_with_replacement(range(outputs), calls):
+        rows.append(np.bincount(np.asarray(combo, dtype=int), minlength=outputs))
+    return np.asarray(rows, dtype=float).reshape(-1, outputs)
+
+
+def exact_error_counts(vote: LikelihoodVote, counts: Mapping[str, int]) -> np.ndarray:
+    """Like :func:`exact_error` for repeated samples, enumerating answer *counts* per model instead of
+    sequences (the vote depends on counts only), so ``n`` samples of one model cost ``C(n+K, K)`` rows."""
+    k = len(vote.labels)
+    scores = np.zeros((1, k))
+    log_p = np.zeros((1, k))
+    for model, n in counts.items():
+        if n == 0:
+            continue
+        table = vote._table(model)
+        comps = _compositions(n, k + 1)
+        log_coef = math.lgamma(n + 1) - np.sum([[math.lgamma(c + 1) for c in row] for row in comps], axis=1)
+        part = comps @ table.T  # N x K: the sum of log P(y|theta) over the answers
+        scores = (scores[:, None, :] + part[None, :, :]).reshape(-1, k)
+        log_p = (log_p[:, None, :] + (part + log_coef[:, None])[None, :, :]).reshape(-1, k)
+    decided = np.argmax(scores, axis=1)
+    right = np.exp(log_p[np.arange(len(decided)), decided])
+    return 1.0 - np.bincount(decided, weights=right, minlength=k)

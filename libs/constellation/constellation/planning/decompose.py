@@ -43,7 +43,8 @@ _STARTS_WITH_REFERENCE = re.compile(
     re.IGNORECASE,
 )
 _REFERENCE = re.compile(
-    r"\b(?:the (?:result|answer|output|number|value|list|sum|total)s? (?:above|from|of (?:the )?(?:previous|last|first))"
+    r"\b(?:the (?:result|answer|output|number|value|list|sum|total)s? "
+    r"(?:above|from|of (?:the )?(?:previous|last|first))"
     r"|(?:the|that|this) (?:\w+ ){0,2}above|previous(?:ly)?|preceding|aforementioned|the same (?:one|thing|number)"
     r"|(?:use|using|take|multiply|divide|add|subtract|square|double|halve|translate|summari[sz]e|rewrite|sort"
     r"|reverse|compare) (?:it|them|that|this|those|these|the result|the answer)\b|(?:part|question|step|item)"

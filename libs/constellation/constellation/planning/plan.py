@@ -151,7 +151,9 @@ class Planner:
         return QueryPlan(
             members=tuple(m for m, _ in chosen),
             counts=tuple(n for _, n in chosen),
-            bound_per_label={label: float(b) for label, b in zip(labels, np.minimum(certified, surrogate), strict=True)},
+            bound_per_label={
+                label: float(b) for label, b in zip(labels, np.minimum(certified, surrogate), strict=True)
+            },
             surrogate_per_label={label: float(b) for label, b in zip(labels, surrogate, strict=True)},
             alpha={label: float(a) for label, a in zip(labels, problem.alpha, strict=True)},
             cost=result.cost,

@@ -65,7 +65,14 @@ class Problem:
     caps: np.ndarray
 
     @classmethod
-    def build(cls, table: PairTable, costs: Sequence[float], alpha: Sequence[float], caps: Sequence[int]) -> Problem:
+    def build(
+        cls,
+        table: PairTable,
+        costs: Sequence[float] | np.ndarray,
+        alpha: Sequence[float] | np.ndarray,
+        caps: Sequence[int] | np.ndarray,
+    ) -> Problem:
+        """A problem from plain sequences (converted to arrays)."""
         return cls(table, np.asarray(costs, float), np.asarray(alpha, float), np.asarray(caps, int))
 
     def bounds(self, exponents: np.ndarray) -> np.ndarray:

@@ -110,9 +110,7 @@ def label_bounds(table: PairTable, counts: Sequence[int] | np.ndarray) -> np.nda
     return table.incidence() @ np.exp(exponents)
 
 
-def chernoff_bounds(
-    matrices: Sequence[ConfusionMatrix], counts: Sequence[int], grid: int = 49
-) -> np.ndarray:
+def chernoff_bounds(matrices: Sequence[ConfusionMatrix], counts: Sequence[int], grid: int = 49) -> np.ndarray:
     """Per-label error bound with ``s`` optimised per ordered pair on a grid of (0, 1); <= the s=1/2 one."""
     probs = [m.probs for m, n in zip(matrices, counts, strict=True) if n > 0]
     used = [n for n in counts if n > 0]
