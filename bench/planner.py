@@ -315,7 +315,9 @@ def _run_solvers(problem: Problem) -> dict[str, Any]:
     exact = solve_exact(problem, max_nodes=100_000)
     out["exact"] = None if exact is None else {"s": exact.seconds, "cost": exact.cost, "complete": exact.optimal}
     search = solve_exact(problem, eps=0.1, max_nodes=100_000)
-    out["search_eps0.1"] = None if search is None else {"s": search.seconds, "cost": search.cost}
+    out["search_eps0.1"] = (
+        None if search is None else {"s": search.seconds, "cost": search.cost, "complete": search.complete}
+    )
     try:
         grid = solve_grid(problem, eps=0.1, max_states=300_000)
         out["grid_eps0.1"] = None if grid is None else {"s": grid.seconds, "cost": grid.cost}
@@ -468,7 +470,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--gap-instances", type=int, default=20)
     parser.add_argument("--compounds", type=int, default=400)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the section from planner.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_section("planner", markdown_report(json.loads((DOCS / "bench" / "planner.json").read_text())))
+        return
     started = time.perf_counter()
     result: dict[str, Any] = {"pools": {}, "gap": {}}
     for name, (labels, alphas) in POOLS.items():
@@ -567,28 +573,35 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         "label and the train matrices true; recorded models make correlated mistakes, so the realised "
         "error is the test of whether that holds.\n",
     ]
+    parts.append(findings(result) + "\n")
     for name, pool in result["pools"].items():
         parts.append(pool_table(name, pool) + "\n")
     gap_rows = [
         [
             n,
+            a,
             g["summary"]["instances"],
             g["summary"]["true_feasible"],
             g["summary"]["surrogate_found_plan"],
             g["summary"]["surrogate_plans_truly_feasible"],
-            f"{g['summary']['optimal_share'] * 100:.0f} %",
-            f"{g['summary']['within_10pct_share'] * 100:.0f} %",
-            f"{g['summary']['mean_ratio']:.3f}",
-            f"{g['summary']['max_ratio']:.2f}",
+            _share(g["summary"]["optimal_share"]),
+            _share(g["summary"]["within_10pct_share"]),
+            _ratio(g["summary"]["mean_ratio"]),
+            _ratio(g["summary"]["max_ratio"]),
         ]
-        for n, g in result["gap"].items()
+        for n, by_alpha in result["gap"].items()
+        for a, g in by_alpha.items()
+        if a != "rows"
     ]
     parts.append(
-        "### Surrogate vs the exact optimum (6-model instances, every answer outcome enumerated)\n\n"
+        "### Surrogate vs the exact optimum (small instances, every answer outcome enumerated)\n\n"
+        "Cost of the surrogate-optimal plan / cost of the cheapest plan whose *exact* error under the same "
+        "matrices meets alpha for every label; ratios over instances where both exist.\n\n"
         + markdown_table(
             [
-                "pool",
-                "instances x alphas",
+                "matrices",
+                "alpha",
+                "instances",
                 "exactly feasible",
                 "surrogate finds a plan",
                 "surrogate plans truly feasible",
@@ -604,6 +617,61 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     parts.append(solve_table(result["solve_times"]) + "\n")
     parts.append(decomposition_table(result["decomposition"], result["splitter"]))
     return "\n".join(parts)
+
+
+def findings(result: Mapping[str, Any]) -> str:
+    """The headline figures, computed from the result (so a re-run rewrites them)."""
+    lines = ["**Findings** (computed from this run):\n"]
+    for name, pool in result["pools"].items():
+        plans = {a: p for a, p in pool["plans"].items() if p is not None}
+        ratios = ", ".join(f"{a}: {p['cost_vs_random']:.2f}x" for a, p in plans.items())
+        met = [a for a, p in plans.items() if p["cost_vs_random"] <= 0.3]
+        cells = [(a, e) for a, p in plans.items() for e in p["error"].values()]
+        within = sum(e["rate"] <= float(a) for a, e in cells)
+        above = sum(e["ci95"][0] > float(a) for a, e in cells)
+        infeasible = [a for a, p in pool["plans"].items() if p is None]
+        lines.append(
+            f"- {name}: plan cost / mean cost of random plans meeting the same bound, by alpha: {ratios} "
+            f"(target <= 0.3x met at alpha {', '.join(met) or 'none'}). Realised error <= alpha in {within} of "
+            f"{len(cells)} (alpha, true label) cells; the whole 95 % interval lies above alpha in {above}"
+            + (f"; no plan exists for alpha {', '.join(infeasible)}" if infeasible else "")
+            + "."
+        )
+    lines.append(
+        "- Where the realised error exceeds alpha, the bound's assumptions fail, not the arithmetic: the "
+        "recorded models err together (the LR vote of all 11 models still errs on about 5-7 % of ARC and "
+        "17-21 % of Winogrande), so the product of per-model Bhattacharyya factors is optimistic. "
+        "Planning on a pessimistic matrix (`Planner(pessimistic_level=...)`) widens only the estimation "
+        "margin, not this correlation."
+    )
+    lines.append(gap_finding(result["gap"]))
+    return "\n".join(lines)
+
+
+def _share(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 100:.0f} %"
+
+
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def gap_finding(gap: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line on the surrogate's optimality gap: feasibility kept, cost ratios by setting."""
+    summaries = [(n, a, g["summary"]) for n, by in gap.items() for a, g in by.items() if a != "rows"]
+    broken = sum(s["instances"] - s["surrogate_plans_truly_feasible"] for _, _, s in summaries)
+    optimal = [s["optimal_share"] for _, _, s in summaries if not math.isnan(s["optimal_share"])]
+    repeated = [(a, s["mean_ratio"]) for n, a, s in summaries if "samples" in n and not math.isnan(s["mean_ratio"])]
+    single = [s["mean_ratio"] for n, _, s in summaries if "samples" not in n and not math.isnan(s["mean_ratio"])]
+    return (
+        f"- Optimality gap: {broken} surrogate plans broke alpha on the exact error (feasibility is preserved). "
+        f"The surrogate plan was exactly optimal in at most {max(optimal, default=0) * 100:.0f} % of any setting's "
+        f"instances; mean cost ratio to the exact optimum {min(single):.2f}-{max(single):.2f}x with one call "
+        f"per model and {min(r for _, r in repeated):.2f}-{max(r for _, r in repeated):.2f}x with repeated "
+        "samples, falling as alpha shrinks (the surrogate is only asymptotically tight; it also misses plans "
+        "that exist, see 'surrogate finds a plan'). The 90-95 % near-optimal share reported for the method "
+        "is not reproduced on these instances."
+    )
 
 
 def _cell(entry: Any, reference: float | None) -> str:

@@ -7,7 +7,9 @@ it should be sent whole. It recognises two shapes:
   or bulleted (``-``, ``*``, ``•``) item or continues the previous one, numbers run 1, 2, 3... exactly,
   and the text before the first item is empty or a short lead-in that announces questions ("Answer the
   following questions:"). Any other lead-in (an instruction that the items are data for, such as "Sort
-  these words:") or a trailing paragraph after the list keeps the prompt whole;
+  these words:") keeps the prompt whole. Each item must read as a question on its own (it holds a
+  "?", starts with a question or request word, or carries lettered options "A) ... B) ..."); lines
+  without a marker continue the item above them (so a closing remark joins the last part);
 * one sentence joined by "and also" whose two sides each read as a question or request.
 
 Parts that refer to one another are never split: if any part after the first starts with a pronoun or

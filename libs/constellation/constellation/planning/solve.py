@@ -53,6 +53,8 @@ class SolveResult:
     optimal: bool
     nodes: int
     seconds: float
+    complete: bool = True
+    """False when the search stopped at its node budget (then no gap is guaranteed)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def solve_exact(problem: Problem, *, eps: float = 0.0, max_nodes: int = 2_000_00
         search.complete and eps == 0.0,
         search.nodes,
         time.perf_counter() - started,
+        search.complete,
     )
 
 
