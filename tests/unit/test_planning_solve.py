@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from constellation.errors import InvalidArgument
 from constellation.planning.plan import InfeasiblePlan, Planner
 from constellation.planning.solve import Problem, solve_exact, solve_grid
 from constellation.planning.surrogate import label_bounds, pair_table
@@ -57,3 +58,16 @@ def test_planner_returns_a_plan_with_certified_bounds_and_rejects_impossible_alp
     assert len(plan.calls()) == sum(plan.counts)
     with pytest.raises(InfeasiblePlan):
         Planner().plan(matrices, costs, 1e-30, cap=1)
+
+
+def test_a_pessimistic_plan_costs_at_least_the_point_estimate_plan_and_bad_input_is_rejected() -> None:
+    matrices = {m.model: m for m in random_matrices(np.random.default_rng(4), 5, "AB")}
+    costs = {name: float(i + 1) for i, name in enumerate(matrices)}
+    point = Planner().plan(matrices, costs, 0.1, cap=2)
+    careful = Planner(pessimistic_level=0.9).plan(matrices, costs, 0.1, cap=2)
+    assert careful.cost >= point.cost
+    assert all(careful.surrogate_per_label[label] <= 0.1 for label in "AB")
+    with pytest.raises(InvalidArgument):
+        Planner().plan(matrices, {**costs, "m0": -1.0}, 0.1)
+    with pytest.raises(InvalidArgument):
+        Planner().plan(matrices, costs, {"A": 0.1})

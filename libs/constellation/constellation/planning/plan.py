@@ -105,14 +105,14 @@ class Planner:
         """The cheapest plan (per ``method``) meeting ``alpha`` for every label.
 
         Raises:
-            InvalidArgument: bad alpha, a model without a cost, or misaligned matrices.
+            InvalidArgument: bad alpha, a model without a cost (or a negative one), or misaligned matrices.
             InfeasiblePlan: no plan within the caps meets the bound.
         """
         labels = check_aligned(matrices)
         models = list(matrices)
         missing = [m for m in models if m not in costs]
-        if missing:
-            raise InvalidArgument(f"no cost for {missing}")
+        if missing or any(costs[m] < 0 for m in models):
+            raise InvalidArgument(f"every model needs a cost >= 0; missing: {missing}")
         caps = [cap.get(m, 1) if isinstance(cap, Mapping) else cap for m in models]
         table = pair_table([matrices[m] for m in models], level=self.pessimistic_level)
         problem = Problem.build(table, [costs[m] for m in models], _alpha_vector(alpha, labels), caps)
