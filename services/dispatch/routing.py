@@ -457,16 +457,21 @@ def latency_prior(params_b: float | None) -> tuple[float, float]:
 
 
 @dataclass
-class ScoredModel:
-    """One candidate of a plan with its predictions, score and the reason for the decision."""
+class PlannedModel:
+    """One model of a plan: its predictions, score, whether it is asked (in which wave) and why.
+
+    The router fills every field; a plan made without routing (a requested or default model) names the
+    model and the reason only.
+    """
 
     model: str
-    quality: float
-    cost_usd: float
-    latency_ms: float
-    output_tokens: float
-    observations: float
-    source: str
+    quality: float = 0.0
+    """Predicted probability that the model answers this query well."""
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    output_tokens: float = 0.0
+    observations: float = 0.0
+    source: str = ""
     score: float = 0.0
     chosen: bool = False
     wave: int = 0
@@ -492,12 +497,12 @@ class Route:
 
     policy: str
     profile: str
-    members: list[ScoredModel]
-    candidates: list[ScoredModel]
+    members: list[PlannedModel]
+    candidates: list[PlannedModel]
     quorum: int = 0
     summary: str = ""
 
-    def waves(self) -> list[list[ScoredModel]]:
+    def waves(self) -> list[list[PlannedModel]]:
         return waves_of(self.members)
 
 
@@ -508,7 +513,7 @@ def _unit(values: np.ndarray, *, log: bool) -> np.ndarray:
     return (v - v.min()) / span if span > 1e-12 else np.zeros_like(v)
 
 
-def score_candidates(candidates: Sequence[ScoredModel], weights: Weights) -> None:
+def score_candidates(candidates: Sequence[PlannedModel], weights: Weights) -> None:
     """Sets ``score`` on each candidate: w_q * q + w_c * (1 - c) + w_l * (1 - l), each term scaled to [0, 1]."""
     if not candidates:
         return
@@ -587,8 +592,8 @@ class Router:
         settings = self.settings(profile, pool_kind or answer_kind)
         used_weights = weights if weights is not None else settings.weights
         fallback_tokens = float(expected_output_tokens or DEFAULT_OUTPUT_TOKENS)
-        scored: list[ScoredModel] = []
-        left_out: list[ScoredModel] = []
+        scored: list[PlannedModel] = []
+        left_out: list[PlannedModel] = []
         required = set(required_capabilities)
         for model in pool:
             prediction = preds[model.name]
@@ -599,7 +604,7 @@ class Router:
                 prior_ttft, prior_per_token = latency_prior(model.params_b)
                 ttft = prior_ttft if ttft is None else ttft
                 per_token = prior_per_token if per_token is None else per_token
-            candidate = ScoredModel(
+            candidate = PlannedModel(
                 model.name,
                 prediction.quality,
                 cost,
@@ -655,7 +660,7 @@ class Router:
         route.candidates = scored + left_out
         return route
 
-    def _static(self, scored: list[ScoredModel], preds: Mapping[str, Prediction], name: str) -> Route | None:
+    def _static(self, scored: list[PlannedModel], preds: Mapping[str, Prediction], name: str) -> Route | None:
         """The model with the best train record over the query's pool, alone; None when no record is known."""
         known = [c for c in scored if preds[c.model].pool_mean is not None]
         if not known:
@@ -666,7 +671,7 @@ class Router:
         return Route("single", name, [best], [], summary=f"ask {best.model} alone (static {name} choice)")
 
     def _ranked(
-        self, scored: list[ScoredModel], preds: Mapping[str, Prediction], settings: ProfileSettings, answer_kind: str
+        self, scored: list[PlannedModel], preds: Mapping[str, Prediction], settings: ProfileSettings, answer_kind: str
     ) -> Route | None:
         """Cheap models asked at once for an answer that cannot be voted on; None when it does not apply.
 
@@ -676,7 +681,7 @@ class Router:
         if settings.rank_size < 2 or answer_kind in CLOSED_KINDS or len(scored) <= settings.rank_size:
             return None
 
-        def record(c: ScoredModel) -> float:
+        def record(c: PlannedModel) -> float:
             known = preds[c.model].pool_mean
             return c.quality if known is None else known
 
@@ -701,7 +706,7 @@ class Router:
             summary=f"ask {', '.join(c.model for c in cheap)} at once; the ranker picks the answer",
         )
 
-    def _vote(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
+    def _vote(self, scored: list[PlannedModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
         """The best-scoring ``vote_size`` models asked at once, answers voted; None when it does not apply."""
         if settings.vote_size < 2 or answer_kind not in CLOSED_KINDS or len(scored) < settings.vote_size:
             return None
@@ -718,7 +723,7 @@ class Router:
             summary=f"ask {', '.join(c.model for c in members)} at once and vote",
         )
 
-    def _cascade(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
+    def _cascade(self, scored: list[PlannedModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
         """A cheap first wave that must agree, then the strongest model; None when it does not apply."""
         if settings.cascade_size < 1 or answer_kind not in CLOSED_KINDS or len(scored) < 2:
             return None
