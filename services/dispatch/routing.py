@@ -526,6 +526,58 @@ def score_candidates(candidates: Sequence[PlannedModel], weights: Weights) -> No
         candidate.score = float(score)
 
 
+@dataclass(frozen=True)
+class _Ceilings:
+    """A request's hard limits on predicted cost and latency (0: none) and its required capabilities."""
+
+    max_cost_usd: float
+    max_latency_ms: float
+    required: frozenset[str]
+
+    def leaves_out(self, model: PoolModel, candidate: PlannedModel) -> str:
+        """Why ``model`` cannot take the request (health first, then capabilities, cost, latency); empty if it can."""
+        if not model.healthy:
+            return "left out: unhealthy (registry)"
+        if self.required and model.capabilities and not self.required <= model.capabilities:
+            return f"left out: lacks {', '.join(sorted(self.required - model.capabilities))}"
+        if self.max_cost_usd and candidate.cost_usd > self.max_cost_usd:
+            return f"left out: predicted ${candidate.cost_usd:.6f} > max_cost_usd ${self.max_cost_usd:.6f}"
+        if self.max_latency_ms and candidate.latency_ms > self.max_latency_ms:
+            return f"left out: predicted {candidate.latency_ms:.0f} ms > max_latency_ms"
+        return ""
+
+
+def _predicted(model: PoolModel, prediction: Prediction, input_tokens: int, fallback_tokens: float) -> PlannedModel:
+    """``model`` as a candidate: predicted quality, cost and latency (live figures, else size priors)."""
+    tokens = prediction.output_tokens or fallback_tokens
+    cost = (input_tokens * model.price_in_per_mtok + tokens * model.price_out_per_mtok) / 1e6
+    ttft, per_token = model.ttft_ms, model.per_token_ms
+    if ttft is None or per_token is None:
+        prior_ttft, prior_per_token = latency_prior(model.params_b)
+        ttft = prior_ttft if ttft is None else ttft
+        per_token = prior_per_token if per_token is None else per_token
+    return PlannedModel(
+        model.name,
+        prediction.quality,
+        cost,
+        ttft + per_token * tokens,
+        tokens,
+        prediction.observations,
+        prediction.source,
+    )
+
+
+def _anchor(scored: list[PlannedModel], preds: Mapping[str, Prediction], margin: float) -> None:
+    """Lowers every candidate but the anchor (the best known anchor record) by ``margin`` of quality."""
+    known = [c for c in scored if preds[c.model].anchor is not None]
+    if not known:
+        return
+    anchor = max(known, key=lambda c: (preds[c.model].anchor or 0.0, -c.cost_usd))
+    for c in scored:
+        if c is not anchor:
+            c.quality = max(0.0, c.quality - margin)
+
+
 class Router:
     """Plans which models answer a query.
 
@@ -590,75 +642,61 @@ class Router:
         # closed answer kind from the classifier to apply).
         pool_kind = next((p.pool_kind for p in preds.values() if p.pool_kind), None)
         settings = self.settings(profile, pool_kind or answer_kind)
-        used_weights = weights if weights is not None else settings.weights
+        ceilings = _Ceilings(max_cost_usd, max_latency_ms, frozenset(required_capabilities))
         fallback_tokens = float(expected_output_tokens or DEFAULT_OUTPUT_TOKENS)
         scored: list[PlannedModel] = []
         left_out: list[PlannedModel] = []
-        required = set(required_capabilities)
         for model in pool:
-            prediction = preds[model.name]
-            tokens = prediction.output_tokens or fallback_tokens
-            cost = (input_tokens * model.price_in_per_mtok + tokens * model.price_out_per_mtok) / 1e6
-            ttft, per_token = model.ttft_ms, model.per_token_ms
-            if ttft is None or per_token is None:
-                prior_ttft, prior_per_token = latency_prior(model.params_b)
-                ttft = prior_ttft if ttft is None else ttft
-                per_token = prior_per_token if per_token is None else per_token
-            candidate = PlannedModel(
-                model.name,
-                prediction.quality,
-                cost,
-                ttft + per_token * tokens,
-                tokens,
-                prediction.observations,
-                prediction.source,
-            )
-            if not model.healthy:
-                candidate.reason = "left out: unhealthy (registry)"
-            elif required and model.capabilities and not required <= model.capabilities:
-                candidate.reason = f"left out: lacks {', '.join(sorted(required - model.capabilities))}"
-            elif max_cost_usd and cost > max_cost_usd:
-                candidate.reason = f"left out: predicted ${cost:.6f} > max_cost_usd ${max_cost_usd:.6f}"
-            elif max_latency_ms and candidate.latency_ms > max_latency_ms:
-                candidate.reason = f"left out: predicted {candidate.latency_ms:.0f} ms > max_latency_ms"
+            candidate = _predicted(model, preds[model.name], input_tokens, fallback_tokens)
+            candidate.reason = ceilings.leaves_out(model, candidate)
+            if candidate.reason:
+                candidate.eligible = False
+                left_out.append(candidate)
             else:
                 scored.append(candidate)
-                continue
-            candidate.eligible = False
-            left_out.append(candidate)
-        if settings.anchor_margin > 0 and scored:
-            known = [c for c in scored if preds[c.model].anchor is not None]
-            if known:
-                anchor = max(known, key=lambda c: (preds[c.model].anchor or 0.0, -c.cost_usd))
-                for c in scored:
-                    if c is not anchor:
-                        c.quality = max(0.0, c.quality - settings.anchor_margin)
+        if settings.anchor_margin > 0:
+            _anchor(scored, preds, settings.anchor_margin)
         if not scored:
             reasons = sorted({c.reason for c in left_out}) or ["the pool is empty"]
             raise FailedPrecondition(
                 "no model can take this request: " + "; ".join(reasons[:4]), reason="NO_ELIGIBLE_MODEL"
             )
-        score_candidates(scored, used_weights)
+        score_candidates(scored, weights if weights is not None else settings.weights)
         scored.sort(key=lambda c: (-c.score, c.cost_usd, c.model))
         name = "custom" if weights is not None else profile
-        route = self._static(scored, preds, name) if weights is None and settings.static else None
-        if route is None and weights is None:
-            route = self._cascade(scored, settings, answer_kind)
-        if route is None and weights is None:
-            route = self._vote(scored, settings, answer_kind)
-        if route is None and weights is None and ranking:
-            route = self._ranked(scored, preds, settings, answer_kind)
-        if route is None:
-            best = scored[0]
-            best.chosen = True
-            best.reason = f"highest {name} score ({best.score:.3f}): quality {best.quality:.2f}, ${best.cost_usd:.6f}"
-            route = Route("single", name, [best], [], summary=f"ask {best.model} alone ({name} profile)")
+        route = self._choose(scored, preds, settings, answer_kind, name, custom=weights is not None, ranking=ranking)
         for candidate in scored:
             if not candidate.chosen and not candidate.reason:
                 candidate.reason = f"score {candidate.score:.3f} below the chosen"
         route.profile = name
         route.candidates = scored + left_out
         return route
+
+    def _choose(
+        self,
+        scored: list[PlannedModel],
+        preds: Mapping[str, Prediction],
+        settings: ProfileSettings,
+        answer_kind: str,
+        name: str,
+        *,
+        custom: bool,
+        ranking: bool,
+    ) -> Route:
+        """The first plan that applies: static, cascade, vote, ranked fan-out (profiles only), else the best alone."""
+        route = None
+        if not custom:
+            route = self._static(scored, preds, name) if settings.static else None
+            route = route or self._cascade(scored, settings, answer_kind)
+            route = route or self._vote(scored, settings, answer_kind)
+            if route is None and ranking:
+                route = self._ranked(scored, preds, settings, answer_kind)
+        if route is not None:
+            return route
+        best = scored[0]
+        best.chosen = True
+        best.reason = f"highest {name} score ({best.score:.3f}): quality {best.quality:.2f}, ${best.cost_usd:.6f}"
+        return Route("single", name, [best], [], summary=f"ask {best.model} alone ({name} profile)")
 
     def _static(self, scored: list[PlannedModel], preds: Mapping[str, Prediction], name: str) -> Route | None:
         """The model with the best train record over the query's pool, alone; None when no record is known."""
