@@ -11,10 +11,6 @@ from pydantic_settings import SettingsConfigDict
 
 from constellation.config import ServiceConfig
 
-MAX_TOKENS_CEILING = 4096
-"""The wire limit of ``SamplingParams.max_tokens`` (common.proto). Dispatch's ``max_tokens_limit``, 2048 by
-default, may be raised up to it and no further."""
-
 
 class ModelEntry(BaseModel):
     """How dispatch reaches one model of the pool, and what it costs.
@@ -50,8 +46,8 @@ class DispatchConfig(ServiceConfig):
         triton_url: Triton's gRPC endpoint, ``host:port``.
         default_model: The model asked when a request names none and no routing policy is configured.
         max_prompt_chars: Longest prompt accepted, in characters.
-        max_tokens_limit: Largest ``sampling.max_tokens`` accepted; at most the wire limit of 4096
-            (``SamplingParams.max_tokens`` in common.proto).
+        max_tokens_limit: Largest ``sampling.max_tokens`` accepted (``SamplingParams.max_tokens`` in
+            common.proto documents this default).
         default_max_tokens: ``max_tokens`` used when a request leaves it 0.
         default_timeout_s: Deadline for model calls when the caller set none, in seconds.
         classifier_url: ClassifierService ``host:port``; empty runs without classification.
@@ -92,7 +88,7 @@ class DispatchConfig(ServiceConfig):
     triton_url: str = "127.0.0.1:8001"
     default_model: str = "smollm2"
     max_prompt_chars: int = Field(default=32_000, ge=1)
-    max_tokens_limit: int = Field(default=2048, ge=1, le=MAX_TOKENS_CEILING)
+    max_tokens_limit: int = Field(default=2048, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     default_timeout_s: float = Field(default=120.0, gt=0)
     classifier_url: str = ""
