@@ -86,7 +86,7 @@ class ModelCaller:
         entry = self.entry(result.model)
         triton_model = entry.triton_model or result.model
         result.started_at = time.perf_counter()
-        reported_cost: list[float | None] = [None]
+        reported_cost: float | None = None
         attributes = {
             semconv.MODEL: result.model,
             semconv.MEMBER_ROLE: str(result.role),
@@ -109,9 +109,24 @@ class ModelCaller:
                     for event in pre_events:
                         yield event
                     yield CandidateProgress(result.model, Phase.STARTED, 0.0)
-                    async with aclosing(_read(chunks, result, span, stream, reported_cost)) as events:
-                        async for event in events:
-                            yield event
+                    pieces: list[str] = []
+                    async for chunk in chunks:
+                        result.input_tokens = chunk.input_tokens or result.input_tokens
+                        result.output_tokens = chunk.output_tokens or result.output_tokens
+                        if chunk.text:
+                            pieces.append(chunk.text)
+                            first = result.first_at is None
+                            if first:
+                                result.first_at = time.perf_counter()
+                                span.add_event("first_token")
+                            if stream:
+                                yield Delta(chunk.text, result.model)  # the text first: what the caller waits for
+                            if first:
+                                yield CandidateProgress(result.model, Phase.FIRST_TOKEN, 0.0)
+                        if chunk.final:
+                            reported_cost = chunk.cost_usd
+                            _finish(result, chunk)
+                    result.text = "".join(pieces)
                 result.outcome = Outcome.OK
             except NotFound:
                 result.outcome = Outcome.NOT_FOUND
@@ -125,7 +140,7 @@ class ModelCaller:
                     result.error = exc
                 raise
             finally:
-                self.accounting.record(result, entry, reported_cost[0], span)
+                self.accounting.record(result, entry, reported_cost, span)
 
     async def member(self, result: CallResult, query: Query, ends_at: float, queue: MemberQueue) -> None:
         """One member of a fan-out: progress events and, at the end, its result go to ``queue``."""
@@ -142,30 +157,8 @@ class ModelCaller:
         queue.put_nowait(result)
 
 
-async def _read(
-    chunks: AsyncIterator[Chunk], result: CallResult, span: trace.Span, stream: bool, reported_cost: list[float | None]
-) -> AsyncGenerator[Event, None]:
-    """The chunks of one generation into ``result``: text deltas (when ``stream``) and the first-token event.
-
-    The model's own cost, when its final chunk reports one, goes to ``reported_cost[0]``.
-    """
-    pieces: list[str] = []
-    async for chunk in chunks:
-        result.input_tokens = chunk.input_tokens or result.input_tokens
-        result.output_tokens = chunk.output_tokens or result.output_tokens
-        if chunk.text:
-            pieces.append(chunk.text)
-            first = result.first_at is None
-            if first:
-                result.first_at = time.perf_counter()
-                span.add_event("first_token")
-            if stream:
-                yield Delta(chunk.text, result.model)  # the text first: it is what the caller waits for
-            if first:
-                yield CandidateProgress(result.model, Phase.FIRST_TOKEN, 0.0)
-        if chunk.final:
-            result.finish_reason = chunk.finish_reason
-            reported_cost[0] = chunk.cost_usd
-            if chunk.simulated_ttft_ms is not None and chunk.simulated_total_ms is not None:
-                result.simulated = (chunk.simulated_ttft_ms, chunk.simulated_total_ms)
-    result.text = "".join(pieces)
+def _finish(result: CallResult, chunk: Chunk) -> None:
+    """What the final chunk says: the finish reason and, for replayed models, the simulated times."""
+    result.finish_reason = chunk.finish_reason
+    if chunk.simulated_ttft_ms is not None and chunk.simulated_total_ms is not None:
+        result.simulated = (chunk.simulated_ttft_ms, chunk.simulated_total_ms)
