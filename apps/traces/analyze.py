@@ -23,10 +23,11 @@ from pathlib import Path
 from hdrh.histogram import HdrHistogram
 
 from apps.traces.store import SpanRow
+from constellation import semconv
 
 ASK = "/constellation.v1.DispatchService/Ask"
 SERVER_KIND = 2  # OTLP SpanKind.SPAN_KIND_SERVER
-MODEL_CALL = "model.generate"
+MODEL_CALL = semconv.SPAN_MODEL_CALL
 STAGE_RPCS = {
     "/constellation.v1.ClassifierService/Classify": "classify",
     "/constellation.v1.RankingService/Rank": "rank",
@@ -123,34 +124,34 @@ def breakdown(root: SpanRow, spans: Sequence[SpanRow]) -> RequestBreakdown:
     path: list[str] = []
     flags: list[str] = []
     if members:
-        finished = [m for m in members if not m.attributes.get("constellation.cancelled")] or members
+        finished = [m for m in members if not m.attributes.get(semconv.CANCELLED)] or members
         answered = [m for m in finished if m.end_ns <= root.end_ns] or finished
         # The chain of waves: the member the answer waited for, then, before it started, the member its
         # wave waited for, and so on (a cascade's cheap wave, then its strong wave).
         chain = [max(answered, key=lambda m: m.end_ns)]
         while earlier := [m for m in answered if m.end_ns <= chain[-1].start_ns]:
             chain.append(max(earlier, key=lambda m: m.end_ns))
-        critical = str(chain[0].attributes.get("constellation.model", "?"))
-        path = [str(m.attributes.get("constellation.model", "?")) for m in reversed(chain)]
+        critical = str(chain[0].attributes.get(semconv.MODEL, "?"))
+        path = [str(m.attributes.get(semconv.MODEL, "?")) for m in reversed(chain)]
         for waited_for in chain:
             first = waited_for.event_ns("first_token")
             queue_ms = triton_queue_ms(waited_for, spans)
             if queue_ms is None:
-                queue_ms = float(waited_for.attributes.get("constellation.queue_ms", 0.0) or 0.0)
+                queue_ms = float(waited_for.attributes.get(semconv.QUEUE_MS, 0.0) or 0.0)
             ttft_ms = (first - waited_for.start_ns) / 1e6 if first else waited_for.duration_ms
             phases["queue"] += queue_ms
             phases["first_token"] += max(0.0, ttft_ms - queue_ms)
             phases["decode"] += (waited_for.end_ns - first) / 1e6 if first else 0.0
             covered += waited_for.duration_ms
         for attribute, flag in (
-            ("constellation.cancelled_by_quorum", "quorum-cancelled"),
-            ("constellation.hedged", "hedged"),
-            ("constellation.fallback", "fallback"),
+            (semconv.CANCELLED_BY_QUORUM, "quorum-cancelled"),
+            (semconv.HEDGED, "hedged"),
+            (semconv.FALLBACK, "fallback"),
         ):
             if any(m.attributes.get(attribute) for m in members):
                 flags.append(flag)
     phases["dispatch"] = max(0.0, root.duration_ms - covered)
-    cost = sum(float(m.attributes.get("constellation.cost_usd", 0.0) or 0.0) for m in members)
+    cost = sum(float(m.attributes.get(semconv.COST_USD, 0.0) or 0.0) for m in members)
     return RequestBreakdown(root.trace_id, root.duration_ms, critical, phases, cost, len(members), flags, path)
 
 
@@ -191,7 +192,7 @@ def analyze(spans: Iterable[SpanRow], *, percentile: float = 99.0) -> Analysis:
                     stage_hist[phase].record(ms)
             cost.record(request.cost_usd * 1e6)  # micro-dollars, for HDR's integer buckets
             for member in (s for s in _descendants(root, trace_spans) if s.name == MODEL_CALL):
-                model = str(member.attributes.get("constellation.model", "?"))
+                model = str(member.attributes.get(semconv.MODEL, "?"))
                 model_hist[model]["total"].record(member.duration_ms)
                 first = member.event_ns("first_token")
                 if first:

@@ -50,7 +50,8 @@ class DispatchConfig(ServiceConfig):
         triton_url: Triton's gRPC endpoint, ``host:port``.
         default_model: The model asked when a request names none and no routing policy is configured.
         max_prompt_chars: Longest prompt accepted, in characters.
-        max_tokens_limit: Largest ``sampling.max_tokens`` accepted.
+        max_tokens_limit: Largest ``sampling.max_tokens`` accepted (``SamplingParams.max_tokens`` in
+            common.proto documents this default).
         default_max_tokens: ``max_tokens`` used when a request leaves it 0.
         default_timeout_s: Deadline for model calls when the caller set none, in seconds.
         classifier_url: ClassifierService ``host:port``; empty runs without classification.

@@ -19,6 +19,7 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/\-]{0,127}$")
 MAX_CAPABILITIES = 16
+MAX_REQUEST_TAG_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -69,48 +70,16 @@ def validate(
         violations.append(FieldViolation("prompt", "must not be empty or only whitespace"))
     elif len(prompt) > max_prompt_chars:
         violations.append(FieldViolation("prompt", f"is {len(prompt)} characters; the limit is {max_prompt_chars}"))
-    if max_tokens > max_tokens_limit:
-        violations.append(
-            FieldViolation("sampling.max_tokens", f"must be at most {max_tokens_limit}, got {max_tokens}")
-        )
-    if temperature is not None and not (0.0 <= temperature <= 2.0 and math.isfinite(temperature)):
-        violations.append(FieldViolation("sampling.temperature", f"must be in [0, 2], got {temperature:g}"))
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        violations.append(FieldViolation("sampling.top_p", f"must be in (0, 1], got {top_p:g}"))
-    if len(stop) > MAX_STOP_STRINGS:
-        violations.append(FieldViolation("sampling.stop", f"at most {MAX_STOP_STRINGS} strings, got {len(stop)}"))
-    for i, item in enumerate(stop):
-        if not item or len(item) > MAX_STOP_CHARS:
-            violations.append(FieldViolation(f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters long"))
+    violations += _sampling_violations(max_tokens, temperature, top_p, stop, max_tokens_limit)
     if model and not MODEL_NAME.match(model):
         violations.append(
             FieldViolation("model", "must be 1-128 characters of letters, digits and . _ @ / - (start alphanumeric)")
         )
     if not (time_budget_ms >= 0 and math.isfinite(time_budget_ms)):
         violations.append(FieldViolation("time_budget_ms", f"must be >= 0, got {time_budget_ms:g}"))
-    if len(request_tag) > 256:
-        violations.append(FieldViolation("request_tag", "must be at most 256 characters"))
-    if profile not in PROFILES:
-        violations.append(FieldViolation("profile", f"must be one of {', '.join(PROFILES)}, got {profile!r}"))
-    if weights is not None:
-        for name, value in zip(("quality", "cost", "latency"), weights, strict=True):
-            if not (0.0 <= value <= 1.0):
-                violations.append(FieldViolation(f"weights.{name}", f"must be in [0, 1], got {value:g}"))
-        if sum(weights) <= 0:
-            violations.append(FieldViolation("weights", "at least one weight must be positive when weights are set"))
-    if not (max_cost_usd >= 0 and math.isfinite(max_cost_usd)):
-        violations.append(FieldViolation("ceilings.max_cost_usd", f"must be >= 0, got {max_cost_usd:g}"))
-    if not (max_latency_ms >= 0 and math.isfinite(max_latency_ms)):
-        violations.append(FieldViolation("ceilings.max_latency_ms", f"must be >= 0, got {max_latency_ms:g}"))
-    if len(required_capabilities) > MAX_CAPABILITIES:
-        violations.append(
-            FieldViolation(
-                "ceilings.required_capabilities", f"at most {MAX_CAPABILITIES}, got {len(required_capabilities)}"
-            )
-        )
-    for i, capability in enumerate(required_capabilities):
-        if not capability or len(capability) > 64:
-            violations.append(FieldViolation(f"ceilings.required_capabilities[{i}]", "must be 1 to 64 characters long"))
+    if len(request_tag) > MAX_REQUEST_TAG_CHARS:
+        violations.append(FieldViolation("request_tag", f"must be at most {MAX_REQUEST_TAG_CHARS} characters"))
+    violations += _routing_violations(profile, weights, max_cost_usd, max_latency_ms, required_capabilities)
     if violations:
         fields = ", ".join(v.field for v in violations)
         raise InvalidArgument(f"invalid AskRequest: {fields}", violations)
@@ -133,3 +102,57 @@ def validate(
         max_latency_ms=max_latency_ms,
         required_capabilities=tuple(required_capabilities),
     )
+
+
+def _sampling_violations(
+    max_tokens: int, temperature: float | None, top_p: float | None, stop: Sequence[str], max_tokens_limit: int
+) -> list[FieldViolation]:
+    """What is wrong with the request's ``sampling`` fields."""
+    violations: list[FieldViolation] = []
+    if max_tokens > max_tokens_limit:
+        violations.append(
+            FieldViolation("sampling.max_tokens", f"must be at most {max_tokens_limit}, got {max_tokens}")
+        )
+    if temperature is not None and not (0.0 <= temperature <= 2.0 and math.isfinite(temperature)):
+        violations.append(FieldViolation("sampling.temperature", f"must be in [0, 2], got {temperature:g}"))
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        violations.append(FieldViolation("sampling.top_p", f"must be in (0, 1], got {top_p:g}"))
+    if len(stop) > MAX_STOP_STRINGS:
+        violations.append(FieldViolation("sampling.stop", f"at most {MAX_STOP_STRINGS} strings, got {len(stop)}"))
+    for i, item in enumerate(stop):
+        if not item or len(item) > MAX_STOP_CHARS:
+            violations.append(FieldViolation(f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters long"))
+    return violations
+
+
+def _routing_violations(
+    profile: str,
+    weights: tuple[float, float, float] | None,
+    max_cost_usd: float,
+    max_latency_ms: float,
+    required_capabilities: Sequence[str],
+) -> list[FieldViolation]:
+    """What is wrong with the request's routing fields: profile, weights and ceilings."""
+    violations: list[FieldViolation] = []
+    if profile not in PROFILES:
+        violations.append(FieldViolation("profile", f"must be one of {', '.join(PROFILES)}, got {profile!r}"))
+    if weights is not None:
+        for name, value in zip(("quality", "cost", "latency"), weights, strict=True):
+            if not (0.0 <= value <= 1.0):
+                violations.append(FieldViolation(f"weights.{name}", f"must be in [0, 1], got {value:g}"))
+        if sum(weights) <= 0:
+            violations.append(FieldViolation("weights", "at least one weight must be positive when weights are set"))
+    if not (max_cost_usd >= 0 and math.isfinite(max_cost_usd)):
+        violations.append(FieldViolation("ceilings.max_cost_usd", f"must be >= 0, got {max_cost_usd:g}"))
+    if not (max_latency_ms >= 0 and math.isfinite(max_latency_ms)):
+        violations.append(FieldViolation("ceilings.max_latency_ms", f"must be >= 0, got {max_latency_ms:g}"))
+    if len(required_capabilities) > MAX_CAPABILITIES:
+        violations.append(
+            FieldViolation(
+                "ceilings.required_capabilities", f"at most {MAX_CAPABILITIES}, got {len(required_capabilities)}"
+            )
+        )
+    for i, capability in enumerate(required_capabilities):
+        if not capability or len(capability) > 64:
+            violations.append(FieldViolation(f"ceilings.required_capabilities[{i}]", "must be 1 to 64 characters long"))
+    return violations

@@ -292,15 +292,40 @@ def simulate(
     return total_q / n, total_c / n
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    from tqdm import tqdm
+@dataclass
+class TrainingSet:
+    """The pools' records: train rows (what is fitted) and test rows (reported only), with their embeddings.
 
-    started = time.perf_counter()
-    paths = list(args.pools) or sorted(Path(args.data_dir).glob("*.jsonl.gz"))
-    if not paths:
-        raise FileNotFoundError(f"no pools given and no *.jsonl.gz in {args.data_dir}")
-    models_json = args.models_json or paths[0].parent / "models.json"
-    cards = read_model_cards(models_json) if models_json.is_file() else {}
+    Attributes:
+        pools: One entry per pool with train records; ``rows`` index the train matrices.
+        test_spans: (pool name, first, end) of each pool's rows in ``test_records``.
+        quality: Recorded quality, train rows x ``models`` (NaN where a model has no record).
+        tokens: Recorded output tokens, the same shape (NaN where unknown).
+        groups: The pool number of each train row.
+    """
+
+    pools: list[PoolData]
+    train_records: list[PoolRecord]
+    test_records: list[PoolRecord]
+    test_spans: list[tuple[str, int, int]]
+    train_vectors: np.ndarray
+    test_vectors: np.ndarray
+    models: list[str]
+    quality: np.ndarray
+    tokens: np.ndarray
+    groups: np.ndarray
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {m: i for i, m in enumerate(self.models)}
+
+    @property
+    def pool_kinds(self) -> list[str]:
+        return [pool.records[0].answer_kind for pool in self.pools]
+
+
+def read_training_set(paths: Sequence[Path], root: Path, *, quiet: bool) -> TrainingSet:
+    """Step 1: every pool's records split into train and test, embedded, and the train matrices."""
     pools: list[PoolData] = []
     train_records: list[PoolRecord] = []
     test_records: list[PoolRecord] = []
@@ -318,9 +343,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         test_records += test
     if not train_records:
         raise ValueError("the pools hold no train-split records")
-    root = args.out or artifacts.default_root()
-    vectors = embed_prompts(train_records + test_records, root, quiet=args.quiet)
-    train_vectors, test_vectors = vectors[: len(train_records)], vectors[len(train_records) :]
+    vectors = embed_prompts(train_records + test_records, root, quiet=quiet)
     models = sorted({m for r in train_records for m in r.responses})
     index = {m: i for i, m in enumerate(models)}
     quality = np.full((len(train_records), len(models)), np.nan, dtype=np.float32)
@@ -330,54 +353,101 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             quality[row, index[model]] = response.quality
             if response.output_tokens is not None:
                 tokens[row, index[model]] = response.output_tokens
-    card_pairs = {name: (card.family, card.params_b) for name, card in cards.items()}
     groups = np.zeros(len(train_records), dtype=np.int32)
     for number, pool in enumerate(pools):
         groups[pool.rows] = number
+    split = len(train_records)
+    return TrainingSet(
+        pools,
+        train_records,
+        test_records,
+        test_spans,
+        vectors[:split],
+        vectors[split:],
+        models,
+        quality,
+        tokens,
+        groups,
+    )
 
-    # 2. neighbourhood by leave-one-out routing accuracy
+
+def choose_neighbourhood(
+    data: TrainingSet, card_pairs: dict[str, Any], *, quiet: bool
+) -> tuple[int, float, list[dict[str, float]]]:
+    """Step 2: (k, shrinkage) by leave-one-out routing accuracy on train, and the search's rows."""
+    from tqdm import tqdm
+
     grid = [(k, a) for k in K_GRID for a in ALPHA_GRID]
     best: tuple[float, int, float] | None = None
     search: list[dict[str, float]] = []
-    for k, alpha in tqdm(grid, desc="choosing k and shrinkage", disable=args.quiet):
+    for k, alpha in tqdm(grid, desc="choosing k and shrinkage", disable=quiet):
         predictor = QualityPredictor(
-            train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups
+            data.train_vectors, data.quality, data.tokens, data.models, card_pairs, k=k, alpha=alpha, groups=data.groups
         )
-        raw = pooled_loo(predictor, train_vectors, pools)[0]
-        accuracy = routing_accuracy(raw, quality, pools)
+        raw = pooled_loo(predictor, data.train_vectors, data.pools)[0]
+        accuracy = routing_accuracy(raw, data.quality, data.pools)
         search.append({"k": k, "alpha": alpha, "loo_routing_quality": round(accuracy, 5)})
         if best is None or accuracy > best[0] + 1e-9:
             best = (accuracy, k, alpha)
     assert best is not None
-    _, k, alpha = best
+    return best[1], best[2], search
 
-    # 3. calibration on leave-one-out estimates
-    kinds_of_pools = [pool.records[0].answer_kind for pool in pools]
+
+@dataclass
+class LeaveOneOut:
+    """The calibrated predictor's leave-one-out view of every train row (train rows x models)."""
+
+    predictor: QualityPredictor
+    raw: np.ndarray
+    observations: np.ndarray
+    output_tokens: np.ndarray
+    wide: np.ndarray
+    pool_means: np.ndarray
+    groups: np.ndarray
+    calibrated: np.ndarray
+    anchors: np.ndarray
+    present: np.ndarray
+    """True where a model has both a record and an estimate."""
+
+
+def calibrate(data: TrainingSet, card_pairs: dict[str, Any], k: int, alpha: float) -> LeaveOneOut:
+    """Step 3: the predictor with (k, alpha), calibrated by isotonic regression on its leave-one-out estimates."""
     predictor = QualityPredictor(
-        train_vectors, quality, tokens, models, card_pairs, k=k, alpha=alpha, groups=groups, group_kinds=kinds_of_pools
+        data.train_vectors,
+        data.quality,
+        data.tokens,
+        data.models,
+        card_pairs,
+        k=k,
+        alpha=alpha,
+        groups=data.groups,
+        group_kinds=data.pool_kinds,
     )
-    raw, obs, out_tokens, wide, pool_means, loo_groups = pooled_loo(predictor, train_vectors, pools)
-    present = ~np.isnan(quality) & ~np.isnan(raw)
-    predictor.calibration = fit_isotonic(raw[present], quality[present], merge_ties=False)
+    raw, obs, out_tokens, wide, pool_means, loo_groups = pooled_loo(predictor, data.train_vectors, data.pools)
+    present = ~np.isnan(data.quality) & ~np.isnan(raw)
+    predictor.calibration = fit_isotonic(raw[present], data.quality[present], merge_ties=False)
     calibrated = predictor.calibrate(np.nan_to_num(raw))
     anchors = predictor.calibrate(np.nan_to_num(wide))
+    return LeaveOneOut(predictor, raw, obs, out_tokens, wide, pool_means, loo_groups, calibrated, anchors, present)
 
+
+def calibration_metrics(data: TrainingSet, loo: LeaveOneOut) -> dict[str, Any]:
+    """Step 5: Brier score and ECE on leave-one-out train, and on test for information only."""
     metrics: dict[str, Any] = {"train_loo": {}, "test": {}}
-    for pool in pools:
-        mask = present[pool.rows]
-        p, y = calibrated[pool.rows][mask], quality[pool.rows][mask]
+    for pool in data.pools:
+        mask = loo.present[pool.rows]
+        p, y = loo.calibrated[pool.rows][mask], data.quality[pool.rows][mask]
         metrics["train_loo"][pool.name] = {
             "brier": round(brier(p, y), 5),
             "ece": round(expected_calibration_error(p, y), 5),
         }
-    # test: information only (nothing is fitted on it)
-    for name, start, end in test_spans:
-        recs = test_records[start:end]
-        vectors_t = test_vectors[start:end]
+    index = data.index
+    for name, start, end in data.test_spans:
+        recs = data.test_records[start:end]
         if not recs:
             continue
-        raw_t = loo_predictions(predictor, vectors_t, None, list(recs[0].responses))[0]
-        cal_t = predictor.calibrate(np.nan_to_num(raw_t))
+        raw_t = loo_predictions(loo.predictor, data.test_vectors[start:end], None, list(recs[0].responses))[0]
+        cal_t = loo.predictor.calibrate(np.nan_to_num(raw_t))
         ps, ys = [], []
         for row, record in enumerate(recs):
             for model, response in record.responses.items():
@@ -389,149 +459,213 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "brier": round(brier(np.array(ps), np.array(ys)), 5),
             "ece": round(expected_calibration_error(np.array(ps), np.array(ys)), 5),
         }
+    return metrics
 
-    # 4. profiles, simulated on train with leave-one-out predictions
-    def predictions_for(pool: PoolData) -> list[dict[str, Prediction]]:
-        out = []
-        for row in pool.rows:
-            preds = {}
-            for model in pool.records[0].responses:
-                i = index[model]
-                value = raw[row, i]
-                preds[model] = Prediction(
-                    float(calibrated[row, i]) if not np.isnan(value) else 0.5,
-                    float(obs[row, i]),
-                    float(out_tokens[row, i]) if out_tokens[row, i] > 0 else None,
-                    "knn",
-                    float(anchors[row, i]) if not np.isnan(wide[row, i]) else None,
-                    float(pool_means[row, i]) if not np.isnan(pool_means[row, i]) else None,
-                    kinds_of_pools[loo_groups[row]],
-                )
-            out.append(preds)
-        return out
 
-    pool_preds = {pool.name: predictions_for(pool) for pool in pools}
-    pick: Picker | None = None
-    ranker_used = ""
+def pool_predictions(data: TrainingSet, loo: LeaveOneOut, pool: PoolData) -> list[dict[str, Prediction]]:
+    """Each train row's leave-one-out predictions for the pool's models, as routing takes them."""
+    index, kinds = data.index, data.pool_kinds
+    out = []
+    for row in pool.rows:
+        preds = {}
+        for model in pool.records[0].responses:
+            i = index[model]
+            value = loo.raw[row, i]
+            preds[model] = Prediction(
+                float(loo.calibrated[row, i]) if not np.isnan(value) else 0.5,
+                float(loo.observations[row, i]),
+                float(loo.output_tokens[row, i]) if loo.output_tokens[row, i] > 0 else None,
+                "knn",
+                float(loo.anchors[row, i]) if not np.isnan(loo.wide[row, i]) else None,
+                float(loo.pool_means[row, i]) if not np.isnan(loo.pool_means[row, i]) else None,
+                kinds[loo.groups[row]],
+            )
+        out.append(preds)
+    return out
+
+
+def ranker_picks(args: argparse.Namespace, root: Path, pools: Sequence[PoolData]) -> tuple[Picker | None, str]:
+    """The pair ranker's picks for open-answer pools, and its content hash; (None, "") without one."""
     open_pools = [pool for pool in pools if pool.records[0].answer_kind not in CLOSED_KINDS]
-    if open_pools and not args.no_ranker:
-        try:
-            picks = RankerPicks(args.ranker or root, open_pools, quiet=args.quiet)
-        except FailedPrecondition as exc:
-            if args.ranker:
-                raise
-            print(f"ranked fan-outs not learned: {exc}", file=sys.stderr)
-        else:
-            pick, ranker_used = picks, picks.content_hash
-    pool_models = {pool.name: _pool_models(pool, cards) for pool in pools}
+    if not open_pools or args.no_ranker:
+        return None, ""
+    try:
+        picks = RankerPicks(args.ranker or root, open_pools, quiet=args.quiet)
+    except FailedPrecondition as exc:
+        if args.ranker:
+            raise
+        print(f"ranked fan-outs not learned: {exc}", file=sys.stderr)
+        return None, ""
+    return picks, picks.content_hash
+
+
+def reference_models(pools: Sequence[PoolData]) -> dict[str, tuple[float, float]]:
+    """Each pool's best train model: (mean quality, mean cost), the bar the balanced profile is held to."""
     reference: dict[str, tuple[float, float]] = {}
     for pool in pools:
         means = {m: np.mean([r.responses[m].quality for r in pool.records]) for m in pool.records[0].responses}
         costs = {m: np.mean([r.responses[m].cost_usd or 0.0 for r in pool.records]) for m in means}
         top = max(means, key=lambda m: (means[m], -costs[m]))
         reference[pool.name] = (float(means[top]), float(costs[top]))
-    candidates = [ProfileSettings(Weights(1 - c - c / 2, c, c / 2)) for c in COST_WEIGHTS] + [
+    return reference
+
+
+def balanced_options(ranked: bool) -> list[ProfileSettings]:
+    """The balanced profile's grid: weights alone, with cascades, and (``ranked``) with ranked fan-outs."""
+    options = [ProfileSettings(Weights(1 - c - c / 2, c, c / 2)) for c in COST_WEIGHTS] + [
         ProfileSettings(Weights(1 - c - c / 2, c, c / 2), size, 0.25, tau, escalate_size=escalate)
         for c in COST_WEIGHTS
         for size in CASCADE_SIZES
         for tau in CASCADE_MIN_QUALITY
         for escalate in ESCALATE_SIZES
     ]
-    if pick is not None:
-        candidates += [
+    if ranked:
+        options += [
             ProfileSettings(Weights(1 - c - c / 2, c, c / 2), rank_size=size)
             for c in COST_WEIGHTS
             for size in RANK_SIZES
         ]
-    profile_search = []
+    return options
+
+
+def quality_options(kind: str) -> list[ProfileSettings]:
+    """The quality profile's grid for one answer kind; the static choice is always among them."""
+    options = [ProfileSettings(Weights(1.0, 0.0, 0.0), anchor_margin=m) for m in ANCHOR_MARGINS]
+    options.append(ProfileSettings(Weights(1.0, 0.0, 0.0), static=True))  # routing must beat this on train
+    if kind in CLOSED_KINDS:
+        options += [ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size) for size in VOTE_SIZES[1:]]
+        options += [
+            ProfileSettings(Weights(1.0, 0.0, 0.0), size, 0.25, 0.85, escalate_size=escalate)
+            for size in CASCADE_SIZES
+            for escalate in ESCALATE_SIZES
+        ]
+    return options
+
+
+@dataclass
+class Simulator:
+    """Replays profiles over train pools with leave-one-out predictions and recorded answers (step 4)."""
+
+    predictor: QualityPredictor
+    pool_models: dict[str, list[PoolModel]]
+    pool_preds: dict[str, list[dict[str, Prediction]]]
+    reference: dict[str, tuple[float, float]]
+    pick: Picker | None
+
+    def run(self, profile: str, settings: ProfileSettings, pool: PoolData, *, ranked: bool) -> tuple[float, float]:
+        """(mean quality, mean cost) of ``settings`` as ``profile`` over ``pool``'s train rows."""
+        router = Router(self.predictor, {profile: settings})
+        preds = self.pool_preds[pool.name]
+        rows = range(len(pool.records))
+        if ranked:
+            return simulate(router, profile, pool, self.pool_models[pool.name], preds, rows, self.pick)
+        return simulate(router, profile, pool, self.pool_models[pool.name], preds, rows)
+
+
+def learn_balanced(
+    sim: Simulator, kind: str, members: Sequence[PoolData], options: Sequence[ProfileSettings], *, quiet: bool
+) -> tuple[ProfileSettings, list[dict[str, Any]]]:
+    """The cheapest balanced settings for ``kind`` within the loss margins (else the smallest loss); the search."""
+    from tqdm import tqdm
+
+    chosen: tuple[tuple[int, float], ProfileSettings] | None = None
+    search: list[dict[str, Any]] = []
+    for settings in tqdm(options, desc=f"learning balanced/{kind}", disable=quiet):
+        if (settings.cascade_size and kind not in CLOSED_KINDS) or (settings.rank_size and kind in CLOSED_KINDS):
+            continue
+        losses = []
+        relative_costs = []
+        per_pool = {}
+        for pool in members:
+            q, c = sim.run("balanced", settings, pool, ranked=True)
+            ref_q, ref_c = sim.reference[pool.name]
+            losses.append(max(0.0, ref_q - q))
+            relative_costs.append(c / ref_c if ref_c else 1.0)
+            per_pool[pool.name] = {"quality": round(q, 4), "cost": round(c, 6)}
+        mean_cost = float(np.mean(relative_costs))
+        feasible = float(np.mean(losses)) <= MEAN_LOSS and max(losses) <= MAX_LOSS
+        search.append(
+            {
+                "answer_kind": kind,
+                **settings.to_json(),
+                "mean_relative_cost": round(mean_cost, 4),
+                "feasible": feasible,
+                "pools": per_pool,
+            }
+        )
+        key = (1, -mean_cost) if feasible else (0, -float(np.mean(losses)))
+        if chosen is None or key > chosen[0]:
+            chosen = (key, settings)
+    assert chosen is not None
+    return chosen[1], search
+
+
+def learn_quality(
+    sim: Simulator, kind: str, members: Sequence[PoolData]
+) -> tuple[ProfileSettings, list[dict[str, Any]]]:
+    """The most accurate quality settings for ``kind`` (within QUALITY_TIE, the cheaper); the search."""
+    best: tuple[float, float, ProfileSettings] | None = None
+    search: list[dict[str, Any]] = []
+    for settings in quality_options(kind):
+        outcomes = [sim.run("quality", settings, pool, ranked=False) for pool in members]
+        mean_quality = float(np.mean([q for q, _ in outcomes]))
+        mean_cost = float(np.mean([c / sim.reference[p.name][1] for (_, c), p in zip(outcomes, members, strict=True)]))
+        search.append({"answer_kind": kind, **settings.to_json(), "quality": round(mean_quality, 5), "cost": mean_cost})
+        if (
+            best is None
+            or mean_quality > best[0] + QUALITY_TIE
+            or (mean_quality > best[0] - QUALITY_TIE and mean_cost < best[1])
+        ):
+            best = (mean_quality, mean_cost, settings)
+    assert best is not None
+    return best[2], search
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the steps of the module docstring and saves the artifact; returns a summary of it."""
+    started = time.perf_counter()
+    paths = list(args.pools) or sorted(Path(args.data_dir).glob("*.jsonl.gz"))
+    if not paths:
+        raise FileNotFoundError(f"no pools given and no *.jsonl.gz in {args.data_dir}")
+    models_json = args.models_json or paths[0].parent / "models.json"
+    cards = read_model_cards(models_json) if models_json.is_file() else {}
+    root = args.out or artifacts.default_root()
+    data = read_training_set(paths, root, quiet=args.quiet)
+    card_pairs = {name: (card.family, card.params_b) for name, card in cards.items()}
+    k, alpha, search = choose_neighbourhood(data, card_pairs, quiet=args.quiet)
+    loo = calibrate(data, card_pairs, k, alpha)
+    metrics = calibration_metrics(data, loo)
+    pick, ranker_used = ranker_picks(args, root, data.pools)
+    sim = Simulator(
+        loo.predictor,
+        {pool.name: _pool_models(pool, cards) for pool in data.pools},
+        {pool.name: pool_predictions(data, loo, pool) for pool in data.pools},
+        reference_models(data.pools),
+        pick,
+    )
+    options = balanced_options(pick is not None)
+    profile_search: list[dict[str, Any]] = []
     quality_search: list[dict[str, Any]] = []
     profiles = {name: settings.to_json() for name, settings in DEFAULT_PROFILES.items()}
-    kinds = sorted({pool.records[0].answer_kind for pool in pools})
-    for kind in kinds:
-        members = [pool for pool in pools if pool.records[0].answer_kind == kind]
-        chosen: tuple[tuple[int, float], ProfileSettings] | None = None
-        for settings in tqdm(candidates, desc=f"learning balanced/{kind}", disable=args.quiet):
-            if (settings.cascade_size and kind not in CLOSED_KINDS) or (settings.rank_size and kind in CLOSED_KINDS):
-                continue
-            router = Router(predictor, {"balanced": settings})
-            losses = []
-            relative_costs = []
-            per_pool = {}
-            for pool in members:
-                q, c = simulate(
-                    router,
-                    "balanced",
-                    pool,
-                    pool_models[pool.name],
-                    pool_preds[pool.name],
-                    range(len(pool.records)),
-                    pick,
-                )
-                ref_q, ref_c = reference[pool.name]
-                losses.append(max(0.0, ref_q - q))
-                relative_costs.append(c / ref_c if ref_c else 1.0)
-                per_pool[pool.name] = {"quality": round(q, 4), "cost": round(c, 6)}
-            mean_cost = float(np.mean(relative_costs))
-            feasible = float(np.mean(losses)) <= MEAN_LOSS and max(losses) <= MAX_LOSS
-            profile_search.append(
-                {
-                    "answer_kind": kind,
-                    **settings.to_json(),
-                    "mean_relative_cost": round(mean_cost, 4),
-                    "feasible": feasible,
-                    "pools": per_pool,
-                }
-            )
-            key = (1, -mean_cost) if feasible else (0, -float(np.mean(losses)))
-            if chosen is None or key > chosen[0]:
-                chosen = (key, settings)
-        assert chosen is not None
-        profiles[f"balanced/{kind}"] = chosen[1].to_json()
-        # the quality profile, for every answer kind
-        best_quality: tuple[float, float, ProfileSettings] | None = None
-        options = [ProfileSettings(Weights(1.0, 0.0, 0.0), anchor_margin=m) for m in ANCHOR_MARGINS]
-        options.append(ProfileSettings(Weights(1.0, 0.0, 0.0), static=True))  # routing must beat this on train
-        if kind in CLOSED_KINDS:
-            options += [ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size) for size in VOTE_SIZES[1:]]
-            options += [
-                ProfileSettings(Weights(1.0, 0.0, 0.0), size, 0.25, 0.85, escalate_size=escalate)
-                for size in CASCADE_SIZES
-                for escalate in ESCALATE_SIZES
-            ]
-        for settings in options:
-            router = Router(predictor, {"quality": settings})
-            outcomes = [
-                simulate(
-                    router, "quality", pool, pool_models[pool.name], pool_preds[pool.name], range(len(pool.records))
-                )
-                for pool in members
-            ]
-            mean_quality = float(np.mean([q for q, _ in outcomes]))
-            mean_cost = float(np.mean([c / reference[p.name][1] for (_, c), p in zip(outcomes, members, strict=True)]))
-            quality_search.append(
-                {"answer_kind": kind, **settings.to_json(), "quality": round(mean_quality, 5), "cost": mean_cost}
-            )
-            # the most accurate; within QUALITY_TIE of it, the cheaper
-            if (
-                best_quality is None
-                or mean_quality > best_quality[0] + QUALITY_TIE
-                or (mean_quality > best_quality[0] - QUALITY_TIE and mean_cost < best_quality[1])
-            ):
-                best_quality = (mean_quality, mean_cost, settings)
-        assert best_quality is not None
-        profiles[f"quality/{kind}"] = best_quality[2].to_json()
-
+    for kind in sorted({pool.records[0].answer_kind for pool in data.pools}):
+        members = [pool for pool in data.pools if pool.records[0].answer_kind == kind]
+        balanced, rows = learn_balanced(sim, kind, members, options, quiet=args.quiet)
+        profiles[f"balanced/{kind}"] = balanced.to_json()
+        profile_search += rows
+        quality, rows = learn_quality(sim, kind, members)
+        profiles[f"quality/{kind}"] = quality.to_json()
+        quality_search += rows
     manifest = {
-        "models": models,
+        "models": data.models,
         "cards": {m: {"family": c.family, "params_b": c.params_b} for m, c in cards.items()},
-        "predictor": predictor.settings(),
+        "predictor": loo.predictor.settings(),
         "profiles": profiles,
-        "pool_kinds": kinds_of_pools,
+        "pool_kinds": data.pool_kinds,
         "ranker": ranker_used,
         "embedding": "all-MiniLM-L6-v2 of the classifier's keyword focus (unit length)",
         "training": {
-            "pools": [{"file": p.path.name, "rows": len(p.records)} for p in pools],
-            "rows": len(train_records),
+            "pools": [{"file": p.path.name, "rows": len(p.records)} for p in data.pools],
+            "rows": len(data.train_records),
             "neighbourhood_search": search,
             "balanced_search": profile_search,
             "quality_search": quality_search,
@@ -539,12 +673,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         },
         "metrics": metrics,
     }
-    directory = artifacts.save(ARTIFACT_KIND, predictor.to_arrays(), manifest, root, make_current=not args.no_current)
+    directory = artifacts.save(
+        ARTIFACT_KIND, loo.predictor.to_arrays(), manifest, root, make_current=not args.no_current
+    )
     return {
         "artifact": str(directory),
-        "rows": len(train_records),
-        "models": len(models),
-        "predictor": predictor.settings(),
+        "rows": len(data.train_records),
+        "models": len(data.models),
+        "predictor": loo.predictor.settings(),
         "profiles": {k: v for k, v in profiles.items() if "/" in k},
         "calibration": metrics,
         "seconds": round(time.perf_counter() - started, 1),

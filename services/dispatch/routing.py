@@ -428,16 +428,21 @@ def latency_prior(params_b: float | None) -> tuple[float, float]:
 
 
 @dataclass
-class ScoredModel:
-    """One candidate of a plan with its predictions, score and the reason for the decision."""
+class PlannedModel:
+    """One model of a plan: its predictions, score, whether it is asked (in which wave) and why.
+
+    The router fills every field; a plan made without routing (a requested or default model) names the
+    model and the reason only.
+    """
 
     model: str
-    quality: float
-    cost_usd: float
-    latency_ms: float
-    output_tokens: float
-    observations: float
-    source: str
+    quality: float = 0.0
+    """Predicted probability that the model answers this query well."""
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    output_tokens: float = 0.0
+    observations: float = 0.0
+    source: str = ""
     score: float = 0.0
     chosen: bool = False
     wave: int = 0
@@ -463,12 +468,12 @@ class Route:
 
     policy: str
     profile: str
-    members: list[ScoredModel]
-    candidates: list[ScoredModel]
+    members: list[PlannedModel]
+    candidates: list[PlannedModel]
     quorum: int = 0
     summary: str = ""
 
-    def waves(self) -> list[list[ScoredModel]]:
+    def waves(self) -> list[list[PlannedModel]]:
         return waves_of(self.members)
 
 
@@ -479,7 +484,7 @@ def _unit(values: np.ndarray, *, log: bool) -> np.ndarray:
     return (v - v.min()) / span if span > 1e-12 else np.zeros_like(v)
 
 
-def score_candidates(candidates: Sequence[ScoredModel], weights: Weights) -> None:
+def score_candidates(candidates: Sequence[PlannedModel], weights: Weights) -> None:
     """Sets ``score`` on each candidate: w_q * q + w_c * (1 - c) + w_l * (1 - l), each term scaled to [0, 1]."""
     if not candidates:
         return
@@ -490,6 +495,58 @@ def score_candidates(candidates: Sequence[ScoredModel], weights: Weights) -> Non
     scores = w.quality * quality + w.cost * (1 - cost) + w.latency * (1 - latency)
     for candidate, score in zip(candidates, scores, strict=True):
         candidate.score = float(score)
+
+
+@dataclass(frozen=True)
+class _Ceilings:
+    """A request's hard limits on predicted cost and latency (0: none) and its required capabilities."""
+
+    max_cost_usd: float
+    max_latency_ms: float
+    required: frozenset[str]
+
+    def leaves_out(self, model: PoolModel, candidate: PlannedModel) -> str:
+        """Why ``model`` cannot take the request (health first, then capabilities, cost, latency); empty if it can."""
+        if not model.healthy:
+            return "left out: unhealthy (registry)"
+        if self.required and model.capabilities and not self.required <= model.capabilities:
+            return f"left out: lacks {', '.join(sorted(self.required - model.capabilities))}"
+        if self.max_cost_usd and candidate.cost_usd > self.max_cost_usd:
+            return f"left out: predicted ${candidate.cost_usd:.6f} > max_cost_usd ${self.max_cost_usd:.6f}"
+        if self.max_latency_ms and candidate.latency_ms > self.max_latency_ms:
+            return f"left out: predicted {candidate.latency_ms:.0f} ms > max_latency_ms"
+        return ""
+
+
+def _predicted(model: PoolModel, prediction: Prediction, input_tokens: int, fallback_tokens: float) -> PlannedModel:
+    """``model`` as a candidate: predicted quality, cost and latency (live figures, else size priors)."""
+    tokens = prediction.output_tokens or fallback_tokens
+    cost = (input_tokens * model.price_in_per_mtok + tokens * model.price_out_per_mtok) / 1e6
+    ttft, per_token = model.ttft_ms, model.per_token_ms
+    if ttft is None or per_token is None:
+        prior_ttft, prior_per_token = latency_prior(model.params_b)
+        ttft = prior_ttft if ttft is None else ttft
+        per_token = prior_per_token if per_token is None else per_token
+    return PlannedModel(
+        model.name,
+        prediction.quality,
+        cost,
+        ttft + per_token * tokens,
+        tokens,
+        prediction.observations,
+        prediction.source,
+    )
+
+
+def _anchor(scored: list[PlannedModel], preds: Mapping[str, Prediction], margin: float) -> None:
+    """Lowers every candidate but the anchor (the best known anchor record) by ``margin`` of quality."""
+    known = [c for c in scored if preds[c.model].anchor is not None]
+    if not known:
+        return
+    anchor = max(known, key=lambda c: (preds[c.model].anchor or 0.0, -c.cost_usd))
+    for c in scored:
+        if c is not anchor:
+            c.quality = max(0.0, c.quality - margin)
 
 
 class Router:
@@ -556,69 +613,29 @@ class Router:
         # closed answer kind from the classifier to apply).
         pool_kind = next((p.pool_kind for p in preds.values() if p.pool_kind), None)
         settings = self.settings(profile, pool_kind or answer_kind)
-        used_weights = weights if weights is not None else settings.weights
+        ceilings = _Ceilings(max_cost_usd, max_latency_ms, frozenset(required_capabilities))
         fallback_tokens = float(expected_output_tokens or DEFAULT_OUTPUT_TOKENS)
-        scored: list[ScoredModel] = []
-        left_out: list[ScoredModel] = []
-        required = set(required_capabilities)
+        scored: list[PlannedModel] = []
+        left_out: list[PlannedModel] = []
         for model in pool:
-            prediction = preds[model.name]
-            tokens = prediction.output_tokens or fallback_tokens
-            cost = (input_tokens * model.price_in_per_mtok + tokens * model.price_out_per_mtok) / 1e6
-            ttft, per_token = model.ttft_ms, model.per_token_ms
-            if ttft is None or per_token is None:
-                prior_ttft, prior_per_token = latency_prior(model.params_b)
-                ttft = prior_ttft if ttft is None else ttft
-                per_token = prior_per_token if per_token is None else per_token
-            candidate = ScoredModel(
-                model.name,
-                prediction.quality,
-                cost,
-                ttft + per_token * tokens,
-                tokens,
-                prediction.observations,
-                prediction.source,
-            )
-            if not model.healthy:
-                candidate.reason = "left out: unhealthy (registry)"
-            elif required and model.capabilities and not required <= model.capabilities:
-                candidate.reason = f"left out: lacks {', '.join(sorted(required - model.capabilities))}"
-            elif max_cost_usd and cost > max_cost_usd:
-                candidate.reason = f"left out: predicted ${cost:.6f} > max_cost_usd ${max_cost_usd:.6f}"
-            elif max_latency_ms and candidate.latency_ms > max_latency_ms:
-                candidate.reason = f"left out: predicted {candidate.latency_ms:.0f} ms > max_latency_ms"
+            candidate = _predicted(model, preds[model.name], input_tokens, fallback_tokens)
+            candidate.reason = ceilings.leaves_out(model, candidate)
+            if candidate.reason:
+                candidate.eligible = False
+                left_out.append(candidate)
             else:
                 scored.append(candidate)
-                continue
-            candidate.eligible = False
-            left_out.append(candidate)
-        if settings.anchor_margin > 0 and scored:
-            known = [c for c in scored if preds[c.model].anchor is not None]
-            if known:
-                anchor = max(known, key=lambda c: (preds[c.model].anchor or 0.0, -c.cost_usd))
-                for c in scored:
-                    if c is not anchor:
-                        c.quality = max(0.0, c.quality - settings.anchor_margin)
+        if settings.anchor_margin > 0:
+            _anchor(scored, preds, settings.anchor_margin)
         if not scored:
             reasons = sorted({c.reason for c in left_out}) or ["the pool is empty"]
             raise FailedPrecondition(
                 "no model can take this request: " + "; ".join(reasons[:4]), reason="NO_ELIGIBLE_MODEL"
             )
-        score_candidates(scored, used_weights)
+        score_candidates(scored, weights if weights is not None else settings.weights)
         scored.sort(key=lambda c: (-c.score, c.cost_usd, c.model))
         name = "custom" if weights is not None else profile
-        route = self._static(scored, preds, name) if weights is None and settings.static else None
-        if route is None and weights is None:
-            route = self._cascade(scored, settings, answer_kind)
-        if route is None and weights is None:
-            route = self._vote(scored, settings, answer_kind)
-        if route is None and weights is None and ranking:
-            route = self._ranked(scored, preds, settings, answer_kind)
-        if route is None:
-            best = scored[0]
-            best.chosen = True
-            best.reason = f"highest {name} score ({best.score:.3f}): quality {best.quality:.2f}, ${best.cost_usd:.6f}"
-            route = Route("single", name, [best], [], summary=f"ask {best.model} alone ({name} profile)")
+        route = self._choose(scored, preds, settings, answer_kind, name, custom=weights is not None, ranking=ranking)
         for candidate in scored:
             if not candidate.chosen and not candidate.reason:
                 candidate.reason = f"score {candidate.score:.3f} below the chosen"
@@ -626,7 +643,33 @@ class Router:
         route.candidates = scored + left_out
         return route
 
-    def _static(self, scored: list[ScoredModel], preds: Mapping[str, Prediction], name: str) -> Route | None:
+    def _choose(
+        self,
+        scored: list[PlannedModel],
+        preds: Mapping[str, Prediction],
+        settings: ProfileSettings,
+        answer_kind: str,
+        name: str,
+        *,
+        custom: bool,
+        ranking: bool,
+    ) -> Route:
+        """The first plan that applies: static, cascade, vote, ranked fan-out (profiles only), else the best alone."""
+        route = None
+        if not custom:
+            route = self._static(scored, preds, name) if settings.static else None
+            route = route or self._cascade(scored, settings, answer_kind)
+            route = route or self._vote(scored, settings, answer_kind)
+            if route is None and ranking:
+                route = self._ranked(scored, preds, settings, answer_kind)
+        if route is not None:
+            return route
+        best = scored[0]
+        best.chosen = True
+        best.reason = f"highest {name} score ({best.score:.3f}): quality {best.quality:.2f}, ${best.cost_usd:.6f}"
+        return Route("single", name, [best], [], summary=f"ask {best.model} alone ({name} profile)")
+
+    def _static(self, scored: list[PlannedModel], preds: Mapping[str, Prediction], name: str) -> Route | None:
         """The model with the best train record over the query's pool, alone; None when no record is known."""
         known = [c for c in scored if preds[c.model].pool_mean is not None]
         if not known:
@@ -637,7 +680,7 @@ class Router:
         return Route("single", name, [best], [], summary=f"ask {best.model} alone (static {name} choice)")
 
     def _ranked(
-        self, scored: list[ScoredModel], preds: Mapping[str, Prediction], settings: ProfileSettings, answer_kind: str
+        self, scored: list[PlannedModel], preds: Mapping[str, Prediction], settings: ProfileSettings, answer_kind: str
     ) -> Route | None:
         """Cheap models asked at once for an answer that cannot be voted on; None when it does not apply.
 
@@ -647,7 +690,7 @@ class Router:
         if settings.rank_size < 2 or answer_kind in CLOSED_KINDS or len(scored) <= settings.rank_size:
             return None
 
-        def record(c: ScoredModel) -> float:
+        def record(c: PlannedModel) -> float:
             known = preds[c.model].pool_mean
             return c.quality if known is None else known
 
@@ -672,7 +715,7 @@ class Router:
             summary=f"ask {', '.join(c.model for c in cheap)} at once; the ranker picks the answer",
         )
 
-    def _vote(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
+    def _vote(self, scored: list[PlannedModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
         """The best-scoring ``vote_size`` models asked at once, answers voted; None when it does not apply."""
         if settings.vote_size < 2 or answer_kind not in CLOSED_KINDS or len(scored) < settings.vote_size:
             return None
@@ -689,7 +732,7 @@ class Router:
             summary=f"ask {', '.join(c.model for c in members)} at once and vote",
         )
 
-    def _cascade(self, scored: list[ScoredModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
+    def _cascade(self, scored: list[PlannedModel], settings: ProfileSettings, answer_kind: str) -> Route | None:
         """A cheap first wave that must agree, then the strongest model; None when it does not apply."""
         if settings.cascade_size < 1 or answer_kind not in CLOSED_KINDS or len(scored) < 2:
             return None

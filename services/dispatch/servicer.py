@@ -10,19 +10,21 @@ import grpc
 from google.rpc import status_pb2
 
 from constellation.errors import ConstellationError, abort, to_status_proto
+from constellation.semconv import Phase
 from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 from services.dispatch.config import DispatchConfig
-from services.dispatch.pipeline import CandidateProgress, Classified, Delta, Dispatcher, Event, Finished, PlanMade
+from services.dispatch.events import CandidateProgress, Classified, Delta, Event, Finished, PlanMade
+from services.dispatch.pipeline import Dispatcher
 from services.dispatch.query import Query, validate
 
 SERVICE_NAME = dispatch_pb2.DESCRIPTOR.services_by_name["DispatchService"].full_name
 
 _PHASES = {
-    "started": dispatch_pb2.CandidateEvent.PHASE_STARTED,
-    "first_token": dispatch_pb2.CandidateEvent.PHASE_FIRST_TOKEN,
-    "finished": dispatch_pb2.CandidateEvent.PHASE_FINISHED,
-    "cancelled": dispatch_pb2.CandidateEvent.PHASE_CANCELLED,
-    "failed": dispatch_pb2.CandidateEvent.PHASE_FAILED,
+    Phase.STARTED: dispatch_pb2.CandidateEvent.PHASE_STARTED,
+    Phase.FIRST_TOKEN: dispatch_pb2.CandidateEvent.PHASE_FIRST_TOKEN,
+    Phase.FINISHED: dispatch_pb2.CandidateEvent.PHASE_FINISHED,
+    Phase.CANCELLED: dispatch_pb2.CandidateEvent.PHASE_CANCELLED,
+    Phase.FAILED: dispatch_pb2.CandidateEvent.PHASE_FAILED,
 }
 
 

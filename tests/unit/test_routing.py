@@ -10,20 +10,22 @@ import pytest
 from constellation import artifacts
 from constellation.errors import FailedPrecondition
 from constellation.ml.calibration import expected_calibration_error, fit_isotonic
-from services.dispatch.pipeline import CallResult, Dispatcher, PlanMade, PlannedModel
+from services.dispatch.calls import CallResult
+from services.dispatch.events import PlanMade
 from services.dispatch.routing import (
     ARTIFACT_KIND,
+    PlannedModel,
     PoolModel,
     Prediction,
     ProfileSettings,
     QualityPredictor,
     Router,
-    ScoredModel,
     Weights,
     brier,
     load_router,
     score_candidates,
 )
+from services.dispatch.strategies.waves import settled
 
 
 def unit(v: list[float]) -> np.ndarray:
@@ -88,9 +90,9 @@ def test_without_an_embedding_the_train_mean_is_used() -> None:
 
 def test_score_normalises_each_objective_to_the_unit_interval() -> None:
     candidates = [
-        ScoredModel("good-dear", 0.9, 1e-2, 1000, 100, 1, "knn"),
-        ScoredModel("poor-cheap", 0.5, 1e-4, 100, 100, 1, "knn"),
-        ScoredModel("mid", 0.7, 1e-3, 300, 100, 1, "knn"),
+        PlannedModel("good-dear", 0.9, 1e-2, 1000, 100, 1, "knn"),
+        PlannedModel("poor-cheap", 0.5, 1e-4, 100, 100, 1, "knn"),
+        PlannedModel("mid", 0.7, 1e-3, 300, 100, 1, "knn"),
     ]
     score_candidates(candidates, Weights(1, 0, 0))
     assert [c.score for c in candidates] == pytest.approx([1.0, 0.0, 0.5])
@@ -188,21 +190,21 @@ def member(model: str, answer: str | None, reliability: float = 0.9) -> CallResu
 
 
 def test_a_vote_settles_once_the_leader_cannot_be_overtaken() -> None:
-    plan = PlanMade("vote", [PlannedModel(m, "") for m in "abc"], "", quorum=0)
-    assert Dispatcher._settled(plan, [member("a", "4")], [member("b", None), member("c", None)], True) is None
+    plan = PlanMade("vote", [PlannedModel(m) for m in "abc"], "", quorum=0)
+    assert settled(plan, [member("a", "4")], [member("b", None), member("c", None)], True) is None
     two = [member("a", "4"), member("b", "4")]
-    assert Dispatcher._settled(plan, two, [member("c", None)], True) is True
+    assert settled(plan, two, [member("c", None)], True) is True
     split = [member("a", "4"), member("b", "5")]
-    assert Dispatcher._settled(plan, split, [member("c", None)], True) is None
-    assert Dispatcher._settled(plan, split, [], True) is True
+    assert settled(plan, split, [member("c", None)], True) is None
+    assert settled(plan, split, [], True) is True
 
 
 def test_a_cascade_escalates_on_the_first_disagreement() -> None:
-    plan = PlanMade("cascade", [PlannedModel("a", ""), PlannedModel("b", ""), PlannedModel("s", "", wave=1)], "")
-    assert Dispatcher._settled(plan, [member("a", "4")], [member("b", None)], False) is None
-    assert Dispatcher._settled(plan, [member("a", "4"), member("b", "4")], [], False) is True
-    assert Dispatcher._settled(plan, [member("a", "4"), member("b", "5")], [], False) is False
-    assert Dispatcher._settled(plan, [member("a", None)], [member("b", None)], False) is False
+    plan = PlanMade("cascade", [PlannedModel("a"), PlannedModel("b"), PlannedModel("s", wave=1)], "")
+    assert settled(plan, [member("a", "4")], [member("b", None)], False) is None
+    assert settled(plan, [member("a", "4"), member("b", "4")], [], False) is True
+    assert settled(plan, [member("a", "4"), member("b", "5")], [], False) is False
+    assert settled(plan, [member("a", None)], [member("b", None)], False) is False
 
 
 def test_an_anchor_margin_keeps_the_steadier_model_unless_the_gain_is_clear() -> None:

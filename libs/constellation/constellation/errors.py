@@ -8,14 +8,18 @@ Codes are never flattened into strings.
 The tree is shallow on purpose::
 
     ConstellationError
-    ├── InvalidArgument      INVALID_ARGUMENT   (carries BadRequest field violations)
-    ├── NotFound             NOT_FOUND
-    ├── Unavailable          UNAVAILABLE        (may carry a retry delay)
-    ├── DeadlineExceeded     DEADLINE_EXCEEDED
-    ├── Cancelled            CANCELLED
-    ├── ResourceExhausted    RESOURCE_EXHAUSTED
-    ├── FailedPrecondition   FAILED_PRECONDITION
-    └── InternalError        INTERNAL
+    ├── InvalidArgument          INVALID_ARGUMENT   (carries BadRequest field violations)
+    ├── NotFound                 NOT_FOUND
+    ├── Retryable                                   (the family: the same call may succeed later)
+    │   ├── Unavailable          UNAVAILABLE        (may carry a retry delay)
+    │   ├── DeadlineExceeded     DEADLINE_EXCEEDED
+    │   └── ResourceExhausted    RESOURCE_EXHAUSTED
+    ├── Cancelled                CANCELLED
+    ├── FailedPrecondition       FAILED_PRECONDITION
+    └── InternalError            INTERNAL
+
+Callers that decide whether to retry or to try elsewhere catch a family (``Retryable``), never compare
+code names.
 """
 
 from __future__ import annotations
@@ -87,7 +91,14 @@ class NotFound(ConstellationError):
     default_reason = "NOT_FOUND"
 
 
-class Unavailable(ConstellationError):
+class Retryable(ConstellationError):
+    """A failure of the moment rather than of the request: the same call may succeed later or elsewhere.
+
+    Never raised itself; catch it to handle every transient failure at once.
+    """
+
+
+class Unavailable(Retryable):
     """A dependency cannot be reached; the call may succeed later."""
 
     code = grpc.StatusCode.UNAVAILABLE
@@ -105,7 +116,7 @@ class Unavailable(ConstellationError):
         self.retry_after_s = retry_after_s
 
 
-class DeadlineExceeded(ConstellationError):
+class DeadlineExceeded(Retryable):
     """The caller's deadline or the request's time budget ran out."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -119,7 +130,7 @@ class Cancelled(ConstellationError):
     default_reason = "CANCELLED"
 
 
-class ResourceExhausted(ConstellationError):
+class ResourceExhausted(Retryable):
     """A limit was hit (queue full, rate limit, cost ceiling)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED

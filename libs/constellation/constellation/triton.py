@@ -26,6 +26,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from constellation import telemetry
 from constellation.errors import (
     Cancelled,
     ConstellationError,
@@ -100,38 +101,69 @@ class Generation:
     chunks: list[Chunk] = field(default_factory=list)
 
 
-def _map_rpc_error(error: grpc.aio.AioRpcError, url: str, model: str) -> ConstellationError:
-    code = error.code()
-    details = error.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(
-            f"Triton at {url} is not reachable ({details}); {HOW_TO_START}",
-            retry_after_s=1.0,
-            reason="TRITON_UNAVAILABLE",
-            metadata={"endpoint": url},
-        )
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"deadline exceeded while {model} was generating", metadata={"model": model})
-    if code == grpc.StatusCode.CANCELLED:
-        return Cancelled(f"the request to {model} was cancelled", metadata={"model": model})
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"Triton at {url} does not serve model {model!r}: {details}", metadata={"model": model})
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(details, metadata={"model": model})
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(details, metadata={"model": model})
-    return InternalError(f"Triton error from {model}: {code.name}: {details}", metadata={"model": model})
+_ERRORS: dict[grpc.StatusCode, tuple[type[ConstellationError], str]] = {
+    grpc.StatusCode.UNAVAILABLE: (Unavailable, "Triton at {url} is not reachable ({details}); " + HOW_TO_START),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (DeadlineExceeded, "deadline exceeded while Triton at {url} served {model}"),
+    grpc.StatusCode.CANCELLED: (Cancelled, "the request to {model} was cancelled"),
+    grpc.StatusCode.NOT_FOUND: (NotFound, "Triton at {url} does not serve model {model!r}: {details}"),
+    grpc.StatusCode.INVALID_ARGUMENT: (InvalidArgument, "{model} rejected the request: {details}"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (ResourceExhausted, "{model}: {details}"),
+}
+"""The one table from Triton's failures to the library's exceptions, with the message each one carries.
+
+Every other code becomes :class:`InternalError`. Failures that Triton reports only as text (an error
+inside a streamed response, a control call's message) get their code from :data:`_MESSAGE_CODES` first.
+"""
+
+_MESSAGE_CODES: tuple[tuple[str, grpc.StatusCode], ...] = (
+    ("unknown model", grpc.StatusCode.NOT_FOUND),
+    ("is not ready", grpc.StatusCode.NOT_FOUND),
+    ("not found", grpc.StatusCode.NOT_FOUND),
+    ("must be", grpc.StatusCode.INVALID_ARGUMENT),
+    ("invalid", grpc.StatusCode.INVALID_ARGUMENT),
+    ("unknown key", grpc.StatusCode.INVALID_ARGUMENT),
+)
+"""Phrases of Triton's error text and the status code each one means, first match wins."""
 
 
-def _map_stream_error(message: str, model: str) -> ConstellationError:
+def _code_of_message(message: str) -> grpc.StatusCode:
     lowered = message.lower()
-    if "unknown model" in lowered or "is not ready" in lowered:
-        return NotFound(f"model {model!r} is not loaded in Triton: {message}", metadata={"model": model})
-    if "not found" in lowered:
-        return NotFound(f"{model}: {message}", metadata={"model": model})
-    if "must be" in lowered or "invalid" in lowered or "unknown key" in lowered:
-        return InvalidArgument(f"{model} rejected the request: {message}", metadata={"model": model})
-    return InternalError(f"{model} failed: {message}", metadata={"model": model})
+    return next((code for phrase, code in _MESSAGE_CODES if phrase in lowered), grpc.StatusCode.INTERNAL)
+
+
+def triton_error(code: grpc.StatusCode, details: str, *, url: str, model: str = "") -> ConstellationError:
+    """The library's exception for a Triton failure with status ``code``: the one translation point.
+
+    Args:
+        code: The gRPC status code of the failure (from the call, or read from its text).
+        details: Triton's own words.
+        url: The Triton endpoint, named in messages and in the error's metadata.
+        model: The model the call was about, if any.
+    """
+    cls, template = _ERRORS.get(code, (InternalError, "Triton error from {model}: {code}: {details}"))
+    message = template.format(url=url, model=model or "Triton", details=details, code=code.name)
+    metadata = {"model": model} if model else {}
+    if cls is Unavailable:
+        return Unavailable(message, retry_after_s=1.0, reason="TRITON_UNAVAILABLE", metadata={"endpoint": url})
+    return cls(message, metadata=metadata)
+
+
+def _from_rpc_error(error: grpc.aio.AioRpcError, url: str, model: str) -> ConstellationError:
+    return triton_error(error.code(), error.details() or "", url=url, model=model)
+
+
+def _from_stream_message(message: str, url: str, model: str) -> ConstellationError:
+    """An error carried inside a streamed response: Triton gives only its text."""
+    return triton_error(_code_of_message(message), message, url=url, model=model)
+
+
+def _from_client_exception(exc: InferenceServerException, url: str, model: str) -> ConstellationError:
+    """A tritonclient control-call failure: its status is the code's name as text (``StatusCode.UNAVAILABLE``)."""
+    name = (exc.status() or "").upper().removeprefix("STATUSCODE.")
+    code = grpc.StatusCode.__members__.get(name, grpc.StatusCode.UNKNOWN)
+    if code not in _ERRORS:
+        code = _code_of_message(exc.message() or "")
+    return triton_error(code, exc.message() or "", url=url, model=model)
 
 
 _NUMERIC_TYPES = {
@@ -301,7 +333,7 @@ class GenerationStream:
                 # Read the stream to its end before raising: cancelling right after an error
                 # response can leave Triton 2.51 unable to unload the model at shutdown.
                 await self._finish()
-                raise _map_stream_error(response.error_message, self._model)
+                raise _from_stream_message(response.error_message, self._url, self._model)
             chunk = self._decode(response.infer_response)
             if chunk.final:
                 # Read to the end too: a client that walks away right after the final response leaves
@@ -314,7 +346,7 @@ class GenerationStream:
                     self._ended = True
             return chunk
         except grpc.aio.AioRpcError as exc:
-            raise _map_rpc_error(exc, self._url, self._model) from exc
+            raise _from_rpc_error(exc, self._url, self._model) from exc
 
     async def _finish(self) -> None:
         assert self._call is not None
@@ -326,14 +358,27 @@ class GenerationStream:
 class TritonClient:
     """One connection to one Triton server. An async context manager; safe to share between tasks.
 
+    Every call, generations and control calls alike, carries the metadata that ``call_headers`` returns
+    at the time of the call: by default the W3C ``traceparent`` of the current span, so that Triton's
+    spans and every model call join the caller's trace without the caller passing anything.
+
     Args:
         url: ``host:port`` of Triton's gRPC endpoint.
         control_timeout_s: Deadline for control calls (readiness, load, statistics), in seconds.
+        call_headers: The header hook: metadata to add to every call. Headers a call passes itself win
+            over the hook's.
     """
 
-    def __init__(self, url: str, *, control_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        control_timeout_s: float = 5.0,
+        call_headers: Callable[[], Mapping[str, str]] = telemetry.inject_headers,
+    ):
         self.url = url
         self.control_timeout_s = control_timeout_s
+        self.call_headers = call_headers
         self._client = aioclient.InferenceServerClient(url=url)
         # Generations go over a channel of their own, skipping tritonclient's request iterator and
         # numpy conversions (see GenerationStream).
@@ -354,28 +399,22 @@ class TritonClient:
         await self._client.close()
         await self._channel.close()
 
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The hook's headers for this call, then the call's own."""
+        return {**self.call_headers(), **(extra or {})}
+
     async def _control(self, coro: Any, model: str = "") -> Any:
         try:
             return await coro
         except InferenceServerException as exc:
-            status = (exc.status() or "").upper()
-            if "UNAVAILABLE" in status:
-                raise Unavailable(
-                    f"Triton at {self.url} is not reachable; {HOW_TO_START}",
-                    retry_after_s=1.0,
-                    reason="TRITON_UNAVAILABLE",
-                    metadata={"endpoint": self.url},
-                ) from exc
-            if "DEADLINE" in status:
-                raise DeadlineExceeded(f"Triton at {self.url} did not answer in time") from exc
-            if "NOT_FOUND" in status or "unknown model" in (exc.message() or "").lower():
-                raise NotFound(f"Triton does not know model {model!r}", metadata={"model": model}) from exc
-            raise InternalError(f"Triton control call failed: {exc}") from exc
+            raise _from_client_exception(exc, self.url, model) from exc
 
     async def server_ready(self) -> bool:
         """True when the server answers and is ready. Never raises for an unreachable server."""
         try:
-            return bool(await self._client.is_server_ready(client_timeout=self.control_timeout_s))
+            return bool(
+                await self._client.is_server_ready(headers=self._headers(), client_timeout=self.control_timeout_s)
+            )
         except InferenceServerException:
             return False
 
@@ -386,7 +425,10 @@ class TritonClient:
             Unavailable: Triton cannot be reached.
         """
         return bool(
-            await self._control(self._client.is_model_ready(model, client_timeout=self.control_timeout_s), model)
+            await self._control(
+                self._client.is_model_ready(model, headers=self._headers(), client_timeout=self.control_timeout_s),
+                model,
+            )
         )
 
     async def require_model(self, model: str) -> None:
@@ -394,7 +436,9 @@ class TritonClient:
         if await self.model_ready(model):
             return
         index = await self._control(
-            self._client.get_model_repository_index(as_json=True, client_timeout=self.control_timeout_s)
+            self._client.get_model_repository_index(
+                headers=self._headers(), as_json=True, client_timeout=self.control_timeout_s
+            )
         )
         ready = sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY")
         raise NotFound(
@@ -404,17 +448,19 @@ class TritonClient:
 
     async def load(self, model: str, *, timeout_s: float = 120.0) -> None:
         """Loads ``model`` (explicit model control). Blocks until it is ready or fails."""
-        await self._control(self._client.load_model(model, client_timeout=timeout_s), model)
+        await self._control(self._client.load_model(model, headers=self._headers(), client_timeout=timeout_s), model)
 
     async def unload(self, model: str) -> None:
         """Unloads ``model``; in-flight requests finish first (Triton's behaviour)."""
-        await self._control(self._client.unload_model(model, client_timeout=self.control_timeout_s), model)
+        await self._control(
+            self._client.unload_model(model, headers=self._headers(), client_timeout=self.control_timeout_s), model
+        )
 
     async def statistics(self, model: str = "") -> dict[str, Any]:
         """Triton's per-model inference statistics as JSON."""
         stats = await self._control(
             self._client.get_inference_statistics(
-                model_name=model, as_json=True, client_timeout=self.control_timeout_s
+                model_name=model, headers=self._headers(), as_json=True, client_timeout=self.control_timeout_s
             ),
             model,
         )
@@ -443,7 +489,7 @@ class TritonClient:
             prompt: Text for ``text_input``.
             sampling: Decoding settings.
             timeout_s: Deadline for the whole stream, in seconds (use the caller's remaining time).
-            headers: Extra gRPC metadata, e.g. W3C ``traceparent``.
+            headers: Extra gRPC metadata for this call, added to the header hook's.
             request_id: Triton request id (shows in Triton's logs and traces).
             parameters: KServe request parameters, e.g. ``{"recorded_model": "gpt-4o"}`` for the replay
                 model.
@@ -461,7 +507,7 @@ class TritonClient:
             url=self.url,
             model=model,
             timeout_s=timeout_s,
-            headers=headers,
+            headers=self._headers(headers),
             decode=conventions.decoder_for(convention, sampling),  # type: ignore[arg-type]
         )
 

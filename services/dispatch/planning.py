@@ -1,0 +1,183 @@
+"""Who answers a query: the pool view (catalog + registry) and the plan made over it.
+
+A plan names its policy (a :class:`~constellation.semconv.Policy`), its members by wave and every
+candidate considered with the reason for the decision; strategies execute it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from constellation.semconv import Policy
+from constellation.v1 import common_pb2, registry_pb2
+from constellation.v1.common_pb2 import Classification
+from services.dispatch.config import DispatchConfig, ModelEntry
+from services.dispatch.events import PlanMade
+from services.dispatch.query import Query
+from services.dispatch.routing import PlannedModel, PoolModel, Router, Weights, estimate_tokens
+from services.registry.client import RegistryView
+
+ANSWER_KINDS = {
+    common_pb2.ANSWER_KIND_NUMBER: "number",
+    common_pb2.ANSWER_KIND_CHOICE: "choice",
+    common_pb2.ANSWER_KIND_CODE: "code",
+    common_pb2.ANSWER_KIND_OPEN: "open",
+}
+"""The classifier's answer kinds by the names routing and answer extraction use."""
+
+ANSWER_KIND_ENUMS = {name: value for value, name in ANSWER_KINDS.items()}
+
+
+def answer_kind_of(classification: Classification | None) -> str:
+    """The query's answer kind by name; empty when unclassified or unknown."""
+    return ANSWER_KINDS.get(classification.answer_kind, "") if classification is not None else ""
+
+
+class Planner:
+    """Plans queries over the pool that one Triton endpoint serves.
+
+    Args:
+        config: Dispatch settings (catalog, default model).
+        endpoint: ``host:port`` of our Triton; registry models served elsewhere are left out of the pool.
+        router: The routing policy; None asks ``config.default_model`` unless a request names one.
+        registry: A live view of the registry (health, latency); None uses the catalog alone.
+        ranking: Whether a ranking service can pick the answer of a ranked fan-out.
+    """
+
+    def __init__(
+        self,
+        config: DispatchConfig,
+        endpoint: str,
+        *,
+        router: Router | None = None,
+        registry: RegistryView | None = None,
+        ranking: bool = False,
+    ):
+        self.config = config
+        self.endpoint = endpoint
+        self.router = router
+        self.registry = registry
+        self.ranking = ranking
+        self.catalog = config.catalog()
+
+    def entry(self, model: str) -> ModelEntry:
+        """How to reach ``model``: its catalog entry, the registry's record, else the Triton model of that name."""
+        found = self.catalog.get(model)
+        if found is not None:
+            return found
+        record = self.registry.models.get(model) if self.registry is not None else None
+        if record is not None:
+            return entry_from_record(record)
+        return ModelEntry(triton_model=model)
+
+    def pool(self) -> list[PoolModel]:
+        """The models routing may choose: the catalog, plus registry records served by our Triton.
+
+        Registry statistics (p50 time to first token, per-token time) replace the size priors once
+        observed, and a model the registry marks unhealthy is kept out.
+        """
+        records = dict(self.registry.models) if self.registry is not None else {}
+        names = list(self.catalog)
+        names += [
+            name
+            for name, known in records.items()
+            if name not in self.catalog and known.backend.endpoint in ("", self.endpoint)
+        ]
+        return [pool_model(name, self.entry(name), records.get(name)) for name in names]
+
+    def plan(self, query: Query, classification: Classification | None = None) -> PlanMade:
+        """Who answers: the requested model, else the router's choice over the pool, else the default model.
+
+        Raises:
+            FailedPrecondition: routing found no model within the request's ceilings.
+        """
+        if query.model:
+            return _alone(Policy.REQUESTED, query, query.model, "requested by the caller (AskRequest.model)")
+        pool = self.pool()
+        if self.router is None or not pool:
+            reason = "default model (no routing policy or no pool configured)"
+            return _alone(Policy.SINGLE, query, self.config.default_model, reason)
+        embedding = None
+        expected_tokens = None
+        if classification is not None:
+            if classification.embedding:
+                embedding = np.asarray(classification.embedding, dtype=np.float32)
+            expected_tokens = classification.expected_output_tokens or None
+        route = self.router.route(
+            pool,
+            embedding=embedding,
+            answer_kind=answer_kind_of(classification),
+            input_tokens=estimate_tokens(query.prompt),
+            expected_output_tokens=expected_tokens,
+            profile=query.profile,
+            weights=Weights(*query.weights) if query.weights is not None else None,
+            max_cost_usd=query.max_cost_usd,
+            max_latency_ms=query.max_latency_ms,
+            required_capabilities=query.required_capabilities,
+            ranking=self.ranking,
+        )
+        return PlanMade(
+            route.policy,
+            route.members,
+            route.summary,
+            route.candidates,
+            route.profile,
+            route.quorum,
+            query.time_budget_ms,
+        )
+
+
+def _alone(policy: Policy, query: Query, model: str, reason: str) -> PlanMade:
+    """A plan of one model chosen without routing."""
+    member = PlannedModel(model, score=1.0, chosen=True, reason=reason)
+    return PlanMade(policy, [member], f"ask {model} alone", [member], query.profile)
+
+
+def pool_model(name: str, entry: ModelEntry, record: registry_pb2.ModelRecord | None) -> PoolModel:
+    """What routing knows of one model: the catalog's entry, with the registry's live figures when known."""
+    ttft = per_token = None
+    healthy = True
+    capabilities = frozenset(entry.capabilities)
+    if record is not None:
+        healthy = record.state != common_pb2.MODEL_STATE_UNHEALTHY
+        stats = record.stats
+        if stats.time_to_first_token.p50_ms > 0:
+            ttft = stats.time_to_first_token.p50_ms
+        if stats.per_token.p50_ms > 0:
+            per_token = stats.per_token.p50_ms
+        capabilities = capabilities | frozenset(record.capabilities)
+    return PoolModel(
+        name,
+        entry.price_in_per_mtok,
+        entry.price_out_per_mtok,
+        entry.family,
+        entry.params_b,
+        capabilities,
+        ttft,
+        per_token,
+        healthy,
+        live=ttft is not None,
+    )
+
+
+def entry_from_record(record: registry_pb2.ModelRecord) -> ModelEntry:
+    """A catalog entry for a model known only to the registry."""
+    return ModelEntry(
+        triton_model=record.backend.model_name or record.name,
+        parameters=dict(record.backend.parameters),
+        price_in_per_mtok=record.price_in_per_mtok,
+        price_out_per_mtok=record.price_out_per_mtok,
+        family=record.family or None,
+        params_b=record.params_b or None,
+        capabilities=list(record.capabilities),
+    )
+
+
+def without_embedding(classification: Classification) -> Classification:
+    """The classification as the caller sees it: the 384 floats of the embedding stay inside dispatch."""
+    if not classification.embedding:
+        return classification
+    copy = Classification()
+    copy.CopyFrom(classification)
+    del copy.embedding[:]
+    return copy
