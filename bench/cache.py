@@ -153,7 +153,8 @@ def false_hits(cache: SemanticCache[str], prompts: Sequence[str], vectors: np.nd
     """Looks every prompt up; a hit on a different normalised text is false, on the same one a duplicate."""
     from dataclasses import replace
 
-    false, duplicates, examples = 0, 0, []
+    false, duplicates = 0, 0
+    examples: list[dict[str, Any]] = []
     for prompt, vector in zip(prompts, vectors, strict=True):
         probe = cache.probe(prompt, KEY)
         assert probe is not None
@@ -259,7 +260,8 @@ def report(result: dict[str, Any], command: str, machine: str) -> str:
         rows.append(
             [
                 f"hit rate, {kind.replace('_', ' ')} train prompt",
-                f"exact {100 * row['exact']:.1f}%, semantic {100 * row['semantic']:.1f}%, wrong {100 * row['wrong']:.1f}%",
+                f"exact {100 * row['exact']:.1f}%, semantic {100 * row['semantic']:.1f}%, "
+                f"wrong {100 * row['wrong']:.1f}%",
                 f"{100 * row['hit_rate']:.1f}%",
             ]
         )
@@ -267,13 +269,15 @@ def report(result: dict[str, Any], command: str, machine: str) -> str:
     for kind, label in (("exact", "exact hit"), ("semantic", "semantic hit"), ("miss", "miss")):
         row = latency[kind]
         if row["n"]:
-            rows.append([f"lookup latency, {label} (n={row['n']})", f"p95 {row['p95']:.3f} ms", f"p50 {row['p50']:.3f} ms"])
+            rows.append(
+                [f"lookup latency, {label} (n={row['n']})", f"p95 {row['p95']:.3f} ms", f"p50 {row['p50']:.3f} ms"]
+            )
     table = markdown_table(["measure", "detail", "value"], rows)
     return f"""## Semantic cache: false hits, hit rate, lookup latency
 
-Command: `{command}`. Machine: {machine}. Threshold {result['threshold']:.3f}, chosen on the
-{result['train_prompts']} TRAIN prompts of the five recorded pools alone (the lowest whose leave-one-out
-false-hit rate is at most {100 * result['train_target_rate']:.3f}%); a semantic hit also needs the same
+Command: `{command}`. Machine: {machine}. Threshold {result["threshold"]:.3f}, chosen on the
+{result["train_prompts"]} TRAIN prompts of the five recorded pools alone (the lowest whose leave-one-out
+false-hit rate is at most {100 * result["train_target_rate"]:.3f}%); a semantic hit also needs the same
 numbers in both prompts. Embedding: all-MiniLM-L6-v2 over the classifier's keyword focus. A miss pays
 its lookup (embedding included) and then the whole `Ask`; a hit pays only its lookup.
 
