@@ -8,7 +8,7 @@ model calls cancelled inside Triton).
 
 Errors before the first byte are OpenAI error bodies with the HTTP status of their gRPC code; an error
 after a stream started is sent as one ``data: {"error": ...}`` event and the stream ends without
-``[DONE]``. Each request carries a tenant (``request["tenant"]``, "default" until keys exist) that the
+``[DONE]``. Each request carries a tenant (``request[TENANT]``, "default" until keys exist) that the
 cache is partitioned by.
 """
 
@@ -38,6 +38,8 @@ from services.dispatch.pipeline import Delta, Dispatcher, Finished, PlanMade
 tracer = trace.get_tracer("constellation.dispatch.http")
 
 TenantOf = Callable[[web.Request], str]
+TENANT = web.RequestKey("tenant", str)
+"""The request's tenant (what the cache is partitioned by), set before the query runs."""
 
 
 def default_tenant(request: web.Request) -> str:
@@ -85,9 +87,9 @@ class ChatCompletions:
             try:
                 chat = await self._parse(request)
                 span.set_attribute("constellation.model", chat.model)
-                request["tenant"] = self.tenant_of(request)
+                request[TENANT] = self.tenant_of(request)
                 facts = Facts(f"chatcmpl-{uuid.uuid4().hex}", chat.model, telemetry.current_trace_id())
-                probe = await self._lookup(request["tenant"], chat, facts)
+                probe = await self._lookup(request[TENANT], chat, facts)
                 if facts.hit is not None:
                     return await self._replay(request, chat, facts)
                 if chat.stream:
@@ -262,9 +264,9 @@ async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 
 
     Handler cancellation is on, so a client that goes away cancels its request.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=5.0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     bound = port
     for address in runner.addresses:
