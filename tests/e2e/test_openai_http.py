@@ -142,9 +142,7 @@ async def test_unsupported_parameters_are_refused_with_400_naming_them(
     client: openai.AsyncOpenAI, extra: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        await client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": QUESTION}], **extra
-        )
+        await client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}], **extra)
     assert caught.value.status_code == 400
     assert caught.value.code == "unsupported_parameter"
     assert caught.value.param == param
