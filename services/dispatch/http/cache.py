@@ -5,8 +5,12 @@ Two lookups, in order:
 * **exact**: the prompt's normalised form (:func:`normalise`: case, whitespace, sentence punctuation at
   word edges and politeness words removed) equals a stored one;
 * **semantic**: the cosine similarity of the prompt's embedding with a stored one is at least
-  ``threshold`` *and* both prompts carry the same numbers (a math question with another number is
-  another question, however close its embedding).
+  ``threshold`` *and* both prompts have the same :func:`signature`: the same numbers and the same
+  content words in the same order (function words and request fillers aside). Embeddings cannot
+  tell a math question from the one with another number, nor "a hands-on approach" from "a hands-off
+  approach", nor "hard furniture and soft toy" from "soft furniture and hard toy" (0.9994 to 0.9999
+  on the Winogrande pool); the signature can. So what the semantic lookup adds over the exact one is
+  prompts that differ only in function words and fillers ("Quick question for you: ...", "the").
 
 Entries are partitioned by tenant and by :class:`CacheKey` (the model or profile asked plus every
 sampling parameter), so two tenants, or two requests that decode differently, never share an answer.
@@ -60,6 +64,30 @@ def numbers_of(text: str) -> tuple[str, ...]:
     return tuple(sorted(_NUMBER.findall(text)))
 
 
+FILLERS = frozenset(
+    """a an the and or but if then so of to in on at by for with from into about as is are was were be been
+    being am do does did have has had it its this that these those there here i me my we our you your he she
+    they them his her their what which who whom whose when where why how can could would should will shall
+    may might must just also very really quite hi hello hey quick question questions tell help know want
+    like need ask asking answer following short brief briefly""".split()
+)
+"""Words a prompt can gain or lose without asking another question (function words, request fillers)."""
+
+
+def content_words(normalised: str) -> tuple[str, ...]:
+    """The words of a normalised prompt that carry its question, in order: all but :data:`FILLERS`."""
+    words = (word.strip("\"'()[]{}<>*_`") for word in normalised.split())
+    return tuple(word for word in words if word and word not in FILLERS)
+
+
+Signature = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def signature(prompt: str) -> Signature:
+    """What two prompts must share for a semantic hit: their numbers and their content words, in order."""
+    return numbers_of(prompt), content_words(normalise(prompt))
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """Everything besides the prompt that decides the answer: the model or profile asked and the sampling.
@@ -88,7 +116,7 @@ class Probe:
     key: CacheKey
     prompt: str
     normalised: str
-    numbers: tuple[str, ...]
+    signature: Signature
     embedding: np.ndarray | None = None
 
 
@@ -98,7 +126,7 @@ class Hit(Generic[T]):
 
     Attributes:
         value: What was stored (the HTTP layer stores the whole completion).
-        kind: ``exact`` (same normalised prompt) or ``semantic`` (similar embedding, same numbers).
+        kind: ``exact`` (same normalised prompt) or ``semantic`` (similar embedding, same signature).
         similarity: Cosine similarity to the stored prompt (1.0 for exact hits).
         prompt: The stored prompt that matched.
         age_s: Seconds since the entry was stored.
@@ -115,7 +143,7 @@ class Hit(Generic[T]):
 class _Entry(Generic[T]):
     value: T
     prompt: str
-    numbers: tuple[str, ...]
+    signature: Signature
     stored_at: float
     slot: int | None = None
 
@@ -212,7 +240,7 @@ class SemanticCache(Generic[T]):
         """
         if not self.cacheable(key):
             return None
-        return Probe(tenant, key, prompt, normalise(prompt), numbers_of(prompt))
+        return Probe(tenant, key, prompt, normalise(prompt), signature(prompt))
 
     def lookup(self, probe: Probe) -> tuple[Hit[T] | None, Probe]:
         """The cached answer for ``probe``, and the probe (with its embedding once one was computed).
@@ -240,7 +268,7 @@ class SemanticCache(Generic[T]):
             name = (probe.tenant, probe.key, probe.normalised)
             if name in self._entries:
                 self._drop(name)
-            entry = _Entry(value, probe.prompt, probe.numbers, self._clock())
+            entry = _Entry(value, probe.prompt, probe.signature, self._clock())
             if probe.embedding is not None:
                 partition = self._partitions.setdefault(
                     (probe.tenant, probe.key), _Partition(dimensions=int(probe.embedding.shape[0]))
@@ -284,7 +312,7 @@ class SemanticCache(Generic[T]):
         for similarity, normalised in partition.nearest(probe.embedding, self.threshold):
             name = (probe.tenant, probe.key, normalised)
             entry = self._fresh(name)
-            if entry is None or entry.numbers != probe.numbers:
+            if entry is None or entry.signature != probe.signature:
                 continue
             self._entries.move_to_end(name)
             return Hit(entry.value, "semantic", similarity, entry.prompt, self._clock() - entry.stored_at)
