@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,8 @@ from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.http import SemanticCache, create_http_app, running_http
 from services.dispatch.main import dispatcher_for
 from services.inference.launcher import TritonServer
+from tests.e2e.test_ask import wait_idle
+from tests.e2e.triton_metrics import generations, scrape
 
 PRICE = ModelEntry(price_in_per_mtok=1.0, price_out_per_mtok=2.0)
 QUESTION = "What is the capital of France?"
@@ -165,3 +168,25 @@ async def test_an_unknown_model_is_404_in_the_openai_error_shape(base_url: str, 
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "invalid_request_error"
     assert body["error"]["param"] in ("messages", "temperature")
+
+
+async def test_a_client_leaving_mid_stream_cancels_the_generation_inside_triton(
+    client: openai.AsyncOpenAI, triton: TritonServer
+) -> None:
+    before = generations(await asyncio.to_thread(scrape, triton), "cancelled")
+    stream = await client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        max_tokens=400,
+        temperature=0.7,  # not cacheable: the request must reach the model
+        stream=True,
+    )
+    received = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            received += 1
+            if received == 3:
+                break
+    await stream.close()
+    assert await wait_idle(triton) == 0
+    assert generations(await asyncio.to_thread(scrape, triton), "cancelled") == before + 1
