@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.dispatch.events import Finished, PlanMade
 from services.dispatch.http.cache import Hit
-from services.dispatch.pipeline import Finished, PlanMade
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 """Dispatch's finish reasons as OpenAI's; any other (``cancelled``) reads ``stop``."""

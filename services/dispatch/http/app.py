@@ -29,11 +29,12 @@ from opentelemetry import propagate, trace
 
 from constellation import telemetry
 from constellation.errors import ConstellationError, InvalidArgument, NotFound
+from services.dispatch.events import Delta, Finished, PlanMade
 from services.dispatch.http._errors import http_error
 from services.dispatch.http._request import PROFILE_MODELS, ChatRequest, parse_chat
 from services.dispatch.http._response import CachedCompletion, Facts
 from services.dispatch.http.cache import CacheKey, Probe, SemanticCache
-from services.dispatch.pipeline import Delta, Dispatcher, Finished, PlanMade
+from services.dispatch.pipeline import Dispatcher
 
 tracer = trace.get_tracer("constellation.dispatch.http")
 
