@@ -212,6 +212,7 @@ def _up(args: argparse.Namespace) -> int:
         triton_grpc=args.triton_grpc_port,
         triton_http=args.triton_http_port,
         triton_metrics=args.triton_metrics_port,
+        dispatch_http=args.http_port,
     )
     ports.classifier = args.classifier_port
     mesh = Mesh(
@@ -469,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--exit-after-demo", action="store_true", help="stop right after the demo (for scripts)")
     up.add_argument("--port", type=int, default=50051, help="dispatch gRPC port (default 50051)")
     up.add_argument("--metrics-port", type=int, default=9464, help="dispatch /metrics port (default 9464)")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="OpenAI-compatible HTTP API of dispatch, http://127.0.0.1:PORT/v1 (default 8080; -1: none)",
+    )
     up.add_argument("--triton-grpc-port", type=int, default=8001)
     up.add_argument("--triton-http-port", type=int, default=8000)
     up.add_argument("--triton-metrics-port", type=int, default=8002)

@@ -150,6 +150,8 @@ class MeshPorts:
     registry: int = 50053
     ranking: int = 50054
     fusion: int = 50055
+    dispatch_http: int = -1
+    """The OpenAI-compatible HTTP API, served by the dispatch process itself (-1: none)."""
 
 
 class Mesh:
@@ -242,6 +244,8 @@ class Mesh:
                 f"127.0.0.1:{ports.triton_grpc}",
                 "--metrics-port",
                 str(ports.dispatch_metrics),
+                "--http-port",
+                str(ports.dispatch_http),
                 *dispatch_args,
             ],
             run_dir / "dispatch.log",

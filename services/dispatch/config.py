@@ -47,6 +47,9 @@ class DispatchConfig(ServiceConfig):
 
     Attributes:
         port: gRPC port of DispatchService (50051 by default).
+        http_port: port of the OpenAI-compatible HTTP API, served in the same process and event loop on
+            the same host as gRPC; -1 (the default for a bare service) serves none, 0 picks a free port.
+            ``constellation up`` serves it on 8080.
         triton_url: Triton's gRPC endpoint, ``host:port``.
         default_model: The model asked when a request names none and no routing policy is configured.
         max_prompt_chars: Longest prompt accepted, in characters.
@@ -89,6 +92,7 @@ class DispatchConfig(ServiceConfig):
     model_config = SettingsConfigDict(env_prefix="CONSTELLATION_DISPATCH_", env_nested_delimiter="__", extra="forbid")
 
     port: int = Field(default=50051, ge=0, le=65535)
+    http_port: int = Field(default=-1, ge=-1, le=65535)
     triton_url: str = "127.0.0.1:8001"
     default_model: str = "smollm2"
     max_prompt_chars: int = Field(default=32_000, ge=1)

@@ -14,6 +14,7 @@ from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig
+from services.dispatch.http import SemanticCache, create_http_app, running_http
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.routing import Router, try_load_router
 from services.dispatch.servicer import SERVICE_NAME, DispatchServicer
@@ -118,9 +119,16 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
 
 @asynccontextmanager
 async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServer]:
-    """Dispatch's lifespan: its clients (:func:`dispatcher_for`) and the server (port 0 picks a free one)."""
+    """Dispatch's lifespan: its clients (:func:`dispatcher_for`), the gRPC server (port 0 picks a free one)
+    and, when ``http_port`` is not -1, the OpenAI-compatible HTTP API on the same event loop (no extra hop)."""
     async with dispatcher_for(config) as dispatcher, serving(registrations(dispatcher), config) as running:
-        yield running
+        if config.http_port < 0:
+            yield running
+            return
+        app = create_http_app(dispatcher, cache=SemanticCache(None))
+        async with running_http(app, config.host, config.http_port) as http:
+            log.info("dispatch HTTP API (OpenAI-compatible) on http://%s:%d/v1", config.host, http.port)
+            yield running
 
 
 SERVICE = ServiceMain(
@@ -130,6 +138,7 @@ SERVICE = ServiceMain(
     "[dispatch] table of the config file and CONSTELLATION_DISPATCH_* variables; flags override both.",
     lifespan=running_dispatch,
     flags=(
+        Flag("--http-port", type=int, help="OpenAI-compatible HTTP API port (-1: none, the default; 0: any free)"),
         Flag("--triton-url", help="Triton gRPC endpoint host:port (default 127.0.0.1:8001)"),
         Flag("--models-file", help="JSON file of pool models: name -> {triton_model, parameters, prices}"),
         Flag("--classifier-url", help="ClassifierService host:port (default: none, no classification)"),
