@@ -259,7 +259,7 @@ def _repair_declared(record: registry_pb2.ModelRecord) -> None:
 
 
 def _repair_stats(stats: registry_pb2.LiveStats) -> None:
-    for series in (stats.time_to_first_token, stats.per_token):
+    for series in (getattr(stats, f) for f in ("time_to_first_token", "per_token") if stats.HasField(f)):
         for name in ("ewma_ms", "p50_ms", "p95_ms", "p99_ms"):
             setattr(series, name, _clamp(getattr(series, name), MAX_LATENCY_MS))
     stats.error_rate = _clamp(stats.error_rate, 1.0)
@@ -280,6 +280,7 @@ def sanitize_record(record: registry_pb2.ModelRecord) -> tuple[registry_pb2.Mode
     repaired = registry_pb2.ModelRecord()
     repaired.CopyFrom(record)
     _repair_declared(repaired)
-    _repair_stats(repaired.stats)
+    if repaired.HasField("stats"):
+        _repair_stats(repaired.stats)
     changed = repaired.SerializeToString(deterministic=True) != record.SerializeToString(deterministic=True)
     return repaired, changed
