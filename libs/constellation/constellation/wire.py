@@ -11,8 +11,9 @@ one field violation has the empty path (the request as a whole).
 
 Hook it into a server as ``grpc.aio.server(interceptors=[..., UndecodableRequestInterceptor()])``.
 Placed last, it is the innermost interceptor: the tracing and metrics interceptors before it see the
-call end exactly as when a servicer aborts it with INVALID_ARGUMENT itself. Streamed requests are covered too: reading an undecodable message from the
-request iterator ends the call the same way. Behaviours must be ``async`` (as every aio servicer's are).
+call end exactly as when a servicer aborts it with INVALID_ARGUMENT itself. Streamed requests are
+covered too: reading an undecodable message from the request iterator ends the call the same way.
+Behaviours must be ``async`` (as every aio servicer's are).
 """
 
 from __future__ import annotations
