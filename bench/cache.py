@@ -77,7 +77,7 @@ class FocusEmbedder:
     @classmethod
     def load(cls) -> FocusEmbedder:
         from constellation.artifacts import default_root
-        from services.classifier.encoder import Encoder
+        from constellation.ml.encoder import Encoder
         from services.classifier.rules import KeywordRules
         from services.classifier.train import EmbeddingCache
 

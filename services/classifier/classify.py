@@ -190,7 +190,9 @@ class Classifier:
         max_queue: Most prompts waiting for the encoder before callers get ``ResourceExhausted``.
 
     Use as an async context manager (or ``start``/``close``) so the batcher runs. ``classify`` is safe to
-    call concurrently; the encoder runs in one worker thread.
+    call concurrently; the encoder runs in one worker thread. A call with many prompts queues them for
+    the encoder ``max_batch`` at a time and waits for each chunk before queueing the next, so a single
+    prompt that arrives meanwhile waits for at most about one encoder run, not for the whole call.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class Classifier:
         self.encoder = encoder
         self.artifact = artifact
         self.policy = policy
+        self.chunk = max_batch
         self._batcher: MicroBatcher[tuple[str, int], EncoderView] | None = None
         if encoder is not None:
             self._batcher = MicroBatcher(
@@ -263,6 +266,18 @@ class Classifier:
             for i in range(len(items))
         ]
 
+    async def _encode_chunk(self, items: list[tuple[str, int]]) -> list[EncoderView]:
+        """Encoder views of one chunk. If one item fails, the rest of the chunk is cancelled (its
+        queued items are then dropped by the batcher) and the error is raised."""
+        assert self._batcher is not None
+        batcher = self._batcher
+        tasks = [asyncio.ensure_future(batcher.submit(item)) for item in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def classify(self, prompts: Sequence[str], want_embedding: Sequence[bool]) -> list[Classification]:
         """Classifies ``prompts`` (validated already), in order.
 
@@ -286,10 +301,10 @@ class Classifier:
                 for i, k in enumerate(keyword)
                 if needs_encoder(k, self.policy, want_embedding=want_embedding[i], heads=heads)
             ]
-            if wanted:
-                batcher = self._batcher
-                views = await asyncio.gather(*(batcher.submit((keyword[i].focus, len(prompts[i]))) for i in wanted))
-                for i, view in zip(wanted, views, strict=True):
+            for start in range(0, len(wanted), self.chunk):
+                chunk = wanted[start : start + self.chunk]
+                views = await self._encode_chunk([(keyword[i].focus, len(prompts[i])) for i in chunk])
+                for i, view in zip(chunk, views, strict=True):
                     encoded[i] = view
         results = []
         for i, k in enumerate(keyword):

@@ -96,7 +96,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
             count = len(request.requests)
             if count > self.config.max_batch_requests:
                 raise InvalidArgument(
-                    f"a batch may hold at most {self.config.max_batch_requests} requests",
+                    f"a batch may hold at most {self.config.max_batch_requests} requests; split it into several calls",
                     [FieldViolation("requests", f"holds {count}; the limit is {self.config.max_batch_requests}")],
                     reason="BATCH_TOO_LARGE",
                 )

@@ -19,6 +19,9 @@ class FusionConfig(ServiceConfig):
         fuser_model: Triton model that writes fused open answers when a request names none. The default
             ``smollm2`` is the real SmolLM2-135M-Instruct of ``services/inference`` (tiny: expect its fused
             answers to be weaker than a large model's candidates; name a stronger model in production).
+        fuser_models: Further Triton models a request may name in ``FuseRequest.fuser_model`` (the default
+            ``fuser_model`` always may). Any other name is INVALID_ARGUMENT: a caller's typo must not turn
+            silently into a top-candidate answer, and callers must not make fusion load arbitrary models.
         fuse_timeout_s: Longest the fuser may take, in seconds; the caller's remaining deadline, less
             ``deadline_reserve_s``, shortens it further. On timeout the top candidate is returned.
         deadline_reserve_s: Time kept back from the caller's deadline to send the fallback answer, in seconds.
@@ -45,6 +48,7 @@ class FusionConfig(ServiceConfig):
     port: int = Field(default=50055, ge=0, le=65535)
     triton_url: str = "127.0.0.1:8001"
     fuser_model: str = "smollm2"
+    fuser_models: list[str] = Field(default_factory=list, max_length=64)
     fuse_timeout_s: float = Field(default=120.0, gt=0)
     deadline_reserve_s: float = Field(default=0.2, ge=0)
     prompt_budget_chars: int = Field(default=6000, ge=500)

@@ -57,6 +57,25 @@ def _sampling_violations(sampling: common_pb2.SamplingParams) -> list[FieldViola
     return bad
 
 
+def allowed_fusers(config: FusionConfig) -> list[str]:
+    """The models a request may name as its fuser: the default first, then ``fuser_models``."""
+    return list(dict.fromkeys([config.fuser_model, *config.fuser_models]))
+
+
+def _fuser_violations(fuser_model: str, config: FusionConfig) -> list[FieldViolation]:
+    allowed = allowed_fusers(config)
+    if not fuser_model or fuser_model in allowed:
+        return []
+    shown = fuser_model if len(fuser_model) <= 64 else fuser_model[:64] + "..."
+    return [
+        FieldViolation(
+            "fuser_model",
+            f"{shown!r} is not a fuser model of this service; leave it empty for the default or name one of: "
+            + ", ".join(allowed),
+        )
+    ]
+
+
 def validate(request: fusion_pb2.FuseRequest, config: FusionConfig) -> None:
     """Raises InvalidArgument naming every bad field of ``request``."""
     bad: list[FieldViolation] = []
@@ -82,6 +101,7 @@ def validate(request: fusion_pb2.FuseRequest, config: FusionConfig) -> None:
         bad.append(FieldViolation("prompt", "generative fusion needs the query"))
     if len(request.prompt) > config.max_prompt_chars:
         bad.append(FieldViolation("prompt", f"longer than {config.max_prompt_chars} characters"))
+    bad += _fuser_violations(request.fuser_model, config)
     bad += _sampling_violations(request.sampling)
     if bad:
         raise InvalidArgument("the fuse request is invalid", bad, reason="BAD_FUSE_REQUEST")

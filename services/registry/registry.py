@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from constellation.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from constellation.errors import NotFound, ResourceExhausted
 from constellation.tasks import BackgroundTask
 from constellation.v1 import common_pb2, registry_pb2
 from services.registry.health import HealthPolicy
 from services.registry.stats import ModelStats, StatsSettings
 from services.registry.store import ModelStore
+from services.registry.validation import sanitize_record, validate_outcomes, validate_record
 
 log = logging.getLogger(__name__)
 
@@ -41,37 +41,8 @@ READY = common_pb2.MODEL_STATE_READY
 LOADING = common_pb2.MODEL_STATE_LOADING
 UNHEALTHY = common_pb2.MODEL_STATE_UNHEALTHY
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._@:/-]{1,128}")
-NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ @ : / -"
-
 ChangeListener = Callable[[int, registry_pb2.ModelRecord], None]
 """Called with ``(change, record)`` for every published change; must not block or raise."""
-
-
-def validate_record(record: registry_pb2.ModelRecord, prefix: str = "model") -> None:
-    """Checks the fields a caller declares.
-
-    Raises:
-        InvalidArgument: one field violation per bad field, named ``<prefix>.<field>``.
-    """
-    problems: list[FieldViolation] = []
-    if not NAME_PATTERN.fullmatch(record.name):
-        problems.append(FieldViolation(f"{prefix}.name", f"{record.name!r} is not a model name: {NAME_RULE}"))
-    for name in ("price_in_per_mtok", "price_out_per_mtok", "params_b"):
-        value = getattr(record, name)
-        if not value >= 0.0:  # also catches NaN
-            problems.append(FieldViolation(f"{prefix}.{name}", f"must be >= 0, got {value}"))
-    if not 0.0 <= record.traffic_weight <= 1.0:
-        problems.append(FieldViolation(f"{prefix}.traffic_weight", f"must be in [0, 1], got {record.traffic_weight}"))
-    for i, estimate in enumerate(record.quality):
-        if not 0.0 <= estimate.quality <= 1.0:
-            problems.append(
-                FieldViolation(f"{prefix}.quality[{i}].quality", f"must be in [0, 1], got {estimate.quality}")
-            )
-    if record.state not in common_pb2.ModelState.values():
-        problems.append(FieldViolation(f"{prefix}.state", f"unknown model state {record.state}"))
-    if problems:
-        raise InvalidArgument(f"invalid model record {record.name!r}", problems, reason="INVALID_MODEL_RECORD")
 
 
 def _copy(record: registry_pb2.ModelRecord) -> registry_pb2.ModelRecord:
@@ -161,11 +132,30 @@ class Registry:
         self._listeners: list[ChangeListener] = []
         self._pending: set[str] = set()
         self._flusher = BackgroundTask("registry-coalesce")
-        for record in store.all():
+        for record in self._load(store):
             self.records[record.name] = record
             self.stats[record.name] = ModelStats(self.settings.stats, record)
             if record.state == UNHEALTHY:
                 self._unhealthy_since[record.name] = 0.0
+
+    @staticmethod
+    def _load(store: ModelStore) -> list[registry_pb2.ModelRecord]:
+        """The stored records, each brought within today's limits (files from older versions may hold
+        NaN statistics, out-of-range quality or oversized lists); repaired records are written back."""
+        records, repaired = [], []
+        for stored in store.all():
+            record, changed = sanitize_record(stored)
+            records.append(record)
+            if changed:
+                repaired.append(record)
+        if repaired:
+            log.warning(
+                "repaired %d stored records that broke the registry's limits: %s",
+                len(repaired),
+                ", ".join(r.name for r in repaired[:10]),
+            )
+            store.put(repaired)
+        return records
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -312,17 +302,23 @@ class Registry:
     def report(self, outcomes: Sequence[registry_pb2.Outcome]) -> int:
         """Folds a batch of call outcomes into the statistics and persists the touched records.
 
-        Outcomes of unknown models, or with negative times, are rejected (not counted), never an error.
-        A model whose outcomes cross the health thresholds turns UNHEALTHY at once.
+        The batch is checked whole first (see :mod:`services.registry.validation`): one out-of-range
+        value rejects it and nothing is recorded. Outcomes of unknown models (just removed, or not yet
+        registered) are not counted, never an error. A model whose outcomes cross the health thresholds
+        turns UNHEALTHY at once.
 
         Returns:
             How many outcomes were accepted.
+
+        Raises:
+            InvalidArgument: an outcome breaks a limit; each bad field is named ``outcomes[i].<field>``.
         """
+        validate_outcomes(outcomes)
         accepted = 0
         touched: dict[str, bool] = {}
         for outcome in outcomes:
             stats = self.stats.get(outcome.model)
-            if stats is None or outcome.time_to_first_token_ms < 0 or outcome.total_ms < 0:
+            if stats is None:
                 continue
             stats.observe(outcome)
             accepted += 1

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from constellation.errors import FieldViolation, InvalidArgument
 from constellation.pools import read_model_cards
 from constellation.v1 import common_pb2, registry_pb2
+from services.registry.validation import record_violations
 
 REPLAY_MODEL = "replay"
 
@@ -130,6 +131,7 @@ def _to_record(model: _SeedModel, where: str) -> registry_pb2.ModelRecord:
         traffic_weight=model.traffic_weight,
         simulated=model.simulated,
     )
+    problems += record_violations(record, where)
     if problems:
         raise InvalidArgument(f"invalid model {model.name!r} in the pool file", problems, reason="INVALID_POOL_FILE")
     return record

@@ -10,7 +10,12 @@ Per model, :class:`ModelStats` keeps:
   outcome carries a quality.
 
 The means and quality estimates round-trip through ``ModelRecord`` (so they survive a restart); the
-windows and the failure run start empty after one. Plain Python, no locking: the registry calls it
+windows and the failure run start empty after one.
+
+Only finite samples enter a mean or a window: a NaN or infinite latency, a negative one, or a quality
+outside [0, 1] is skipped (the registry rejects such outcomes before they get here; this is the last
+line, and it also covers values restored from a record written by an older version). Every value
+:meth:`ModelStats.write_to` produces is therefore finite. Plain Python, no locking: the registry calls it
 from its event loop thread only.
 """
 
@@ -51,15 +56,28 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+def finite_sample(value: float) -> bool:
+    """True for a finite, non-negative number: the only kind of sample a statistic takes."""
+    return math.isfinite(value) and value >= 0.0
+
+
+def quality_sample(value: float) -> bool:
+    """True for a finite quality in [0, 1]."""
+    return math.isfinite(value) and 0.0 <= value <= 1.0
+
+
 class LatencySeries:
     """An exponentially weighted mean plus a bounded window of one latency, in milliseconds."""
 
     def __init__(self, alpha: float, window: int, ewma_ms: float = 0.0):
         self.alpha = alpha
-        self.ewma_ms = ewma_ms
+        self.ewma_ms = ewma_ms if finite_sample(ewma_ms) else 0.0
         self.values: deque[float] = deque(maxlen=window)
 
     def add(self, value_ms: float) -> None:
+        """Folds one latency in; a non-finite or negative one is skipped."""
+        if not finite_sample(value_ms):
+            return
         self.ewma_ms = value_ms if self.ewma_ms <= 0.0 else self.ewma_ms + self.alpha * (value_ms - self.ewma_ms)
         self.values.append(value_ms)
 
@@ -92,8 +110,7 @@ class ModelStats:
         self.calls = 0
         self.quality: dict[QualityKey, tuple[float, int]] = {}
         if restored is not None:
-            for estimate in restored.quality:
-                self.quality[(estimate.task, estimate.complexity)] = (estimate.quality, int(estimate.observations))
+            self.seed_quality(list(restored.quality), replace=True)
 
     def observe(self, outcome: registry_pb2.Outcome) -> None:
         """Folds one call outcome in. Latencies count only from successful calls."""
@@ -113,7 +130,7 @@ class ModelStats:
             tokens = outcome.usage.output_tokens
             if tokens >= 2 and outcome.total_ms > ttft >= 0:
                 self.per_token.add((outcome.total_ms - ttft) / (tokens - 1))
-        if outcome.HasField("quality"):
+        if outcome.HasField("quality") and quality_sample(outcome.quality):
             key = (outcome.task, outcome.complexity)
             mean, count = self.quality.get(key, (0.0, 0))
             count += 1
@@ -136,12 +153,15 @@ class ModelStats:
         self.consecutive_failures = 0
         self.consecutive_timeouts = 0
 
-    def seed_quality(self, estimates: list[registry_pb2.QualityEstimate]) -> None:
-        """Takes declared quality priors for slices nothing has been learned about yet."""
+    def seed_quality(self, estimates: list[registry_pb2.QualityEstimate], *, replace: bool = False) -> None:
+        """Takes quality estimates for slices nothing has been learned about yet (all of them with
+        ``replace``, when restoring). Estimates with a quality outside [0, 1] are skipped."""
         for estimate in estimates:
+            if not quality_sample(estimate.quality):
+                continue
             key = (estimate.task, estimate.complexity)
             learned = self.quality.get(key)
-            if learned is None or learned[1] == 0:
+            if replace or learned is None or learned[1] == 0:
                 self.quality[key] = (estimate.quality, int(estimate.observations))
 
     def write_to(self, record: registry_pb2.ModelRecord, *, now: float) -> None:

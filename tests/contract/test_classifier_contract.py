@@ -173,6 +173,36 @@ async def test_encoder_can_be_switched_off() -> None:
     assert result.truncated is False
 
 
+async def test_a_big_batch_is_bounded_and_does_not_hold_up_single_calls(encoder: Encoder) -> None:
+    """A concurrent Classify finishes long before a maximum-size batch (measured; printed with -s)."""
+    config = load_config(
+        ClassifierConfig, None, port=0, shutdown_grace_s=1.0, batch_max_size=16, max_batch_requests=512
+    )
+    classifier = Classifier(KeywordRules(), encoder=encoder, max_batch=config.batch_max_size)
+    prompts = [f"Tell me one fact about the number {i}." for i in range(config.max_batch_requests)]
+    async with classifier, running_classifier(config, classifier=classifier) as running:
+        async with ClassifierClient(f"127.0.0.1:{running.port}") as client:
+            with pytest.raises(InvalidArgument) as too_big:
+                await client.classify_batch([*prompts, "one too many"], timeout_s=10)
+            assert [v.field for v in too_big.value.violations] == ["requests"]
+            assert "512" in too_big.value.violations[0].description
+            await client.classify("warm up", timeout_s=30)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            batch = asyncio.ensure_future(client.classify_batch(prompts, timeout_s=300))
+            await asyncio.sleep(0.2)  # the batch is queued and the encoder is busy with it
+            single_started = loop.time()
+            single = await client.classify("Write a Python function that reverses a string.", timeout_s=300)
+            single_s = loop.time() - single_started
+            single_done = not batch.done()
+            results = await batch
+            batch_s = loop.time() - started
+    print(f"\n{len(prompts)}-prompt batch: {batch_s:.2f} s; concurrent single Classify: {single_s:.3f} s")
+    assert single.task == common_pb2.TASK_TYPE_CODE and len(results) == len(prompts)
+    assert single_done, "the single call waited for the whole batch"
+    assert single_s < batch_s / 3
+
+
 async def test_health_and_reflection(servers: dict[str, str]) -> None:
     address = servers["keyword"]
     assert await serving(address, ("", "constellation.v1.ClassifierService")) == [SERVING, SERVING]

@@ -141,6 +141,29 @@ async def test_bad_requests_are_invalid_argument_with_field_violations(address: 
     }
 
 
+async def test_an_unknown_fuser_model_is_invalid_argument_naming_the_field(address: str) -> None:
+    candidates = [_scored("a", "The capital of France is Paris.", 0.9, 0)]
+    with pytest.raises(InvalidArgument) as caught:
+        await _collect(
+            address,
+            prompt="What is the capital of France?",
+            candidates=candidates,
+            answer_kind=common_pb2.ANSWER_KIND_OPEN,
+            fuser_model="no_such_model",
+        )
+    assert [v.field for v in caught.value.violations] == ["fuser_model"]
+    assert "smollm2" in caught.value.violations[0].description  # what the caller may name instead
+    # The default named explicitly is allowed (and falls back here, where no Triton listens).
+    _, (summary,) = await _collect(
+        address,
+        prompt="What is the capital of France?",
+        candidates=candidates,
+        answer_kind=common_pb2.ANSWER_KIND_OPEN,
+        fuser_model="smollm2",
+    )
+    assert summary.method == "top_candidate"
+
+
 async def test_health_and_reflection(address: str) -> None:
     assert await serving(address, ("", SERVICE_NAME)) == [SERVING, SERVING]
     services, output = await reflected(address, SERVICE_NAME, "Fuse")

@@ -7,6 +7,7 @@ the tests set (``probe_answers``), so recovery can be driven without a Triton se
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -114,6 +115,41 @@ async def test_bad_records_get_invalid_argument_with_field_violations(harness: H
         with pytest.raises(InvalidArgument) as caught:
             await client.register(registry_pb2.ModelRecord(name="x" * 129))
         assert [v.field for v in caught.value.violations] == ["model.name"]
+
+
+async def test_poison_is_refused_over_the_wire_and_never_reaches_a_record(harness: Harness) -> None:
+    async with RegistryClient(harness.address) as client:
+        with pytest.raises(InvalidArgument) as caught:
+            await client.register(
+                _record(
+                    "poison",
+                    params_b=math.inf,
+                    quality=[registry_pb2.QualityEstimate(quality=7.5)],
+                    answer_kinds=[77],
+                    state=9,
+                )
+            )
+        assert sorted(v.field for v in caught.value.violations) == [
+            "model.answer_kinds",
+            "model.params_b",
+            "model.quality[0].quality",
+            "model.state",
+        ]
+        with pytest.raises(InvalidArgument) as caught:
+            await client.register(_record("wide", capabilities=[f"cap-{i}" for i in range(400_000)]))
+        assert [v.field for v in caught.value.violations] == ["model.capabilities"]
+        stored = await client.register(_record("sound"))
+        with pytest.raises(InvalidArgument) as caught:
+            await client.report(
+                [
+                    registry_pb2.Outcome(model="sound", success=True, time_to_first_token_ms=5.0, total_ms=9.0),
+                    registry_pb2.Outcome(model="sound", success=True, time_to_first_token_ms=math.inf, total_ms=9.0),
+                ]
+            )
+        assert [v.field for v in caught.value.violations] == ["outcomes[1].time_to_first_token_ms"]
+        assert caught.value.reason == "INVALID_OUTCOME"
+        assert [r.name for r in await client.list()] == ["sound"]
+        assert (await client.get("sound")).stats == stored.stats
 
 
 async def test_a_watcher_sees_a_new_model_within_one_second(harness: Harness) -> None:

@@ -40,6 +40,7 @@ async def fusion(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory)
         port=0,
         shutdown_grace_s=1.0,
         triton_url=triton.grpc_url,
+        fuser_models=["not_loaded_in_triton"],
         artifact=str(tmp_path_factory.mktemp("no-artifact")),
     )
     async with running_fusion(config) as running:
@@ -73,8 +74,8 @@ async def test_fuses_two_open_candidates_into_a_streamed_answer(fusion: str) -> 
     assert 1 <= summary.usage.output_tokens <= 48
 
 
-async def test_missing_fuser_model_falls_back_to_the_top_candidate(fusion: str) -> None:
-    deltas, summary = await _fuse(fusion, "no_such_model")
+async def test_an_offered_fuser_missing_from_triton_falls_back_to_the_top_candidate(fusion: str) -> None:
+    deltas, summary = await _fuse(fusion, "not_loaded_in_triton")
     assert summary.method == "top_candidate"
     assert "".join(deltas) == summary.text == "The capital of France is Paris."
     assert summary.usage.output_tokens == 0

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from constellation import consul, telemetry
 from constellation.config import ServiceConfig
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
+from constellation.wire import UndecodableRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,13 @@ async def create_server(
     """
     telemetry.configure_tracing(config.service_name, traces_file=config.traces_file or None)
     server = grpc.aio.server(
-        interceptors=[*telemetry.server_interceptors(), RpcMetricsInterceptor(), *interceptors],
+        interceptors=[
+            *telemetry.server_interceptors(),
+            RpcMetricsInterceptor(),
+            *interceptors,
+            # innermost: request bytes that do not decode become INVALID_ARGUMENT, not UNKNOWN
+            UndecodableRequestInterceptor(),
+        ],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.aio.HealthServicer()
