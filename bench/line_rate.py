@@ -13,8 +13,9 @@ of every mesh process (Triton and its backend stubs, dispatch, classifier, fusio
 is the highest offered rate whose p99 stays under twice the lane's lowest-rate p99 with nothing failed.
 Also: classification with the embedding, one prompt at a time against the idle classifier (p50, p99).
 
-Writes ``docs/bench/line_rate.{json,png}``. Run: ``python -m bench.line_rate`` (``--encoder-runtime torch``
-for the classifier's torch encoder, the state before ONNX Runtime).
+Writes ``docs/bench/line_rate.{json,png}``. Run: ``python -m bench.line_rate`` (the classifier on the int8
+ONNX encoder; ``--encoder-runtime torch`` for the service's default; ``--dispatch-env OPENBLAS_NUM_THREADS=1``
+to keep OpenBLAS's worker thread in dispatch from spinning after the router's one matrix-vector product).
 """
 
 from __future__ import annotations
@@ -312,7 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start-routed", type=float, default=4.0, help="lowest rate of the profiles")
     parser.add_argument("--idle-s", type=float, default=5.0, help="seconds of idle CPU measured (default 5)")
     parser.add_argument("--classify-n", type=int, default=100, help="prompts for the classification latency")
-    parser.add_argument("--encoder-runtime", default="onnx-int8", choices=["onnx-int8", "onnx", "torch"])
+    parser.add_argument(
+        "--encoder-runtime", default="onnx-int8", choices=["onnx-int8", "onnx", "torch"], help="the classifier's"
+    )
     parser.add_argument(
         "--dispatch-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment of dispatch"
     )

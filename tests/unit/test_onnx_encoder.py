@@ -80,9 +80,9 @@ def test_the_classifier_loads_the_runtime_its_config_names(cache: Path, monkeypa
     from services.classifier.main import _load_encoder
 
     monkeypatch.setenv("CONSTELLATION_CACHE_DIR", str(cache))
-    default = _load_encoder(load_config(ClassifierConfig, None, port=0), 128, 96, False)
-    assert isinstance(default, OnnxEncoder) and default.quantized
-    torch_config = load_config(ClassifierConfig, None, port=0, encoder_runtime="torch")
-    assert type(_load_encoder(torch_config, 128, 96, False)) is Encoder
+    assert type(_load_encoder(load_config(ClassifierConfig, None, port=0), 128, 96, False)) is Encoder
+    int8_config = load_config(ClassifierConfig, None, port=0, encoder_runtime="onnx-int8")
+    int8 = _load_encoder(int8_config, 128, 96, False)
+    assert isinstance(int8, OnnxEncoder) and int8.quantized
     # heads trained on torch's int8 embeddings keep torch's int8 encoder
-    assert type(_load_encoder(load_config(ClassifierConfig, None, port=0), 128, 96, True)) is Encoder
+    assert type(_load_encoder(int8_config, 128, 96, True)) is Encoder
