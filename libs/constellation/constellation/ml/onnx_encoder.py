@@ -79,7 +79,8 @@ def build_graph(directory: Path, *, int8: bool, cache_dir: Path | None = None) -
     Files are written beside their final name and renamed, so concurrent builders never read half a file.
 
     Raises:
-        FailedPrecondition: the graph is missing and torch or ``onnx`` cannot export it.
+        FailedPrecondition: the graph is missing and cannot be built here (torch, ``onnx`` or
+            ``onnxscript`` missing, or the export failed); callers fall back to the torch encoder.
     """
     path = graph_path(directory, int8=int8, cache_dir=cache_dir)
     if path.is_file():
@@ -97,9 +98,10 @@ def build_graph(directory: Path, *, int8: bool, cache_dir: Path | None = None) -
 
                 quantize_dynamic(fp32, staging, weight_type=QuantType.QInt8, per_channel=True, extra_options=QUANTIZE)
             os.replace(staging, path)
-    except ImportError as error:
+    except Exception as error:  # missing exporter packages, or an exporter that rejects this torch version
         raise FailedPrecondition(
-            f"cannot build the ONNX encoder {path.name}: {error}", reason="ENCODER_EXPORT_UNAVAILABLE"
+            f"cannot build the ONNX encoder {path.name}: {type(error).__name__}: {error}",
+            reason="ENCODER_EXPORT_UNAVAILABLE",
         ) from error
     log.info("encoder graph %s built in %.1fs", path, time.perf_counter() - started)
     return path
