@@ -64,6 +64,7 @@ bench: setup
 	$(PY) -m bench.cascade_search
 	$(PY) -m bench.quorum
 	$(PY) -m bench.tail_latency
+	$(PY) -m bench.line_rate
 	$(PY) -m bench.classifier --train
 	$(PY) -m bench.fusion --train
 	$(PY) -m bench.ranker

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from constellation.errors import FieldViolation, InvalidArgument
-from constellation.ml.encoder import Encoder
+from constellation.ml.encoder import BaseEncoder
 from services.classifier.batcher import MicroBatcher
 from services.classifier.heads import Artifact, features
 from services.classifier.rules import KeywordResult, KeywordRules
@@ -199,7 +199,7 @@ class Classifier:
         self,
         rules: KeywordRules,
         *,
-        encoder: Encoder | None = None,
+        encoder: BaseEncoder | None = None,
         artifact: Artifact | None = None,
         policy: Policy = Policy(),
         max_batch: int = 64,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from constellation.errors import ConstellationError
-from constellation.ml.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, Encoder
+from constellation.ml.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, BaseEncoder, Encoder
 from constellation.server import Registration, RunningServer, serving
 from constellation.service import Flag, ServiceMain, disable, optional_artifact
 from constellation.v1 import classifier_pb2_grpc
@@ -29,7 +29,29 @@ def _load_artifact(config: ClassifierConfig) -> Artifact | None:
     return artifact
 
 
-def build_classifier(config: ClassifierConfig, *, encoder: Encoder | None = None) -> Classifier:
+def _load_encoder(config: ClassifierConfig, max_tokens: int, head_tokens: int, quantized: bool) -> BaseEncoder:
+    """The encoder ``config.encoder_runtime`` names; torch when ONNX Runtime cannot run here.
+
+    Heads trained on torch's int8 embeddings (``quantized``) get torch's int8 encoder: ONNX Runtime's int8
+    embeddings differ from those.
+    """
+    if config.encoder_runtime != "torch" and not quantized:
+        from constellation.ml.onnx_encoder import OnnxEncoder
+
+        try:
+            return OnnxEncoder(
+                max_tokens=max_tokens,
+                head_tokens=head_tokens,
+                int8=config.encoder_runtime == "onnx-int8",
+                threads=config.encoder_threads or None,
+            )
+        except ConstellationError as error:
+            log.warning("classifier: %s; falling back to the torch encoder", error.message)
+    threads = config.encoder_threads or None
+    return Encoder(max_tokens=max_tokens, head_tokens=head_tokens, quantize=quantized, threads=threads)
+
+
+def build_classifier(config: ClassifierConfig, *, encoder: BaseEncoder | None = None) -> Classifier:
     """Loads the rules, the encoder and the trained heads for ``config``. Blocking (seconds, most of it
     importing torch); call it off the event loop.
 
@@ -58,12 +80,7 @@ def build_classifier(config: ClassifierConfig, *, encoder: Encoder | None = None
             encoder = None
         try:
             if encoder is None:
-                encoder = Encoder(
-                    max_tokens=wanted[0],
-                    head_tokens=wanted[1],
-                    quantize=wanted[2],
-                    threads=config.encoder_threads or None,
-                )
+                encoder = _load_encoder(config, *wanted)
         except ConstellationError as error:
             log.warning("classifier: %s; serving without embeddings, keyword path only", error.message)
             artifact = None

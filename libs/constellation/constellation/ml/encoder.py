@@ -74,6 +74,9 @@ class EncoderIdentity:
         max_tokens: Word pieces per input, special tokens included.
         head_tokens: Leading pieces kept when an input is cut.
         quantized: True when the linear layers run in int8 (dynamic quantisation).
+        runtime: ``torch``, or ``onnxruntime`` for the int8 ONNX graph (its embeddings differ from torch's
+            int8 ones). Left out of the JSON, and so of the key, for torch and for fp32 ONNX Runtime, whose
+            embeddings equal torch fp32's within float rounding: caches keyed before it stay valid.
     """
 
     name: str
@@ -84,6 +87,7 @@ class EncoderIdentity:
     quantized: bool
     pooling: str = "mean, L2-normalised"
     dimensions: int = DIMENSIONS
+    runtime: str = "torch"
 
     @property
     def key(self) -> str:
@@ -100,7 +104,7 @@ class EncoderIdentity:
             "quantized": self.quantized,
             "pooling": self.pooling,
             "dimensions": self.dimensions,
-        }
+        } | ({"runtime": self.runtime} if self.runtime != "torch" else {})
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> EncoderIdentity:
@@ -113,6 +117,7 @@ class EncoderIdentity:
             quantized=bool(raw["quantized"]),
             pooling=str(raw.get("pooling", "mean, L2-normalised")),
             dimensions=int(raw.get("dimensions", DIMENSIONS)),
+            runtime=str(raw.get("runtime", "torch")),
         )
 
 
@@ -141,21 +146,24 @@ def _weights_digest(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-class Encoder:
-    """all-MiniLM-L6-v2 on the CPU. Loading takes about a second (most of it importing torch).
+class BaseEncoder:
+    """What every runtime of the encoder shares: the tokenizer, the cut of long inputs, length-sorted chunks.
+
+    Subclasses set ``identity`` and implement :meth:`_forward` (token ids and mask of one padded chunk
+    to unit-length pooled embeddings).
 
     Args:
         directory: Model directory; the installed package's by default.
         max_tokens: Word pieces per input, special tokens included (the model was trained at 128 and
             accepts at most 512).
         head_tokens: Leading pieces kept when an input is cut; the rest of the budget goes to its end.
-        quantize: Run the linear layers in int8 (dynamic quantisation): about 1.5-2x faster on CPUs
-            with VNNI, embeddings within ~0.01 cosine of fp32. Heads must be trained in the same mode.
-        threads: torch intra-op threads (process-wide); ``None`` leaves torch's setting alone.
 
     Raises:
         FailedPrecondition: the model package is not installed.
     """
+
+    identity: EncoderIdentity
+    quantized: bool = False
 
     def __init__(
         self,
@@ -163,59 +171,41 @@ class Encoder:
         *,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         head_tokens: int = DEFAULT_HEAD_TOKENS,
-        quantize: bool = False,
-        threads: int | None = None,
     ):
         if not 8 <= max_tokens <= 512:
             raise ValueError(f"max_tokens must be in [8, 512], got {max_tokens}")
         if not 0 <= head_tokens <= max_tokens - 2:
             raise ValueError(f"head_tokens must be in [0, max_tokens - 2], got {head_tokens}")
-        started = time.perf_counter()
-        import torch
         from tokenizers import Tokenizer
-        from transformers import AutoModel
-        from transformers.utils import logging as transformers_logging
 
         self.directory = directory or model_dir()
-        if threads is not None and threads > 0:
-            torch.set_num_threads(threads)
-        self._torch = torch
         self.max_tokens = max_tokens
         self.head_tokens = head_tokens
-        self.quantized = quantize
         self._tokenizer = Tokenizer.from_file(str(self.directory / "tokenizer.json"))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self._cls = self._tokenizer.token_to_id("[CLS]")
         self._sep = self._tokenizer.token_to_id("[SEP]")
         self._pad = self._tokenizer.token_to_id("[PAD]") or 0
-        transformers_logging.disable_progress_bar()
-        # local_files_only: the weights come from the installed package; nothing is fetched from a hub.
-        model = AutoModel.from_pretrained(str(self.directory), local_files_only=True).eval()
-        if quantize:
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        self._model = model
+
+    def _identity(self, *, quantized: bool, runtime: str = "torch") -> EncoderIdentity:
         try:
             version = importlib.metadata.version(DISTRIBUTION)
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
-        self.identity = EncoderIdentity(
+        return EncoderIdentity(
             name=MODEL_NAME,
             package=f"{DISTRIBUTION}=={version}",
             weights_sha256=_weights_digest(self.directory),
-            max_tokens=max_tokens,
-            head_tokens=head_tokens,
-            quantized=quantize,
+            max_tokens=self.max_tokens,
+            head_tokens=self.head_tokens,
+            quantized=quantized,
+            runtime=runtime,
         )
-        log.info(
-            "encoder %s loaded from %s in %.2fs (max_tokens=%d, quantized=%s, threads=%d)",
-            MODEL_NAME,
-            self.directory,
-            time.perf_counter() - started,
-            max_tokens,
-            quantize,
-            torch.get_num_threads(),
-        )
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Unit-length mean-pooled embeddings ``float32 [rows, 384]`` of one padded chunk."""
+        raise NotImplementedError
 
     def _cut(self, text: str) -> tuple[str, bool]:
         budget = self.max_tokens * CHARS_PER_TOKEN_BUDGET
@@ -249,30 +239,83 @@ class Encoder:
         Texts are sorted by length and run in chunks of at most ``CHUNK_TOKENS`` padded tokens, so a
         batch of mixed lengths wastes little on padding. CPU-bound: call it off the event loop.
         """
-        torch = self._torch
         ids, truncated, tokens = self._ids(texts)
         out = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         start = 0
-        with torch.inference_mode():
-            while start < len(order):
-                width = len(ids[order[start]])
-                end = start
-                while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= max(CHUNK_TOKENS, width):
-                    end += 1
-                chunk = order[start:end]
-                longest = len(ids[chunk[-1]])
-                batch = np.full((len(chunk), longest), self._pad, dtype=np.int64)
-                mask = np.zeros((len(chunk), longest), dtype=np.int64)
-                for row, index in enumerate(chunk):
-                    batch[row, : len(ids[index])] = ids[index]
-                    mask[row, : len(ids[index])] = 1
-                input_ids = torch.from_numpy(batch)
-                attention = torch.from_numpy(mask)
-                hidden = self._model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-                weights = attention.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[chunk] = pooled.numpy()
-                start = end
+        while start < len(order):
+            width = len(ids[order[start]])
+            end = start
+            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= max(CHUNK_TOKENS, width):
+                end += 1
+            chunk = order[start:end]
+            longest = len(ids[chunk[-1]])
+            batch = np.full((len(chunk), longest), self._pad, dtype=np.int64)
+            mask = np.zeros((len(chunk), longest), dtype=np.int64)
+            for row, index in enumerate(chunk):
+                batch[row, : len(ids[index])] = ids[index]
+                mask[row, : len(ids[index])] = 1
+            out[chunk] = self._forward(batch, mask)
+            start = end
         return Encoded(out, truncated, tokens)
+
+
+class Encoder(BaseEncoder):
+    """all-MiniLM-L6-v2 on the CPU through torch. Loading takes about a second (most of it importing torch).
+
+    Args:
+        directory: Model directory; the installed package's by default.
+        max_tokens: Word pieces per input, special tokens included.
+        head_tokens: Leading pieces kept when an input is cut.
+        quantize: Run the linear layers in int8 (torch dynamic quantisation): about 1.5-2x faster on CPUs
+            with VNNI, embeddings within ~0.01 cosine of fp32. Heads must be trained in the same mode.
+        threads: torch intra-op threads (process-wide); ``None`` leaves torch's setting alone.
+
+    Raises:
+        FailedPrecondition: the model package is not installed.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        head_tokens: int = DEFAULT_HEAD_TOKENS,
+        quantize: bool = False,
+        threads: int | None = None,
+    ):
+        started = time.perf_counter()
+        super().__init__(directory, max_tokens=max_tokens, head_tokens=head_tokens)
+        import torch
+        from transformers import AutoModel
+        from transformers.utils import logging as transformers_logging
+
+        if threads is not None and threads > 0:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.quantized = quantize
+        transformers_logging.disable_progress_bar()
+        # local_files_only: the weights come from the installed package; nothing is fetched from a hub.
+        model = AutoModel.from_pretrained(str(self.directory), local_files_only=True).eval()
+        if quantize:
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self._model = model
+        self.identity = self._identity(quantized=quantize)
+        log.info(
+            "encoder %s loaded from %s in %.2fs (max_tokens=%d, quantized=%s, threads=%d)",
+            MODEL_NAME,
+            self.directory,
+            time.perf_counter() - started,
+            max_tokens,
+            quantize,
+            torch.get_num_threads(),
+        )
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            attention = torch.from_numpy(mask)
+            hidden = self._model(input_ids=torch.from_numpy(ids), attention_mask=attention).last_hidden_state
+            weights = attention.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
