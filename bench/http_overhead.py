@@ -31,13 +31,13 @@ import aiohttp
 import tritonclient.grpc.aio as aioclient
 from tqdm import tqdm
 
+from apps.mesh import ServiceProcess
 from bench.dispatch_ab import replay_run
 from bench.mesh_overhead import Target, bootstrap_median_interval, direct, through_mesh
 from bench.report import DOCS, markdown_table, percentiles, write_section
 from constellation.client import DispatchClient
 from constellation.config import load_config
-from constellation.mesh import ServiceProcess
-from services.inference.launcher import free_port
+from constellation.net import free_port
 
 MAX_TOKENS = 16
 PATHS = {
