@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import openai
 import psutil
 
 from apps.mesh import port_in_use, state_file, wait_serving
@@ -15,7 +16,7 @@ from constellation.net import free_port
 
 
 def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("port", "metrics", "grpc", "http", "tmetrics", "classifier")}
+    ports = {name: free_port() for name in ("port", "metrics", "grpc", "http", "tmetrics", "classifier", "api")}
     run_dir = tmp_path / "run"
     up = subprocess.Popen(
         [
@@ -23,7 +24,7 @@ def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
             "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
             "--triton-grpc-port", str(ports["grpc"]), "--triton-http-port", str(ports["http"]),
             "--triton-metrics-port", str(ports["tmetrics"]), "--classifier-port", str(ports["classifier"]),
-            "--run-dir", str(run_dir),
+            "--http-port", str(ports["api"]), "--run-dir", str(run_dir),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -50,6 +51,18 @@ def test_up_ask_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         assert ask.stdout.strip()
         assert "first_token" in ask.stderr and "trace id:" in ask.stderr
         assert "classify" in ask.stderr  # the classifier ran on the way in
+
+        # The same dispatch process serves the OpenAI-compatible HTTP API.
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['api']}/v1", api_key="unused", max_retries=0)
+        assert "smollm2" in {model.id for model in api.models.list()}
+        reply = api.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=8,
+            temperature=0,
+            timeout=120,
+        )
+        assert reply.choices[0].message.content
 
         up.send_signal(signal.SIGINT)
         _out, err = up.communicate(timeout=60)
