@@ -48,10 +48,10 @@ def _dispatch_address(explicit: str | None) -> str:
 
 
 class AnswerPrinter:
-    """Prints an Ask's event stream: answer text on stdout, the plan and the summary on stderr.
+    """Prints an Ask's event stream: answer text on stdout; with ``verbose``, the classification, the plan
+    with every candidate's reason and each member's progress on stderr; the summary on stderr.
 
-    One method per event kind, looked up in :attr:`HANDLERS` by the event's ``oneof`` name; kinds without
-    a method (candidate progress) print nothing.
+    One method per event kind, looked up in :attr:`HANDLERS` by the event's ``oneof`` name.
     """
 
     def __init__(self, args: argparse.Namespace):
@@ -59,6 +59,8 @@ class AnswerPrinter:
         self.quiet = bool(args.quiet)
         self.started = time.perf_counter()
         self.first_at: float | None = None
+        self.plan_seen: Any = None
+        self.member_cost: dict[str, float] = {}
 
     def show(self, event: Any) -> None:
         handler = self.HANDLERS.get(event.WhichOneof("event"))
@@ -71,19 +73,48 @@ class AnswerPrinter:
         from constellation.v1 import common_pb2
 
         c = event.classification.classification
+        kind = common_pb2.AnswerKind.Name(c.answer_kind).removeprefix("ANSWER_KIND_").lower()
         print(
             f"[classify] task {common_pb2.TaskType.Name(c.task).removeprefix('TASK_TYPE_').lower()} "
             f"({c.task_confidence:.2f}), complexity "
             f"{common_pb2.Complexity.Name(c.complexity).removeprefix('COMPLEXITY_').lower()} "
-            f"({c.complexity_confidence:.2f}), ~{c.expected_output_tokens} output tokens, by {c.decided_by}",
+            f"({c.complexity_confidence:.2f}), {kind} answer, ~{c.expected_output_tokens} output tokens, "
+            f"by {c.decided_by}",
             file=sys.stderr,
         )
 
     def plan(self, event: Any) -> None:
-        if self.verbose:
-            plan = event.plan.plan
-            chosen = ", ".join(f"{c.model} ({c.reason})" for c in plan.candidates if c.chosen)
-            print(f"[plan] {plan.policy}: {chosen}", file=sys.stderr)
+        self.plan_seen = event.plan.plan
+        if not self.verbose:
+            return
+        plan = event.plan.plan
+        print(f"[plan] {plan.policy}: {plan.summary}", file=sys.stderr)
+        for c in plan.candidates:
+            mark = "*" if c.chosen else " "
+            print(
+                f"  {mark} {c.model:<14} quality {c.predicted_quality:.2f}  ${c.predicted_cost_usd:.7f}  "
+                f"~{c.predicted_latency_ms:,.0f} ms  {c.reason}",
+                file=sys.stderr,
+            )
+
+    def candidate(self, event: Any) -> None:
+        from constellation.v1 import dispatch_pb2
+
+        c = event.candidate
+        if c.phase == dispatch_pb2.CandidateEvent.PHASE_FINISHED:
+            self.member_cost[c.model] = c.usage.cost_usd
+        if not self.verbose:
+            return
+        phase = dispatch_pb2.CandidateEvent.Phase.Name(c.phase).removeprefix("PHASE_").lower()
+        elapsed = (time.perf_counter() - self.started) * 1000
+        line = f"[member] {c.model:<14} {phase:<11} at {elapsed:>8,.0f} ms"
+        if c.phase == dispatch_pb2.CandidateEvent.PHASE_FINISHED:
+            line += f"  {c.usage.output_tokens} tokens  ${c.usage.cost_usd:.7f}"
+            if c.text:
+                line += f"  {_one_line(c.text)!r}"
+        elif c.HasField("error") and c.error.message:
+            line += f"  {c.error.message}"
+        print(line, file=sys.stderr, flush=True)
 
     def delta(self, event: Any) -> None:
         if self.first_at is None:
@@ -93,15 +124,42 @@ class AnswerPrinter:
 
     def final(self, event: Any) -> None:
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if not self.quiet:
-            _print_summary(event.final, self.started, self.first_at)
+            alternative = _alternative_cost(self.plan_seen, self.member_cost, event.final.usage.cost_usd)
+            _print_summary(event.final, self.started, self.first_at, alternative)
 
     HANDLERS: ClassVar[dict[str, Callable[[AnswerPrinter, Any], None]]] = {
         "classification": classification,
         "plan": plan,
+        "candidate": candidate,
         "delta": delta,
         "final": final,
     }
+
+
+def _one_line(text: str, limit: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _alternative_cost(plan: Any, member_cost: dict[str, float], cost_usd: float) -> str:
+    """What the other choice would have cost: for a fan-out, its best-scoring member alone (that member's
+    measured cost in this run); for one model, every eligible model (this run's cost scaled by the plan's
+    predicted costs). Empty without a plan."""
+    if plan is None:
+        return ""
+    chosen = [c for c in plan.candidates if c.chosen]
+    if len(chosen) > 1:
+        best = max(chosen, key=lambda c: c.score)
+        if best.model in member_cost:
+            return f"   single-model alternative: {best.model} alone ${member_cost[best.model]:.7f}"
+        return f"   single-model alternative: {best.model} alone ${best.predicted_cost_usd:.7f} (predicted)"
+    eligible = [c for c in plan.candidates if not c.reason.startswith("left out")]
+    if len(eligible) > 1 and chosen and chosen[0].predicted_cost_usd > 0:
+        ratio = sum(c.predicted_cost_usd for c in eligible) / chosen[0].predicted_cost_usd
+        return f"   all {len(eligible)} models at once: ~${cost_usd * ratio:.7f} ({ratio:.1f}x, from the plan's predictions)"
+    return ""
 
 
 async def _ask(args: argparse.Namespace) -> int:
@@ -125,7 +183,7 @@ async def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(final: object, started: float, first_at: float | None) -> None:
+def _print_summary(final: object, started: float, first_at: float | None, alternative: str = "") -> None:
     from constellation.v1 import dispatch_pb2
 
     assert isinstance(final, dispatch_pb2.FinalEvent)
@@ -135,9 +193,12 @@ def _print_summary(final: object, started: float, first_at: float | None) -> Non
     lines = [
         "",
         f"models: {', '.join(final.models)}   finish: {final.finish_reason}   "
-        f"tokens: {usage.input_tokens} in / {usage.output_tokens} out   cost: ${usage.cost_usd:.6f}",
-        "stage            ms",
+        f"tokens: {usage.input_tokens} in / {usage.output_tokens} out",
     ]
+    if len(final.models) > 1 or final.confidence or final.uncertain:
+        verdict = "UNCERTAIN: the models disagreed" if final.uncertain else "not flagged uncertain"
+        lines.append(f"confidence: {final.confidence:.2f}   {verdict}")
+    lines += [f"cost: ${usage.cost_usd:.7f}{alternative}", "stage            ms"]
     lines += [f"  {s.stage:<12} {s.milliseconds:>9.1f}{'  (simulated)' if s.simulated else ''}" for s in final.stages]
     lines.append(f"  {'client ttft':<12} {client_ttft:>9.1f}")
     lines.append(f"  {'client total':<12} {client_total:>9.1f}")
@@ -203,7 +264,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from apps.mesh import Mesh, MeshPorts, default_run_dir, state_file
+    from apps.mesh import Mesh, MeshPorts, default_run_dir, demo_mesh, state_file
 
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     ports = MeshPorts(
@@ -214,16 +275,19 @@ def _up(args: argparse.Namespace) -> int:
         triton_metrics=args.triton_metrics_port,
     )
     ports.classifier = args.classifier_port
-    mesh = Mesh(
-        ports,
-        models=args.models,
-        run_dir=run_dir,
-        classifier=not args.no_classifier,
-        registry=args.registry,
-        registry_args=["--seed-file", args.registry_seed] if args.registry_seed else [],
-        ranking=args.ranking,
-        fusion=args.fusion,
-    )
+    if args.demo:
+        mesh = demo_mesh(ports, run_dir)
+    else:
+        mesh = Mesh(
+            ports,
+            models=args.models,
+            run_dir=run_dir,
+            classifier=not args.no_classifier,
+            registry=args.registry,
+            registry_args=["--seed-file", args.registry_seed] if args.registry_seed else [],
+            ranking=args.ranking,
+            fusion=args.fusion,
+        )
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -238,21 +302,7 @@ def _up(args: argparse.Namespace) -> int:
         mesh.start()
         mesh.state().save(path)
         if args.demo:
-            print(f"\n> {DEMO_QUESTION}\n", flush=True)
-            demo = argparse.Namespace(
-                prompt=DEMO_QUESTION,
-                model="",
-                max_tokens=96,
-                temperature=0.0,
-                top_p=None,
-                stop=None,
-                seed=None,
-                address=mesh.dispatch_address,
-                timeout=300.0,
-                verbose=True,
-                quiet=False,
-            )
-            asyncio.run(_ask(demo))
+            _run_demo(mesh.dispatch_address)
         if args.exit_after_demo:
             return 0
         print(
@@ -282,6 +332,32 @@ def _up(args: argparse.Namespace) -> int:
         else:
             print("stopped: no process, port or /dev/shm file left behind.", file=sys.stderr, flush=True)
     return code
+
+
+def _run_demo(address: str) -> None:
+    """Asks the demo questions (:data:`apps.mesh.DEMO_QUESTIONS`) and prints everything dispatch streams."""
+    from apps.mesh import DEMO_QUESTIONS, default_pool_file
+
+    print(f"\npool: {default_pool_file()} (no recorded answers: the untrained router's priors)", flush=True)
+    for question in DEMO_QUESTIONS:
+        print(f"\n> {question.prompt}\n  ({question.shows})\n", flush=True)
+        demo = argparse.Namespace(
+            prompt=question.prompt,
+            model="",
+            max_tokens=question.max_tokens,
+            temperature=0.0,
+            top_p=None,
+            stop=list(question.stop),
+            seed=None,
+            address=address,
+            timeout=300.0,
+            verbose=True,
+            quiet=False,
+            profile=question.profile,
+            max_cost=None,
+            max_latency_ms=None,
+        )
+        asyncio.run(_ask(demo))
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -465,7 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start Triton and the services; Ctrl-C stops everything")
-    up.add_argument("--demo", action="store_true", help="stream an answer to a demo question once ready")
+    up.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the local models (SmolLM2, Gemma-3-270M) with the default pool, classifier, registry and "
+        "fusion, and stream the demo questions once ready (make run)",
+    )
     up.add_argument("--exit-after-demo", action="store_true", help="stop right after the demo (for scripts)")
     up.add_argument("--port", type=int, default=50051, help="dispatch gRPC port (default 50051)")
     up.add_argument("--metrics-port", type=int, default=9464, help="dispatch /metrics port (default 9464)")

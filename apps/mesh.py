@@ -311,3 +311,67 @@ class Mesh:
                 found.append(f"port {port} still bound")
         found += [str(p) for p in self.triton.shm_leftovers()]
         return found
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+LOCAL_MODELS = ("smollm2", "gemma3_270m")
+"""The real models the local Triton serves on the CPU (``services/inference/model_repository``)."""
+
+
+def default_pool_file() -> Path:
+    """The registry seed that describes :data:`LOCAL_MODELS` (prices from measured tokens/s)."""
+    import services.registry
+
+    return Path(services.registry.__file__).resolve().parent / "data" / "default_pool.toml"
+
+
+@dataclass(frozen=True)
+class DemoQuestion:
+    """One question of ``constellation up --demo``, with the profile it is asked under and why."""
+
+    prompt: str
+    profile: str
+    max_tokens: int
+    shows: str
+    stop: tuple[str, ...] = ()
+
+
+DEMO_QUESTIONS = (
+    DemoQuestion(
+        "Question: What is 7 + 5?\nAnswer:",
+        "quality",
+        12,
+        "the quality profile on a closed answer: both local models at once, a vote decides",
+        stop=("\n",),
+    ),
+    DemoQuestion(
+        "What is the capital of France, and what is it famous for?",
+        "balanced",
+        48,
+        "the balanced profile: one cheap model suffices",
+    ),
+)
+
+
+def demo_mesh(ports: MeshPorts, run_dir: Path, say: Callable[[str], None] = print) -> Mesh:
+    """The mesh of ``up --demo``: both local models, classifier, registry seeded with the default pool,
+    and fusion (calibrated votes, generated answers).
+
+    Dispatch reads its trained artifacts from an empty root under ``run_dir``, so it routes as on a
+    fresh machine: a router trained on recorded pools knows none of the local models. Each model runs
+    torch on one thread: a fan-out runs both at once, and two 2-thread models on 2 cores spin against
+    each other (measured here: a 16-token vote took 43 s with 2 threads each).
+    """
+    return Mesh(
+        ports,
+        models=list(LOCAL_MODELS),
+        run_dir=run_dir,
+        say=say,
+        classifier=True,
+        registry=True,
+        registry_args=["--seed-file", str(default_pool_file())],
+        fusion=True,
+        dispatch_env={"CONSTELLATION_CACHE_DIR": str(run_dir / "demo-dispatch-cache")},
+        model_parameters={model: {"num_threads": "1"} for model in LOCAL_MODELS},
+    )
