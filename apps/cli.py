@@ -158,7 +158,8 @@ def _alternative_cost(plan: Any, member_cost: dict[str, float], cost_usd: float)
     eligible = [c for c in plan.candidates if not c.reason.startswith("left out")]
     if len(eligible) > 1 and chosen and chosen[0].predicted_cost_usd > 0:
         ratio = sum(c.predicted_cost_usd for c in eligible) / chosen[0].predicted_cost_usd
-        return f"   all {len(eligible)} models at once: ~${cost_usd * ratio:.7f} ({ratio:.1f}x, from the plan's predictions)"
+        estimate = cost_usd * ratio
+        return f"   all {len(eligible)} models at once: ~${estimate:.7f} ({ratio:.1f}x, from the plan's predictions)"
     return ""
 
 
