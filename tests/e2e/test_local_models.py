@@ -39,9 +39,7 @@ async def gemma(triton: TritonServer) -> AsyncIterator[InferenceServerClient]:
 
 async def test_gemma_continues_text_through_triton(gemma: InferenceServerClient) -> None:
     assert await gemma.is_model_ready(MODEL)
-    out = await generate(
-        gemma, "The capital of France is", sampling={"max_tokens": 4, "temperature": 0}, model=MODEL
-    )
+    out = await generate(gemma, "The capital of France is", sampling={"max_tokens": 4, "temperature": 0}, model=MODEL)
     assert out.error is None, out.error
     assert out.finish_reason in ("length", "stop")
     assert 1 <= (out.num_output_tokens or 0) <= 4
