@@ -354,9 +354,25 @@ DEMO_QUESTIONS = (
 )
 
 
+def demo_pool_file(run_dir: Path, triton_grpc: str) -> Path:
+    """A run-time copy of :func:`default_pool_file` (JSON, ``<run_dir>/default_pool.json``) whose empty
+    backend endpoints name this mesh's Triton, so that the registry probes the models there (a model
+    marked unhealthy comes back once Triton says it is ready)."""
+    import tomllib
+
+    document = tomllib.loads(default_pool_file().read_text(encoding="utf-8"))
+    for model in document.get("models", []):
+        backend = model.setdefault("backend", {})
+        backend["endpoint"] = backend.get("endpoint") or triton_grpc
+    path = run_dir / "default_pool.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    return path
+
+
 def demo_mesh(ports: MeshPorts, run_dir: Path, say: Callable[[str], None] = print) -> Mesh:
-    """The mesh of ``up --demo``: both local models, classifier, registry seeded with the default pool,
-    and fusion (calibrated votes, generated answers).
+    """The mesh of ``up --demo``: both local models, classifier, registry seeded with the default pool
+    (its own SQLite file under ``run_dir``), and fusion (calibrated votes, generated answers).
 
     Dispatch reads its trained artifacts from an empty root under ``run_dir``, so it routes as on a
     fresh machine: a router trained on recorded pools knows none of the local models. Each model runs
@@ -370,7 +386,12 @@ def demo_mesh(ports: MeshPorts, run_dir: Path, say: Callable[[str], None] = prin
         say=say,
         classifier=True,
         registry=True,
-        registry_args=["--seed-file", str(default_pool_file())],
+        registry_args=[
+            "--seed-file",
+            str(demo_pool_file(run_dir, f"127.0.0.1:{ports.triton_grpc}")),
+            "--db",
+            str(run_dir / "registry.sqlite"),
+        ],
         fusion=True,
         dispatch_env={"CONSTELLATION_CACHE_DIR": str(run_dir / "demo-dispatch-cache")},
         model_parameters={model: {"num_threads": "1"} for model in LOCAL_MODELS},

@@ -13,7 +13,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from apps.cli import AnswerPrinter
-from apps.mesh import DEMO_QUESTIONS, LOCAL_MODELS, default_pool_file
+from apps.mesh import DEMO_QUESTIONS, LOCAL_MODELS, default_pool_file, demo_pool_file
 from constellation.v1 import common_pb2, dispatch_pb2
 from services.classifier.heads import load_artifact
 from services.classifier.main import SHIPPED_ARTIFACT_ROOT
@@ -139,3 +139,10 @@ def test_demo_output_shows_reasons_members_confidence_and_the_alternative_cost()
         single = dispatch_pb2.FinalEvent(models=["smollm2"], usage=common_pb2.Usage(cost_usd=2e-5))
         printer.show(dispatch_pb2.AskResponse(final=single))
     assert "all 2 models at once: ~$0.0000600 (3.0x" in err.getvalue()
+
+
+def test_demo_pool_names_the_mesh_triton(tmp_path: Path) -> None:
+    path = demo_pool_file(tmp_path, "127.0.0.1:18001")
+    records = load_pool_file(path)
+    assert {r.name for r in records} == set(LOCAL_MODELS)
+    assert {r.backend.endpoint for r in records} == {"127.0.0.1:18001"}
