@@ -103,8 +103,10 @@ class AnswerPrinter:
         c = event.candidate
         if c.phase == dispatch_pb2.CandidateEvent.PHASE_FINISHED:
             self.member_cost[c.model] = c.usage.cost_usd
-        if not self.verbose:
-            return
+        fan_out = self.plan_seen is not None and sum(m.chosen for m in self.plan_seen.candidates) > 1
+        problem = c.phase in (dispatch_pb2.CandidateEvent.PHASE_FAILED, dispatch_pb2.CandidateEvent.PHASE_CANCELLED)
+        if not self.verbose or not (fan_out or problem):
+            return  # one model streams its answer itself; its timing is in the summary
         phase = dispatch_pb2.CandidateEvent.Phase.Name(c.phase).removeprefix("PHASE_").lower()
         elapsed = (time.perf_counter() - self.started) * 1000
         line = f"[member] {c.model:<14} {phase:<11} at {elapsed:>8,.0f} ms"
@@ -196,7 +198,7 @@ def _print_summary(final: object, started: float, first_at: float | None, altern
         f"models: {', '.join(final.models)}   finish: {final.finish_reason}   "
         f"tokens: {usage.input_tokens} in / {usage.output_tokens} out",
     ]
-    if len(final.models) > 1 or final.confidence or final.uncertain:
+    if final.confidence or final.uncertain:
         verdict = "UNCERTAIN: the models disagreed" if final.uncertain else "not flagged uncertain"
         lines.append(f"confidence: {final.confidence:.2f}   {verdict}")
     lines += [f"cost: ${usage.cost_usd:.7f}{alternative}", "stage            ms"]
