@@ -341,7 +341,9 @@ def _run_demo(address: str) -> None:
     """Asks the demo questions (:data:`apps.mesh.DEMO_QUESTIONS`) and prints everything dispatch streams."""
     from apps.mesh import DEMO_QUESTIONS, default_pool_file
 
-    print(f"\npool: {default_pool_file()} (no recorded answers: the untrained router's priors)", flush=True)
+    pool = default_pool_file()
+    shown = pool.relative_to(Path.cwd()) if pool.is_relative_to(Path.cwd()) else pool
+    print(f"\npool: {shown} (no recorded answers: the untrained router's priors)", flush=True)
     for question in DEMO_QUESTIONS:
         print(f"\n> {question.prompt}\n  ({question.shows})\n", flush=True)
         demo = argparse.Namespace(
