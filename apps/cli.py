@@ -165,18 +165,65 @@ def _alternative_cost(plan: Any, member_cost: dict[str, float], cost_usd: float)
     return ""
 
 
+def _pool_question(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The prompt to send and the capabilities it requires: with ``up --pool`` running, a pool question
+    (``--pool-id``, or a prompt that is one of its questions word for word) goes to the recorded models and
+    any other prompt to the local ones; without a pool, the prompt as given, unrestricted.
+
+    Raises:
+        InvalidArgument: ``--pool-id`` without a served pool, an unknown id, or no prompt at all.
+    """
+    from apps.mesh import LOCAL_CAPABILITY, RECORDED_CAPABILITY, MeshState, state_file
+    from constellation.pools import read_pool
+
+    state = MeshState.load(state_file())
+    if state is not None and args.address and state.dispatch != args.address:
+        state = None  # another mesh than the one asked
+    pool = state.pool if state is not None else ""
+    pool_id = getattr(args, "pool_id", None)
+    if not pool:
+        if pool_id:
+            raise InvalidArgument("--pool-id needs a mesh started with `constellation up --pool FILE`")
+        if not args.prompt:
+            raise InvalidArgument("a prompt is required")
+        return args.prompt, []
+    if pool_id:
+        records = list(read_pool(pool))
+        test = [r for r in records if r.split == "test"]
+        found = next((r for r in records if r.id == pool_id), None)
+        if found is None and pool_id.isdigit() and int(pool_id) < len(test):
+            found = test[int(pool_id)]
+        if found is None:
+            raise InvalidArgument(f"{pool} has no question {pool_id!r} (ids look like {records[0].id})")
+        return found.prompt, [RECORDED_CAPABILITY]
+    if not args.prompt:
+        raise InvalidArgument("a prompt or --pool-id is required")
+    known = any(r.prompt.strip() == args.prompt.strip() for r in read_pool(pool))
+    return args.prompt, [RECORDED_CAPABILITY if known else LOCAL_CAPABILITY]
+
+
 async def _ask(args: argparse.Namespace) -> int:
     from constellation.client import DispatchClient, ask_request
 
+    prompt, required = _pool_question(args)
+    fields = _routing_fields(args)
+    if required:
+        from constellation.v1 import common_pb2
+
+        ceilings = fields.get("ceilings") or common_pb2.Ceilings()
+        ceilings.required_capabilities.extend(required)
+        fields["ceilings"] = ceilings
+        if getattr(args, "pool_id", None):
+            print(f"> {_one_line(prompt, 200)}", file=sys.stderr)
     request = ask_request(
-        args.prompt,
+        prompt,
         model=args.model or "",
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         stop=args.stop or (),
         seed=args.seed,
-        **_routing_fields(args),
+        **fields,
     )
     address = _dispatch_address(args.address)
     printer = AnswerPrinter(args)
@@ -267,7 +314,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from apps.mesh import Mesh, MeshPorts, default_run_dir, demo_mesh, state_file
+    from apps.mesh import Mesh, MeshPorts, default_run_dir, demo_mesh, recorded_pool_mesh, state_file
 
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     ports = MeshPorts(
@@ -278,7 +325,9 @@ def _up(args: argparse.Namespace) -> int:
         triton_metrics=args.triton_metrics_port,
     )
     ports.classifier = args.classifier_port
-    if args.demo:
+    if args.pool:
+        mesh = recorded_pool_mesh(ports, run_dir, Path(args.pool))
+    elif args.demo:
         mesh = demo_mesh(ports, run_dir)
     else:
         mesh = Mesh(
@@ -303,7 +352,9 @@ def _up(args: argparse.Namespace) -> int:
     code = 0
     try:
         mesh.start()
-        mesh.state().save(path)
+        state = mesh.state()
+        state.pool = str(Path(args.pool).resolve()) if args.pool else ""
+        state.save(path)
         if args.demo:
             _run_demo(mesh.dispatch_address)
         if args.exit_after_demo:
@@ -552,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the local models (SmolLM2, Gemma-3-270M) with the default pool, classifier, registry and "
         "fusion, and stream the demo questions once ready (make run)",
     )
+    up.add_argument(
+        "--pool",
+        help="also serve this recorded pool (.jsonl.gz) through the replay model, routed by a router trained "
+        "on it (trained now if none matches); `ask --pool-id ID` then asks its questions",
+    )
     up.add_argument("--exit-after-demo", action="store_true", help="stop right after the demo (for scripts)")
     up.add_argument("--port", type=int, default=50051, help="dispatch gRPC port (default 50051)")
     up.add_argument("--metrics-port", type=int, default=9464, help="dispatch /metrics port (default 9464)")
@@ -569,7 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(handler=_up)
 
     ask = sub.add_parser("ask", help="ask the running mesh a question and stream the answer")
-    ask.add_argument("prompt", help="the question")
+    ask.add_argument("prompt", nargs="?", default="", help="the question")
+    ask.add_argument(
+        "--pool-id",
+        help="ask this question of the recorded pool served by `up --pool` (a record id such as gsm8k/5, "
+        "or N for the test split's N-th question)",
+    )
     ask.add_argument("--model", help="ask exactly this model (default: the router's choice)")
     ask.add_argument("--max-tokens", type=int, default=0, help="most tokens to generate (default: service's)")
     ask.add_argument("--temperature", type=float, help="0 = greedy; up to 2")

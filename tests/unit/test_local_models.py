@@ -9,11 +9,24 @@ import io
 from contextlib import redirect_stderr
 from pathlib import Path
 
+import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from apps.cli import AnswerPrinter
-from apps.mesh import DEMO_QUESTIONS, LOCAL_MODELS, default_pool_file, demo_pool_file
+from apps.cli import AnswerPrinter, _pool_question
+from apps.mesh import (
+    DEMO_QUESTIONS,
+    LOCAL_CAPABILITY,
+    LOCAL_MODELS,
+    RECORDED_CAPABILITY,
+    MeshState,
+    default_pool_file,
+    demo_pool_file,
+    recorded_pool_seed,
+    state_file,
+)
+from constellation.errors import InvalidArgument
+from constellation.pools import read_pool
 from constellation.v1 import common_pb2, dispatch_pb2
 from services.classifier.heads import load_artifact
 from services.classifier.main import SHIPPED_ARTIFACT_ROOT
@@ -21,6 +34,7 @@ from services.dispatch.routing import UNTRAINED_PROFILES, PoolModel, Router
 from services.inference import checkpoints
 from services.inference.launcher import MODEL_REPOSITORY
 from services.registry.seed import load_pool_file
+from tests.pool_fixtures import write_pool
 
 CAUSAL_LM = MODEL_REPOSITORY.parent / "causal_lm.py"
 
@@ -146,3 +160,38 @@ def test_demo_pool_names_the_mesh_triton(tmp_path: Path) -> None:
     records = load_pool_file(path)
     assert {r.name for r in records} == set(LOCAL_MODELS)
     assert {r.backend.endpoint for r in records} == {"127.0.0.1:18001"}
+
+
+def test_recorded_pool_seed_keeps_pool_questions_on_recorded_models(tmp_path: Path) -> None:
+    pool = write_pool(tmp_path / "tiny.jsonl.gz")
+    records = {r.name: r for r in load_pool_file(recorded_pool_seed(tmp_path, "127.0.0.1:18001", pool))}
+    assert set(records) == {*LOCAL_MODELS, "cheap", "mid", "strong"}
+    for name in LOCAL_MODELS:
+        assert LOCAL_CAPABILITY in records[name].capabilities
+    strong = records["strong"]
+    assert strong.capabilities == [RECORDED_CAPABILITY] and strong.simulated
+    assert strong.backend.model_name == "replay" and strong.backend.parameters["recorded_model"] == "strong"
+
+
+def test_ask_sends_pool_questions_to_recorded_models_and_others_to_local_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = write_pool(tmp_path / "tiny.jsonl.gz")
+    monkeypatch.setenv("CONSTELLATION_CACHE_DIR", str(tmp_path / "cache"))
+    state = MeshState(1, "127.0.0.1:1", "", "", "", str(tmp_path), pool=str(pool))
+    state.save(state_file())
+    first_test = next(r for r in read_pool(pool, split="test"))
+
+    def ask(prompt: str = "", pool_id: str | None = None) -> tuple[str, list[str]]:
+        return _pool_question(argparse.Namespace(prompt=prompt, pool_id=pool_id, address=None))
+
+    assert ask(pool_id="0") == (first_test.prompt, [RECORDED_CAPABILITY])
+    assert ask(pool_id="tiny/0")[1] == [RECORDED_CAPABILITY]
+    assert ask(first_test.prompt) == (first_test.prompt, [RECORDED_CAPABILITY])
+    assert ask("Why is the sky blue?") == ("Why is the sky blue?", [LOCAL_CAPABILITY])
+    with pytest.raises(InvalidArgument, match="no question"):
+        ask(pool_id="tiny/99")
+    state_file().unlink()
+    with pytest.raises(InvalidArgument, match="up --pool"):
+        ask(pool_id="0")
+    assert ask("Why?") == ("Why?", [])
