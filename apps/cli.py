@@ -31,6 +31,8 @@ from constellation.errors import ConstellationError, InvalidArgument
 
 DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
 EXIT_ERROR = 1
+SHOWN_ALTERNATIVES = 4
+"""Candidates not chosen that ``ask -v`` lists under the plan (the best-scoring first)."""
 EXIT_USAGE = 2
 
 
@@ -89,11 +91,18 @@ class AnswerPrinter:
             return
         plan = event.plan.plan
         print(f"[plan] {plan.policy}: {plan.summary}", file=sys.stderr)
-        for c in plan.candidates:
+        others = [c for c in plan.candidates if not c.chosen]
+        shown = [c for c in plan.candidates if c.chosen] + others[:SHOWN_ALTERNATIVES]
+        for c in shown:
             mark = "*" if c.chosen else " "
             print(
                 f"  {mark} {c.model:<14} quality {c.predicted_quality:.2f}  ${c.predicted_cost_usd:.7f}  "
                 f"~{c.predicted_latency_ms:,.0f} ms  {c.reason}",
+                file=sys.stderr,
+            )
+        if len(others) > SHOWN_ALTERNATIVES:
+            print(
+                f"    ... {len(others) - SHOWN_ALTERNATIVES} more (`constellation plan` lists them all)",
                 file=sys.stderr,
             )
 
