@@ -31,6 +31,8 @@ from constellation.errors import ConstellationError, InvalidArgument
 
 DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
 EXIT_ERROR = 1
+SHOWN_ALTERNATIVES = 4
+"""Candidates not chosen that ``ask -v`` lists under the plan (the best-scoring first)."""
 EXIT_USAGE = 2
 
 
@@ -48,10 +50,10 @@ def _dispatch_address(explicit: str | None) -> str:
 
 
 class AnswerPrinter:
-    """Prints an Ask's event stream: answer text on stdout, the plan and the summary on stderr.
+    """Prints an Ask's event stream: answer text on stdout; with ``verbose``, the classification, the plan
+    with every candidate's reason and each member's progress on stderr; the summary on stderr.
 
-    One method per event kind, looked up in :attr:`HANDLERS` by the event's ``oneof`` name; kinds without
-    a method (candidate progress) print nothing.
+    One method per event kind, looked up in :attr:`HANDLERS` by the event's ``oneof`` name.
     """
 
     def __init__(self, args: argparse.Namespace):
@@ -59,6 +61,8 @@ class AnswerPrinter:
         self.quiet = bool(args.quiet)
         self.started = time.perf_counter()
         self.first_at: float | None = None
+        self.plan_seen: Any = None
+        self.member_cost: dict[str, float] = {}
 
     def show(self, event: Any) -> None:
         handler = self.HANDLERS.get(event.WhichOneof("event"))
@@ -71,19 +75,57 @@ class AnswerPrinter:
         from constellation.v1 import common_pb2
 
         c = event.classification.classification
+        kind = common_pb2.AnswerKind.Name(c.answer_kind).removeprefix("ANSWER_KIND_").lower()
         print(
             f"[classify] task {common_pb2.TaskType.Name(c.task).removeprefix('TASK_TYPE_').lower()} "
             f"({c.task_confidence:.2f}), complexity "
             f"{common_pb2.Complexity.Name(c.complexity).removeprefix('COMPLEXITY_').lower()} "
-            f"({c.complexity_confidence:.2f}), ~{c.expected_output_tokens} output tokens, by {c.decided_by}",
+            f"({c.complexity_confidence:.2f}), {kind} answer, ~{c.expected_output_tokens} output tokens, "
+            f"by {c.decided_by}",
             file=sys.stderr,
         )
 
     def plan(self, event: Any) -> None:
-        if self.verbose:
-            plan = event.plan.plan
-            chosen = ", ".join(f"{c.model} ({c.reason})" for c in plan.candidates if c.chosen)
-            print(f"[plan] {plan.policy}: {chosen}", file=sys.stderr)
+        self.plan_seen = event.plan.plan
+        if not self.verbose:
+            return
+        plan = event.plan.plan
+        print(f"[plan] {plan.policy}: {plan.summary}", file=sys.stderr)
+        others = [c for c in plan.candidates if not c.chosen]
+        shown = [c for c in plan.candidates if c.chosen] + others[:SHOWN_ALTERNATIVES]
+        for c in shown:
+            mark = "*" if c.chosen else " "
+            print(
+                f"  {mark} {c.model:<14} quality {c.predicted_quality:.2f}  ${c.predicted_cost_usd:.7f}  "
+                f"~{c.predicted_latency_ms:,.0f} ms  {c.reason}",
+                file=sys.stderr,
+            )
+        if len(others) > SHOWN_ALTERNATIVES:
+            print(
+                f"    ... {len(others) - SHOWN_ALTERNATIVES} more (`constellation plan` lists them all)",
+                file=sys.stderr,
+            )
+
+    def candidate(self, event: Any) -> None:
+        from constellation.v1 import dispatch_pb2
+
+        c = event.candidate
+        if c.phase == dispatch_pb2.CandidateEvent.PHASE_FINISHED:
+            self.member_cost[c.model] = c.usage.cost_usd
+        fan_out = self.plan_seen is not None and sum(m.chosen for m in self.plan_seen.candidates) > 1
+        problem = c.phase in (dispatch_pb2.CandidateEvent.PHASE_FAILED, dispatch_pb2.CandidateEvent.PHASE_CANCELLED)
+        if not self.verbose or not (fan_out or problem):
+            return  # one model streams its answer itself; its timing is in the summary
+        phase = dispatch_pb2.CandidateEvent.Phase.Name(c.phase).removeprefix("PHASE_").lower()
+        elapsed = (time.perf_counter() - self.started) * 1000
+        line = f"[member] {c.model:<14} {phase:<11} at {elapsed:>8,.0f} ms"
+        if c.phase == dispatch_pb2.CandidateEvent.PHASE_FINISHED:
+            line += f"  {c.usage.output_tokens} tokens  ${c.usage.cost_usd:.7f}"
+            if c.text:
+                line += f"  {_one_line(c.text)!r}"
+        elif c.HasField("error") and c.error.message:
+            line += f"  {c.error.message}"
+        print(line, file=sys.stderr, flush=True)
 
     def delta(self, event: Any) -> None:
         if self.first_at is None:
@@ -93,29 +135,104 @@ class AnswerPrinter:
 
     def final(self, event: Any) -> None:
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if not self.quiet:
-            _print_summary(event.final, self.started, self.first_at)
+            alternative = _alternative_cost(self.plan_seen, self.member_cost, event.final.usage.cost_usd)
+            _print_summary(event.final, self.started, self.first_at, alternative)
 
     HANDLERS: ClassVar[dict[str, Callable[[AnswerPrinter, Any], None]]] = {
         "classification": classification,
         "plan": plan,
+        "candidate": candidate,
         "delta": delta,
         "final": final,
     }
 
 
+def _one_line(text: str, limit: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _alternative_cost(plan: Any, member_cost: dict[str, float], cost_usd: float) -> str:
+    """What the other choice would have cost: for a fan-out, its best-scoring member alone (that member's
+    measured cost in this run); for one model, every eligible model (this run's cost scaled by the plan's
+    predicted costs). Empty without a plan."""
+    if plan is None:
+        return ""
+    chosen = [c for c in plan.candidates if c.chosen]
+    if len(chosen) > 1:
+        best = max(chosen, key=lambda c: c.score)
+        if best.model in member_cost:
+            return f"   single-model alternative: {best.model} alone ${member_cost[best.model]:.7f}"
+        return f"   single-model alternative: {best.model} alone ${best.predicted_cost_usd:.7f} (predicted)"
+    eligible = [c for c in plan.candidates if not c.reason.startswith("left out")]
+    if len(eligible) > 1 and chosen and chosen[0].predicted_cost_usd > 0:
+        ratio = sum(c.predicted_cost_usd for c in eligible) / chosen[0].predicted_cost_usd
+        estimate = cost_usd * ratio
+        return f"   all {len(eligible)} models at once: ~${estimate:.7f} ({ratio:.1f}x, from the plan's predictions)"
+    return ""
+
+
+def _pool_question(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The prompt to send and the capabilities it requires: with ``up --pool`` running, a pool question
+    (``--pool-id``, or a prompt that is one of its questions word for word) goes to the recorded models and
+    any other prompt to the local ones; without a pool, the prompt as given, unrestricted.
+
+    Raises:
+        InvalidArgument: ``--pool-id`` without a served pool, an unknown id, or no prompt at all.
+    """
+    from apps.mesh import LOCAL_CAPABILITY, RECORDED_CAPABILITY, MeshState, state_file
+    from constellation.pools import read_pool
+
+    state = MeshState.load(state_file())
+    if state is not None and args.address and state.dispatch != args.address:
+        state = None  # another mesh than the one asked
+    pool = state.pool if state is not None else ""
+    pool_id = getattr(args, "pool_id", None)
+    if not pool:
+        if pool_id:
+            raise InvalidArgument("--pool-id needs a mesh started with `constellation up --pool FILE`")
+        if not args.prompt:
+            raise InvalidArgument("a prompt is required")
+        return args.prompt, []
+    if pool_id:
+        records = list(read_pool(pool))
+        test = [r for r in records if r.split == "test"]
+        found = next((r for r in records if r.id == pool_id), None)
+        if found is None and pool_id.isdigit() and int(pool_id) < len(test):
+            found = test[int(pool_id)]
+        if found is None:
+            raise InvalidArgument(f"{pool} has no question {pool_id!r} (ids look like {records[0].id})")
+        return found.prompt, [RECORDED_CAPABILITY]
+    if not args.prompt:
+        raise InvalidArgument("a prompt or --pool-id is required")
+    known = any(r.prompt.strip() == args.prompt.strip() for r in read_pool(pool))
+    return args.prompt, [RECORDED_CAPABILITY if known else LOCAL_CAPABILITY]
+
+
 async def _ask(args: argparse.Namespace) -> int:
     from constellation.client import DispatchClient, ask_request
 
+    prompt, required = _pool_question(args)
+    fields = _routing_fields(args)
+    if required:
+        from constellation.v1 import common_pb2
+
+        ceilings = fields.get("ceilings") or common_pb2.Ceilings()
+        ceilings.required_capabilities.extend(required)
+        fields["ceilings"] = ceilings
+        if getattr(args, "pool_id", None):
+            print(f"> {_one_line(prompt, 200)}", file=sys.stderr)
     request = ask_request(
-        args.prompt,
+        prompt,
         model=args.model or "",
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         stop=args.stop or (),
         seed=args.seed,
-        **_routing_fields(args),
+        **fields,
     )
     address = _dispatch_address(args.address)
     printer = AnswerPrinter(args)
@@ -125,7 +242,7 @@ async def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(final: object, started: float, first_at: float | None) -> None:
+def _print_summary(final: object, started: float, first_at: float | None, alternative: str = "") -> None:
     from constellation.v1 import dispatch_pb2
 
     assert isinstance(final, dispatch_pb2.FinalEvent)
@@ -135,9 +252,12 @@ def _print_summary(final: object, started: float, first_at: float | None) -> Non
     lines = [
         "",
         f"models: {', '.join(final.models)}   finish: {final.finish_reason}   "
-        f"tokens: {usage.input_tokens} in / {usage.output_tokens} out   cost: ${usage.cost_usd:.6f}",
-        "stage            ms",
+        f"tokens: {usage.input_tokens} in / {usage.output_tokens} out",
     ]
+    if final.confidence or final.uncertain:
+        verdict = "UNCERTAIN: the models disagreed" if final.uncertain else "not flagged uncertain"
+        lines.append(f"confidence: {final.confidence:.2f}   {verdict}")
+    lines += [f"cost: ${usage.cost_usd:.7f}{alternative}", "stage            ms"]
     lines += [f"  {s.stage:<12} {s.milliseconds:>9.1f}{'  (simulated)' if s.simulated else ''}" for s in final.stages]
     lines.append(f"  {'client ttft':<12} {client_ttft:>9.1f}")
     lines.append(f"  {'client total':<12} {client_total:>9.1f}")
@@ -203,7 +323,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from apps.mesh import Mesh, MeshPorts, default_run_dir, state_file
+    from apps.mesh import Mesh, MeshPorts, default_run_dir, demo_mesh, recorded_pool_mesh, state_file
 
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     ports = MeshPorts(
@@ -215,16 +335,21 @@ def _up(args: argparse.Namespace) -> int:
         dispatch_http=args.http_port,
     )
     ports.classifier = args.classifier_port
-    mesh = Mesh(
-        ports,
-        models=args.models,
-        run_dir=run_dir,
-        classifier=not args.no_classifier,
-        registry=args.registry,
-        registry_args=["--seed-file", args.registry_seed] if args.registry_seed else [],
-        ranking=args.ranking,
-        fusion=args.fusion,
-    )
+    if args.pool:
+        mesh = recorded_pool_mesh(ports, run_dir, Path(args.pool))
+    elif args.demo:
+        mesh = demo_mesh(ports, run_dir)
+    else:
+        mesh = Mesh(
+            ports,
+            models=args.models,
+            run_dir=run_dir,
+            classifier=not args.no_classifier,
+            registry=args.registry,
+            registry_args=["--seed-file", args.registry_seed] if args.registry_seed else [],
+            ranking=args.ranking,
+            fusion=args.fusion,
+        )
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -237,23 +362,11 @@ def _up(args: argparse.Namespace) -> int:
     code = 0
     try:
         mesh.start()
-        mesh.state().save(path)
+        state = mesh.state()
+        state.pool = str(Path(args.pool).resolve()) if args.pool else ""
+        state.save(path)
         if args.demo:
-            print(f"\n> {DEMO_QUESTION}\n", flush=True)
-            demo = argparse.Namespace(
-                prompt=DEMO_QUESTION,
-                model="",
-                max_tokens=96,
-                temperature=0.0,
-                top_p=None,
-                stop=None,
-                seed=None,
-                address=mesh.dispatch_address,
-                timeout=300.0,
-                verbose=True,
-                quiet=False,
-            )
-            asyncio.run(_ask(demo))
+            _run_demo(mesh.dispatch_address)
         if args.exit_after_demo:
             return 0
         print(
@@ -283,6 +396,34 @@ def _up(args: argparse.Namespace) -> int:
         else:
             print("stopped: no process, port or /dev/shm file left behind.", file=sys.stderr, flush=True)
     return code
+
+
+def _run_demo(address: str) -> None:
+    """Asks the demo questions (:data:`apps.mesh.DEMO_QUESTIONS`) and prints everything dispatch streams."""
+    from apps.mesh import DEMO_QUESTIONS, default_pool_file
+
+    pool = default_pool_file()
+    shown = pool.relative_to(Path.cwd()) if pool.is_relative_to(Path.cwd()) else pool
+    print(f"\npool: {shown} (no recorded answers: the untrained router's priors)", flush=True)
+    for question in DEMO_QUESTIONS:
+        print(f"\n> {question.prompt}\n  ({question.shows})\n", flush=True)
+        demo = argparse.Namespace(
+            prompt=question.prompt,
+            model="",
+            max_tokens=question.max_tokens,
+            temperature=0.0,
+            top_p=None,
+            stop=list(question.stop),
+            seed=None,
+            address=address,
+            timeout=300.0,
+            verbose=True,
+            quiet=False,
+            profile=question.profile,
+            max_cost=None,
+            max_latency_ms=None,
+        )
+        asyncio.run(_ask(demo))
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -466,7 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start Triton and the services; Ctrl-C stops everything")
-    up.add_argument("--demo", action="store_true", help="stream an answer to a demo question once ready")
+    up.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the local models (SmolLM2, Gemma-3-270M) with the default pool, classifier, registry and "
+        "fusion, and stream the demo questions once ready (make run)",
+    )
+    up.add_argument(
+        "--pool",
+        help="also serve this recorded pool (.jsonl.gz) through the replay model, routed by a router trained "
+        "on it (trained now if none matches); `ask --pool-id ID` then asks its questions",
+    )
     up.add_argument("--exit-after-demo", action="store_true", help="stop right after the demo (for scripts)")
     up.add_argument("--port", type=int, default=50051, help="dispatch gRPC port (default 50051)")
     up.add_argument("--metrics-port", type=int, default=9464, help="dispatch /metrics port (default 9464)")
@@ -490,7 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(handler=_up)
 
     ask = sub.add_parser("ask", help="ask the running mesh a question and stream the answer")
-    ask.add_argument("prompt", help="the question")
+    ask.add_argument("prompt", nargs="?", default="", help="the question")
+    ask.add_argument(
+        "--pool-id",
+        help="ask this question of the recorded pool served by `up --pool` (a record id such as gsm8k/5, "
+        "or N for the test split's N-th question)",
+    )
     ask.add_argument("--model", help="ask exactly this model (default: the router's choice)")
     ask.add_argument("--max-tokens", type=int, default=0, help="most tokens to generate (default: service's)")
     ask.add_argument("--temperature", type=float, help="0 = greedy; up to 2")

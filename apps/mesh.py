@@ -50,6 +50,8 @@ class MeshState:
     dispatch_metrics: str
     log_dir: str
     models: list[str] = field(default_factory=list)
+    pool: str = ""
+    """A recorded pool served beside the local models (``up --pool``), else empty."""
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,3 +317,181 @@ class Mesh:
                 found.append(f"port {port} still bound")
         found += [str(p) for p in self.triton.shm_leftovers()]
         return found
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+LOCAL_MODELS = ("smollm2", "gemma3_270m")
+"""The real models the local Triton serves on the CPU (``services/inference/model_repository``)."""
+
+
+def default_pool_file() -> Path:
+    """The registry seed that describes :data:`LOCAL_MODELS` (prices from measured tokens/s)."""
+    import services.registry
+
+    return Path(services.registry.__file__).resolve().parent / "data" / "default_pool.toml"
+
+
+@dataclass(frozen=True)
+class DemoQuestion:
+    """One question of ``constellation up --demo``, with the profile it is asked under and why."""
+
+    prompt: str
+    profile: str
+    max_tokens: int
+    shows: str
+    stop: tuple[str, ...] = ()
+
+
+DEMO_QUESTIONS = (
+    DemoQuestion(
+        "Question: What is 7 + 5?\nAnswer:",
+        "quality",
+        12,
+        "the quality profile on a closed answer: both local models at once, a vote decides",
+        stop=("\n",),
+    ),
+    DemoQuestion(
+        "What is the capital of France, and what is it famous for?",
+        "balanced",
+        48,
+        "the balanced profile: one cheap model suffices",
+    ),
+)
+
+
+def demo_pool_file(run_dir: Path, triton_grpc: str) -> Path:
+    """A run-time copy of :func:`default_pool_file` (JSON, ``<run_dir>/default_pool.json``) whose empty
+    backend endpoints name this mesh's Triton, so that the registry probes the models there (a model
+    marked unhealthy comes back once Triton says it is ready)."""
+    import tomllib
+
+    document = tomllib.loads(default_pool_file().read_text(encoding="utf-8"))
+    for model in document.get("models", []):
+        backend = model.setdefault("backend", {})
+        backend["endpoint"] = backend.get("endpoint") or triton_grpc
+    path = run_dir / "default_pool.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    return path
+
+
+def demo_mesh(ports: MeshPorts, run_dir: Path, say: Callable[[str], None] = print) -> Mesh:
+    """The mesh of ``up --demo``: both local models, classifier, registry seeded with the default pool
+    (its own SQLite file under ``run_dir``), and fusion (calibrated votes, generated answers).
+
+    Dispatch reads its trained artifacts from an empty root under ``run_dir``, so it routes as on a
+    fresh machine: a router trained on recorded pools knows none of the local models. Each model runs
+    torch on one thread: a fan-out runs both at once, and two 2-thread models on 2 cores spin against
+    each other (measured here: a 16-token vote took 43 s with 2 threads each).
+    """
+    return Mesh(
+        ports,
+        models=list(LOCAL_MODELS),
+        run_dir=run_dir,
+        say=say,
+        classifier=True,
+        registry=True,
+        registry_args=[
+            "--seed-file",
+            str(demo_pool_file(run_dir, f"127.0.0.1:{ports.triton_grpc}")),
+            "--db",
+            str(run_dir / "registry.sqlite"),
+        ],
+        fusion=True,
+        dispatch_env={"CONSTELLATION_CACHE_DIR": str(run_dir / "demo-dispatch-cache")},
+        model_parameters={model: {"num_threads": "1"} for model in LOCAL_MODELS},
+    )
+
+
+# ------------------------------------------------------------------------------------- a recorded pool beside
+
+LOCAL_CAPABILITY = "local"
+RECORDED_CAPABILITY = "recorded"
+"""Capabilities that keep a pool question on the recorded models and any other prompt on the local ones."""
+
+
+def recorded_pool_seed(run_dir: Path, triton_grpc: str, pool: Path) -> Path:
+    """A registry seed (``<run_dir>/pool_seed.json``) with the local models and every model of the
+    recorded ``pool``, served by Triton's replay model (family, size and prices from ``models.json``)."""
+    from constellation.pools import model_cards_for, pool_models
+
+    document = json.loads(demo_pool_file(run_dir, triton_grpc).read_text(encoding="utf-8"))
+    for model in document["models"]:
+        model["capabilities"] = [*model.get("capabilities", []), LOCAL_CAPABILITY]
+    cards = model_cards_for(pool)
+    for name in pool_models(pool):
+        card = cards.get(name)
+        document["models"].append(
+            {
+                "name": name,
+                "family": (card.family if card else None) or "",
+                "params_b": (card.params_b if card else None) or 0.0,
+                "price_in_per_mtok": (card.price_in_per_mtok if card else None) or 0.0,
+                "price_out_per_mtok": (card.price_out_per_mtok if card else None) or 0.0,
+                "capabilities": [RECORDED_CAPABILITY],
+                "simulated": True,
+                "backend": {"endpoint": triton_grpc, "model_name": "replay", "parameters": {"recorded_model": name}},
+            }
+        )
+    path = run_dir / "pool_seed.json"
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    return path
+
+
+def router_for_pool(pool: Path, root: Path, say: Callable[[str], None] = print) -> Path:
+    """The router artifact trained on ``pool``: the CURRENT one under ``root`` when its training read a
+    pool of that file name, else one trained now on the pool's train split (a progress bar per stage,
+    about a minute on 2 cores) into ``root``."""
+    from constellation import artifacts
+    from constellation.errors import FailedPrecondition
+    from services.dispatch.routing import ARTIFACT_KIND, TRAIN_COMMAND
+
+    def current() -> Path | None:
+        try:
+            found = artifacts.resolve(root, ARTIFACT_KIND, train_command=TRAIN_COMMAND)
+        except FailedPrecondition:
+            return None
+        trained_on = json.loads((found / "manifest.json").read_text()).get("training", {}).get("pools", [])
+        return found if any(p.get("file") == pool.name for p in trained_on) else None
+
+    found = current()
+    if found is not None:
+        say(f"router for {pool.name}: {found}")
+        return found
+    say(f"no router trained on {pool.name} under {root}: training one on its train split ...")
+    from services.dispatch import router_train
+
+    router_train.main([str(pool), "--out", str(root), "--no-ranker"])
+    found = current()
+    if found is None:
+        raise RuntimeError(f"training a router on {pool} left no artifact under {root}")
+    return found
+
+
+def recorded_pool_mesh(ports: MeshPorts, run_dir: Path, pool: Path, say: Callable[[str], None] = print) -> Mesh:
+    """The mesh of ``up --pool FILE``: the demo mesh's local models plus Triton's replay model serving
+    ``pool`` (simulated latency at time scale 1), the registry seeded with both, and dispatch routing with
+    the router trained on ``pool`` (:func:`router_for_pool`)."""
+    triton = f"127.0.0.1:{ports.triton_grpc}"
+    router = router_for_pool(pool, run_dir / "artifacts", say)
+    models = [*LOCAL_MODELS, "replay"]
+    parameters: dict[str, dict[str, str]] = {model: {"num_threads": "1"} for model in LOCAL_MODELS}
+    parameters["replay"] = {"pool_paths": str(pool.resolve()), "time_scale": "1.0"}
+    return Mesh(
+        ports,
+        models=models,
+        run_dir=run_dir,
+        say=say,
+        classifier=True,
+        registry=True,
+        registry_args=[
+            "--seed-file",
+            str(recorded_pool_seed(run_dir, triton, pool)),
+            "--db",
+            str(run_dir / "registry.sqlite"),
+        ],
+        fusion=True,
+        dispatch_args=["--router-artifact", str(router)],
+        model_parameters=parameters,
+    )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 from constellation.errors import ConstellationError
 from constellation.ml.encoder import DEFAULT_HEAD_TOKENS, DEFAULT_MAX_TOKENS, BaseEncoder, Encoder
@@ -21,9 +22,20 @@ from services.classifier.servicer import SERVICE_NAME, ClassifierServicer
 log = logging.getLogger(__name__)
 
 
+SHIPPED_ARTIFACT_ROOT = Path(__file__).resolve().parent / "data" / "artifacts"
+"""Heads trained on the recorded pools' train splits that ship with the project (1.6 MB; reproduce
+with ``constellation train classifier``): used when neither the config nor the cache names any."""
+
+
+def _artifact_root() -> Path:
+    """The cache's artifacts root when it holds trained heads, else the shipped ones."""
+    root = default_artifact_root()
+    return root if (root / "classifier" / "CURRENT").is_file() else SHIPPED_ARTIFACT_ROOT
+
+
 def _load_artifact(config: ClassifierConfig) -> Artifact | None:
     without = "serving with the keyword path only (decided_by=keyword)"
-    artifact = optional_artifact("classifier", load_artifact, config.artifact, default_artifact_root, without)
+    artifact = optional_artifact("classifier", load_artifact, config.artifact, _artifact_root, without)
     if artifact is not None:
         log.info("classifier: loaded heads %s from %s", artifact.content_hash[:12], artifact.path)
     return artifact

@@ -153,6 +153,10 @@ DEFAULT_PROFILES: dict[str, ProfileSettings] = {
 }
 """Used when no trained router artifact is loaded; training replaces ``balanced`` with settings learned on train."""
 
+UNTRAINED_PROFILES: dict[str, ProfileSettings] = {"quality": ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=2)}
+"""Overrides of the untrained router (no artifact): with no record of any model, the quality profile asks
+the two best-scoring models of a closed-answer query at once and votes rather than trusting one."""
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -795,5 +799,5 @@ def try_load_router(path: Path | str | None = None) -> tuple[Router, str]:
     try:
         router = load_router(path)
     except FailedPrecondition as exc:
-        return Router(None), str(exc)
+        return Router(None, UNTRAINED_PROFILES), str(exc)
     return router, ""

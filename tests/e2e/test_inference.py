@@ -65,11 +65,12 @@ async def generate(
     stream: bool = True,
     sampling: dict[str, Any] | None = None,
     cancel_after: int | None = None,
+    model: str = MODEL,
 ) -> Generation:
     """Send one request on its own stream and read until the final response (or cancel the stream)."""
 
     async def requests() -> AsyncIterator[dict[str, Any]]:
-        yield {"model_name": MODEL, "inputs": _inputs(prompt, stream, sampling), "request_id": uuid.uuid4().hex}
+        yield {"model_name": model, "inputs": _inputs(prompt, stream, sampling), "request_id": uuid.uuid4().hex}
 
     out = Generation()
     responses = client.stream_infer(requests())
