@@ -85,6 +85,14 @@ livenessProbe:
   value: /tmp
 - name: OTEL_SERVICE_NAME
   value: {{ .name | quote }}
+{{- if eq .name "dispatch" }}
+- name: {{ $prefix }}HTTP_PORT
+  value: {{ .root.Values.frontDoor.httpPort | quote }}
+{{- end }}
+{{- if and (eq .name "scaler") .root.Values.autoscaling.keda.enabled }}
+- name: {{ $prefix }}ACTUATOR
+  value: "keda"
+{{- end }}
 {{- if .root.Values.consul.enabled }}
 - name: CONSUL_HTTP_ADDR
   value: {{ .root.Values.consul.httpAddr | quote }}
