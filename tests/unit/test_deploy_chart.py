@@ -50,7 +50,7 @@ def test_keda_scales_each_model_group_through_the_scaler() -> None:
     assert (mistral["minReplicaCount"], mistral["maxReplicaCount"]) == (0, 8)
     trigger = mistral["triggers"][0]
     assert trigger["type"] == "external"
-    assert trigger["metadata"]["scalerAddress"] == "constellation-scaler.llm.svc:50057"
+    assert trigger["metadata"]["scalerAddress"] == "constellation-scaler.llm.svc:50056"
     assert _by(objects, "HorizontalPodAutoscaler") == {}
     # KEDA owns the replica count: the Deployments leave it unset.
     assert all("replicas" not in d["spec"] for n, d in _by(objects, "Deployment").items() if "triton" in n)
