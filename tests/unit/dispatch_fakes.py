@@ -116,9 +116,15 @@ def plan(policy: str, members: list[PlannedModel], reserves: Sequence[PlannedMod
 
 
 async def run_plan(
-    made: PlanMade, generator: FakeGenerator, settings: DispatchConfig, answer_kind: str = "number"
+    made: PlanMade,
+    generator: FakeGenerator,
+    settings: DispatchConfig,
+    answer_kind: str = "number",
+    *,
+    budget_s: float = 10.0,
 ) -> list[Event]:
-    """Runs ``made`` with the strategy registered for its policy against ``generator``; every event."""
+    """Runs ``made`` with the strategy registered for its policy against ``generator``, within ``budget_s``
+    seconds; every event."""
     accounting = Accounting(settings)
 
     async def no_require(model: str) -> None:
@@ -133,6 +139,6 @@ async def run_plan(
     )
     query = Query("What is 2 + 2?", Sampling(max_tokens=16), model="", time_budget_ms=0, request_tag="")
     now = time.perf_counter()
-    run = Run(query, made, answer_kind, now, now + 10.0)
+    run = Run(query, made, answer_kind, now, now + budget_s)
     strategy = STRATEGIES[Policy(made.policy)](tools)
     return [event async for event in strategy.run(run)]

@@ -80,12 +80,12 @@ def test_transient_failures_form_the_retryable_family() -> None:
     assert not any(issubclass(cls, Retryable) for cls in (NotFound, InvalidArgument, Cancelled, InternalError))
 
 
-def test_another_model_is_tried_for_model_failures_but_not_for_request_faults() -> None:
-    for error in (Unavailable("x"), DeadlineExceeded("x"), ResourceExhausted("x"), NotFound("x"), InternalError("x")):
+def test_another_model_is_tried_for_transient_and_model_failures_only() -> None:
+    for error in (Unavailable("x"), DeadlineExceeded("x"), ResourceExhausted("x"), NotFound("x")):
         assert replaceable(error)
     unknown = ConstellationError("x")
-    assert replaceable(unknown)
-    for error in (InvalidArgument("x"), Cancelled("x"), FailedPrecondition("x")):
+    assert not replaceable(unknown)
+    for error in (InvalidArgument("x"), Cancelled("x"), FailedPrecondition("x"), InternalError("x")):
         assert not replaceable(error)
     aborted = ConstellationError("x")
     aborted.code = grpc.StatusCode.ABORTED  # type: ignore[misc]
