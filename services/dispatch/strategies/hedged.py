@@ -96,7 +96,7 @@ class HedgedCall:
         self._tasks[role] = asyncio.create_task(self._pump(self.calls[role], pre_events))
 
     def _send_hedge(self) -> None:
-        HEDGES.labels(self.calls[Role.MEMBER].model).inc()
+        HEDGES.labels(self.caller.accounting.label(self.calls[Role.MEMBER].model)).inc()
         backup = self.calls[Role.HEDGE].model
         trace.get_current_span().add_event("hedged", {"after_ms": self.delay_s * 1000, "backup": backup})
         self._launch(Role.HEDGE)

@@ -141,7 +141,7 @@ class Wave:
         if result.error is not None:
             self.problems.append(result.error)
             if self.reserves and self.run.remaining_s() > 0:
-                FALLBACKS.labels(result.model).inc()
+                FALLBACKS.labels(self.caller.accounting.label(result.model)).inc()
                 self.start(self.reserves.pop(0), Role.FALLBACK)
             return CandidateProgress(result.model, Phase.FAILED, elapsed, error=result.error)
         result.answer = extract_answer(self.run.answer_kind, result.text)
