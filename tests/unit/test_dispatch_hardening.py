@@ -220,9 +220,15 @@ async def test_health_follows_triton_readiness() -> None:
 
 
 def test_triton_errors_keep_its_address_and_hints_out_of_what_callers_see() -> None:
-    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL):
-        error = triton_error(code, "connect to 10.1.2.3:8001 failed", url="10.1.2.3:8001", model="m")
+    cases = {
+        grpc.StatusCode.UNAVAILABLE: "failed to connect to all addresses; last error: 10.1.2.3:8001: refused",
+        grpc.StatusCode.INTERNAL: "Stub process at 10.1.2.3:8001 is not healthy",
+        grpc.StatusCode.NOT_FOUND: "Request for unknown model: 'm' is not found",
+    }
+    for code, details in cases.items():
+        error = triton_error(code, details, url="10.1.2.3:8001", model="m")
         sent = to_status_proto(error, service="dispatch").SerializeToString()
         assert b"10.1.2.3" not in sent
         assert b"constellation up" not in sent
         assert "10.1.2.3:8001" in error.detail
+    assert "constellation models list" in triton_error(grpc.StatusCode.NOT_FOUND, "", url="x", model="m").message

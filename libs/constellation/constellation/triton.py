@@ -106,14 +106,15 @@ _ERRORS: dict[grpc.StatusCode, tuple[type[ConstellationError], str]] = {
     grpc.StatusCode.UNAVAILABLE: (Unavailable, "the model server is not reachable at the moment; retry later"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (DeadlineExceeded, "deadline exceeded while {model} was generating"),
     grpc.StatusCode.CANCELLED: (Cancelled, "the request to {model} was cancelled"),
-    grpc.StatusCode.NOT_FOUND: (NotFound, "model {model!r} is not served; " + HOW_TO_LIST),
+    grpc.StatusCode.NOT_FOUND: (NotFound, "{model}: {details}; " + HOW_TO_LIST),
     grpc.StatusCode.INVALID_ARGUMENT: (InvalidArgument, "{model} rejected the request: {details}"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (ResourceExhausted, "{model} is out of capacity: {details}"),
 }
 """The one table from Triton's failures to the library's exceptions, with the message each one carries.
 
-Messages are for callers: what failed and what they can do. Triton's address, its own words (where they
-are not the caller's business) and how to fix the deployment go in the error's ``detail`` (see
+Messages are for callers: what failed and what they can do (a model's own words about the request are
+kept, they hold no address). Triton's address, its words about itself and how to fix the deployment go
+in the error's ``detail`` (see
 :class:`~constellation.errors.ConstellationError`). Every other code becomes :class:`InternalError`.
 Failures that Triton reports only as text (an error inside a streamed response, a control call's
 message) get their code from :data:`_MESSAGE_CODES` first.
