@@ -180,3 +180,34 @@ async def test_one_trace_spans_client_dispatch_and_the_triton_call(dispatch: str
     assert attributes["constellation.output_tokens"] > 0
     assert attributes["constellation.time_to_first_token_ms"] > 0
     assert len({format(s.context.trace_id, "032x") for s in mine}) == 1
+
+
+async def test_asks_naming_300_random_models_leave_the_metric_series_flat(dispatch: str) -> None:
+    """Every label dispatch writes comes from a bounded set: made-up model names all count as ``other``."""
+    import random
+    import string
+
+    from prometheus_client import generate_latest
+
+    from constellation.metrics import REGISTRY
+
+    def series() -> int:
+        return sum(1 for line in generate_latest(REGISTRY).decode().splitlines() if line and line[0] != "#")
+
+    names = ["".join(random.choices(string.ascii_lowercase, k=10)) for _ in range(301)]
+    gate = asyncio.Semaphore(16)
+
+    async def ask_for(client: DispatchClient, name: str) -> None:
+        async with gate:
+            with pytest.raises(NotFound):
+                async for _ in client.ask(ask_request("hello", model=name, max_tokens=4), timeout_s=30):
+                    pass
+
+    async with DispatchClient(dispatch) as client:
+        await ask_for(client, names[0])
+        before = series()
+        await asyncio.gather(*(ask_for(client, name) for name in names[1:]))
+    after = series()
+    assert after == before
+    text = generate_latest(REGISTRY).decode()
+    assert not any(name in text for name in names)
