@@ -88,7 +88,7 @@ class DispatchConfig(ServiceConfig):
         fusion_url: FusionService ``host:port``: calibrated votes and generated answers for fan-outs.
             Empty: dispatch votes itself; a fusion failure also falls back to that vote.
         fuse_timeout_s: Deadline of a Fuse call (also bounded by the request's own deadline).
-        triton_check_s: How often dispatch asks Triton whether it is ready; its health follows the answer
+        triton_check_s: How often dispatch asks Triton whether it is live; its health follows the answer
             (NOT_SERVING while Triton is unreachable). 0: never (always SERVING).
     """
 

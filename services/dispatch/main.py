@@ -142,7 +142,7 @@ async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServe
 
 @asynccontextmanager
 async def watching_triton(dispatcher: Dispatcher, running: RunningServer) -> AsyncIterator[None]:
-    """While the block runs, dispatch's health (overall and DispatchService) follows Triton's readiness
+    """While the block runs, dispatch's health (overall and DispatchService) follows Triton's liveness
     (:class:`TritonWatch`, every ``triton_check_s``; 0 leaves it SERVING)."""
     interval = dispatcher.config.triton_check_s
     if interval <= 0:

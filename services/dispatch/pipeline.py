@@ -101,7 +101,7 @@ class Dispatcher:
         )
         self.strategies: dict[str, Strategy] = {policy: cls(self.tools) for policy, cls in STRATEGIES.items()}
         self.triton_up = True
-        """False while Triton fails its readiness checks (:class:`services.dispatch.health.TritonWatch`):
+        """False while Triton fails its liveness checks (:class:`services.dispatch.health.TritonWatch`):
         requests fail fast with UNAVAILABLE instead of waiting on a dead server."""
 
     @property
@@ -182,7 +182,7 @@ class Dispatcher:
                 "the model server is not reachable at the moment; retry later",
                 retry_after_s=max(self.config.triton_check_s, 1.0),
                 reason="TRITON_UNAVAILABLE",
-                detail=f"Triton at {self.triton.url} did not answer its last readiness check",
+                detail=f"Triton at {self.triton.url} did not answer its last liveness check",
             )
         classification, lost = await self._classify(query.prompt, deadline_s, embedding=not query.model)
         if classification is not None:

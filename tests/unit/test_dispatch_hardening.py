@@ -180,18 +180,18 @@ async def test_asks_naming_random_models_leave_the_metric_series_flat() -> None:
 
 
 class ToggledProbe:
-    """Triton's readiness as a switch the test flips."""
+    """Triton's liveness as a switch the test flips."""
 
     url = TRITON
 
     def __init__(self) -> None:
         self.up = True
 
-    async def server_ready(self) -> bool:
+    async def server_live(self) -> bool:
         return self.up
 
 
-async def test_health_follows_triton_readiness() -> None:
+async def test_health_follows_triton_liveness() -> None:
     running = await create_server([], ServiceConfig(host="127.0.0.1", port=0, metrics_port=-1))
     probe = ToggledProbe()
 

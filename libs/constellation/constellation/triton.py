@@ -427,6 +427,20 @@ class TritonClient:
         except InferenceServerException:
             return False
 
+    async def server_live(self) -> bool:
+        """True when the server answers and is live (serving requests), whatever the state of its models.
+
+        Unlike :meth:`server_ready`, which under Triton's strict readiness turns false while any model is
+        loading, unloaded or failed, this follows only whether the server itself can be reached. Never
+        raises.
+        """
+        try:
+            return bool(
+                await self._client.is_server_live(headers=self._headers(), client_timeout=self.control_timeout_s)
+            )
+        except InferenceServerException:
+            return False
+
     async def model_ready(self, model: str) -> bool:
         """True when ``model`` is loaded and ready.
 
