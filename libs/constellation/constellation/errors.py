@@ -78,7 +78,9 @@ class ConstellationError(Exception):
         self.detail = detail
 
     def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
+        """Code, message and (for logs and span events) the operator detail."""
+        text = f"{self.code.name}: {self.message}"
+        return f"{text} [{self.detail}]" if self.detail else text
 
 
 class InvalidArgument(ConstellationError):
@@ -277,7 +279,8 @@ def from_rpc_error(error: grpc.RpcError) -> ConstellationError:
     """Translates a failed call into the exception tree. The one client-side mapping point.
 
     Rich details are read from the ``grpc-status-details-bin`` trailer when the server sent them;
-    otherwise the code and message alone are used.
+    otherwise the code and message alone are used, except that gRPC's own text about a connection that
+    failed (UNAVAILABLE, naming addresses) becomes the error's ``detail``.
     """
     status = None
     if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
@@ -289,8 +292,15 @@ def from_rpc_error(error: grpc.RpcError) -> ConstellationError:
         return from_status_proto(status)
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # gRPC's own words about a failed connection name addresses: operator detail, not for callers.
+        return Unavailable(UNREACHABLE, detail=message or "")
     proto = status_pb2.Status(code=code.value[0], message=message or "")
     return from_status_proto(proto)
+
+
+UNREACHABLE = "a service this call depends on is not reachable at the moment; retry later"
+"""The message of an UNAVAILABLE that gRPC itself reported (a connection that failed): no address in it."""
 
 
 OK_STATUS = status_pb2.Status(code=code_pb2.OK)
