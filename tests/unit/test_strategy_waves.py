@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from constellation.errors import DeadlineExceeded, Unavailable
+from constellation.errors import DeadlineExceeded, InternalError, Unavailable
 from constellation.semconv import Phase
 from services.dispatch.events import CandidateProgress, Event, Finished
 from tests.unit.dispatch_fakes import FakeGenerator, Script, config, plan, planned, run_plan
@@ -129,3 +129,12 @@ async def test_a_settled_cascade_is_not_marked_uncertain() -> None:
     done = finished(events)
     assert not done.uncertain
     assert done.problems == []
+
+
+async def test_a_member_that_fails_inside_the_model_is_not_replaced() -> None:
+    fake = FakeGenerator({"a": Script("4"), "broken": Script(fails=InternalError("boom")), "spare": Script("4")})
+    made = plan("vote", [planned("a"), planned("broken")], [planned("spare", chosen=False)])
+    events = await run_plan(made, fake, config())
+
+    assert "spare" not in fake.started
+    assert finished(events).text == "4"

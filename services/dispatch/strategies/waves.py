@@ -4,7 +4,8 @@ A ``vote`` plan stops a wave when the leading answer can no longer be overtaken 
 running (or ``plan.quorum`` members agree); a ``cascade`` plan escalates to its next wave as soon as the
 first wave disagrees, and stops when it agrees; a ``rank`` plan waits for its members and lets the
 ranking service pick. Members still running when a wave is settled are cancelled inside Triton. A member
-that fails is replaced by the next-best reserve model while time is left.
+that fails is replaced by the next-best reserve model while time is left, when another model may succeed
+(:func:`~services.dispatch.strategies.replaceable`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from services.dispatch.calls import CallResult, Run
 from services.dispatch.events import CandidateProgress, Event, Finished, PlanMade, Stage
 from services.dispatch.generation import MemberQueue, ModelCaller
 from services.dispatch.routing import PlannedModel
-from services.dispatch.strategies import Toolkit, register
+from services.dispatch.strategies import Toolkit, register, replaceable
 
 UNKNOWN_QUALITY_WEIGHT = 0.6
 """The predicted quality a vote assumes for a member whose quality is unknown (0)."""
@@ -140,7 +141,7 @@ class Wave:
         elapsed = self.run.elapsed_ms()
         if result.error is not None:
             self.problems.append(result.error)
-            if self.reserves and self.run.remaining_s() > 0:
+            if self.reserves and self.run.remaining_s() > 0 and replaceable(result.error):
                 FALLBACKS.labels(self.caller.accounting.label(result.model)).inc()
                 self.start(self.reserves.pop(0), Role.FALLBACK)
             return CandidateProgress(result.model, Phase.FAILED, elapsed, error=result.error)
