@@ -192,6 +192,12 @@ SERVICE = ServiceMain(
             help="seconds to wait for the classifier (default 0.5)",
         ),
         Flag("--registry-url", help="RegistryService host:port: live health/latency, outcomes reported"),
+        Flag(
+            "--triton-check",
+            dest="triton_check_s",
+            type=float,
+            help="seconds between Triton liveness checks that health follows (default 2; 0: never)",
+        ),
     ),
 )
 
