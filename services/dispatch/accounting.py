@@ -1,7 +1,9 @@
 """What every model call costs and how it went: metrics, span attributes, the registry outcome, hedge delays.
 
 Dispatch's Prometheus metrics are declared here, once, on the library's registry. Labels stay bounded:
-model names and fixed enums only (a caller's ``request_tag`` is a span attribute, never a label).
+fixed enums, and model names only of models dispatch knows (its catalog, the registry's records, the
+default model); any other name a caller sends is counted as :data:`OTHER_MODEL` (a caller's
+``request_tag`` is a span attribute, never a label).
 """
 
 from __future__ import annotations
@@ -72,7 +74,17 @@ HEDGES = Counter(
     ["model"],
     registry=REGISTRY,
 )
+DEGRADED_PLANS = Counter(
+    "constellation_degraded_plans_total",
+    "Requests planned without something the plan needed (cause: classification_lost).",
+    ["cause"],
+    registry=REGISTRY,
+)
 TOKENS = Counter("constellation_tokens_total", "Tokens processed by models.", ["model", "direction"], registry=REGISTRY)
+
+
+OTHER_MODEL = "other"
+"""The ``model`` label of every model that dispatch does not know (a name a caller made up, say)."""
 
 
 def cost_of(entry: ModelEntry, input_tokens: int, output_tokens: int) -> float:
@@ -96,36 +108,45 @@ class Accounting:
         self.registry = registry
         self.reporter = reporter
         self._ttft: dict[str, deque[float]] = {}
+        self._known = frozenset([*config.catalog(), config.default_model])
+
+    def label(self, model: str) -> str:
+        """``model`` as a metric label: its name when dispatch knows it, else :data:`OTHER_MODEL`."""
+        if model in self._known or (self.registry is not None and model in self.registry.models):
+            return model
+        return OTHER_MODEL
 
     def record(self, result: CallResult, entry: ModelEntry, reported_cost: float | None, span: trace.Span) -> None:
         """Metrics, span attributes and the registry outcome of one finished (or failed) call."""
-        model = result.model
+        model = self.label(result.model)
         result.ended_at = time.perf_counter()
         MODEL_CALLS.labels(model, result.outcome).inc()
         cost = reported_cost if reported_cost is not None else cost_of(entry, result.input_tokens, result.output_tokens)
         result.cost_usd = cost
         _describe(span, result)
-        ttft_ms = self._observe_times(result, span)
+        ttft_ms = self._observe_times(result, span, model)
         TOKENS.labels(model, "input").inc(result.input_tokens)
         TOKENS.labels(model, "output").inc(result.output_tokens)
         COST.labels(model).inc(cost)
         if self.reporter is not None and result.outcome != Outcome.CANCELLED:
             self.reporter.report(_outcome_message(result, ttft_ms))
 
-    def _observe_times(self, result: CallResult, span: trace.Span) -> float:
-        """Records the call's time to first token (span, histograms, samples); returns it in ms (0: none)."""
+    def _observe_times(self, result: CallResult, span: trace.Span, label: str) -> float:
+        """Records the call's time to first token (span, histograms labelled ``label``, samples); returns it
+        in ms (0: none). Samples are kept for known models only (hedging asks for no others)."""
         if result.first_at is None:
             return 0.0
         ttft = result.first_at - result.started_at
         ttft_ms = ttft * 1000
         span.set_attribute(semconv.TIME_TO_FIRST_TOKEN_MS, ttft_ms)
-        samples = self._ttft.get(result.model)
-        if samples is None:
-            samples = self._ttft[result.model] = deque(maxlen=256)
-        samples.append(ttft_ms)
-        TTFT.labels(result.model).observe(ttft)
+        if label != OTHER_MODEL:
+            samples = self._ttft.get(result.model)
+            if samples is None:
+                samples = self._ttft[result.model] = deque(maxlen=256)
+            samples.append(ttft_ms)
+        TTFT.labels(label).observe(ttft)
         if result.output_tokens > 1:
-            PER_TOKEN.labels(result.model).observe((result.ended_at - result.first_at) / (result.output_tokens - 1))
+            PER_TOKEN.labels(label).observe((result.ended_at - result.first_at) / (result.output_tokens - 1))
         return ttft_ms
 
     def hedge_delay_s(self, model: str) -> float:

@@ -28,6 +28,7 @@ class ModelEntry(BaseModel):
             ``Ceilings.required_capabilities``; empty means unknown (not excluded).
         convention: The Triton model's tensor convention: ``constellation`` (our python-backend models),
             ``vllm`` (Triton's vLLM backend) or ``tensorrtllm`` (a TensorRT-LLM ensemble).
+        context_length: Tokens the model's context holds; 0: unknown (no prompt is refused for length).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +41,7 @@ class ModelEntry(BaseModel):
     params_b: float | None = None
     capabilities: list[str] = Field(default_factory=list)
     convention: Convention = "constellation"
+    context_length: int = Field(default=0, ge=0)
 
 
 class DispatchConfig(ServiceConfig):
@@ -86,6 +88,8 @@ class DispatchConfig(ServiceConfig):
         fusion_url: FusionService ``host:port``: calibrated votes and generated answers for fan-outs.
             Empty: dispatch votes itself; a fusion failure also falls back to that vote.
         fuse_timeout_s: Deadline of a Fuse call (also bounded by the request's own deadline).
+        triton_check_s: How often dispatch asks Triton whether it is live; its health follows the answer
+            (NOT_SERVING while Triton is unreachable). 0: never (always SERVING).
     """
 
     service_name: ClassVar[str] = "dispatch"
@@ -119,6 +123,7 @@ class DispatchConfig(ServiceConfig):
     rank_timeout_s: float = Field(default=2.0, gt=0)
     fusion_url: str = ""
     fuse_timeout_s: float = Field(default=20.0, gt=0)
+    triton_check_s: float = Field(default=2.0, ge=0)
 
     def catalog(self) -> dict[str, ModelEntry]:
         """``models`` merged with the entries of ``models_file`` (read once, at call time)."""

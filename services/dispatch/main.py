@@ -9,18 +9,23 @@ import os
 # (bench.line_rate: dispatch's CPU per balanced request 61.7 -> 9.7 ms). An operator's own setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+
+from grpc_health.v1 import health_pb2
 
 from constellation import consul
 from constellation.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from constellation.server import Registration, RunningServer, serving
 from constellation.service import Flag, ServiceMain, disable
+from constellation.tasks import cancel_and_wait
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig
+from services.dispatch.health import TritonWatch
 from services.dispatch.http import SemanticCache, create_http_app, running_http
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.routing import Router, try_load_router
@@ -128,7 +133,11 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
 async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServer]:
     """Dispatch's lifespan: its clients (:func:`dispatcher_for`), the gRPC server (port 0 picks a free one)
     and, when ``http_port`` is not -1, the OpenAI-compatible HTTP API on the same event loop (no extra hop)."""
-    async with dispatcher_for(config) as dispatcher, serving(registrations(dispatcher), config) as running:
+    async with (
+        dispatcher_for(config) as dispatcher,
+        serving(registrations(dispatcher), config) as running,
+        watching_triton(dispatcher, running),
+    ):
         if config.http_port < 0:
             yield running
             return
@@ -136,6 +145,28 @@ async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServe
         async with running_http(app, config.host, config.http_port) as http:
             log.info("dispatch HTTP API (OpenAI-compatible) on http://%s:%d/v1", config.host, http.port)
             yield running
+
+
+@asynccontextmanager
+async def watching_triton(dispatcher: Dispatcher, running: RunningServer) -> AsyncIterator[None]:
+    """While the block runs, dispatch's health (overall and DispatchService) follows Triton's liveness
+    (:class:`TritonWatch`, every ``triton_check_s``; 0 leaves it SERVING)."""
+    interval = dispatcher.config.triton_check_s
+    if interval <= 0:
+        yield
+        return
+
+    async def follow(ready: bool) -> None:
+        dispatcher.triton_up = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in [*running.services, ""]:
+            await running.health.set(name, status)
+
+    task = asyncio.create_task(TritonWatch(dispatcher.triton, follow, interval_s=interval).run())
+    try:
+        yield
+    finally:
+        await cancel_and_wait([task])
 
 
 SERVICE = ServiceMain(
@@ -168,6 +199,12 @@ SERVICE = ServiceMain(
             help="seconds to wait for the classifier (default 0.5)",
         ),
         Flag("--registry-url", help="RegistryService host:port: live health/latency, outcomes reported"),
+        Flag(
+            "--triton-check",
+            dest="triton_check_s",
+            type=float,
+            help="seconds between Triton liveness checks that health follows (default 2; 0: never)",
+        ),
     ),
 )
 

@@ -16,17 +16,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from opentelemetry import trace
 
 from constellation import semconv
-from constellation.errors import ConstellationError
+from constellation.errors import ConstellationError, Retryable, Unavailable
 from constellation.semconv import Policy
 from constellation.triton import TritonClient
 from constellation.v1 import common_pb2
 from constellation.v1.common_pb2 import Classification
 from services.classifier.client import ClassifierClient
-from services.dispatch.accounting import CLASSIFY_FAILURES, FANOUT, Accounting
+from services.dispatch.accounting import CLASSIFY_FAILURES, DEGRADED_PLANS, FANOUT, Accounting
 from services.dispatch.aggregation import Aggregator
 from services.dispatch.calls import CallResult, Run
 from services.dispatch.config import DispatchConfig, ModelEntry
@@ -99,6 +100,9 @@ class Dispatcher:
             require_model=self._require_model,
         )
         self.strategies: dict[str, Strategy] = {policy: cls(self.tools) for policy, cls in STRATEGIES.items()}
+        self.triton_up = True
+        """False while Triton fails its liveness checks (:class:`services.dispatch.health.TritonWatch`):
+        requests fail fast with UNAVAILABLE instead of waiting on a dead server."""
 
     @property
     def wants_embedding(self) -> bool:
@@ -132,20 +136,28 @@ class Dispatcher:
         current span and counted, never raised: routing falls back to its defaults. The embedding (the
         encoder's ~30 ms on 2 cores) is asked for only when ``embedding`` and routing will read it.
         """
+        classification, _ = await self._classify(prompt, remaining_s, embedding=embedding)
+        return classification
+
+    async def _classify(
+        self, prompt: str, remaining_s: float | None, *, embedding: bool
+    ) -> tuple[Classification | None, ConstellationError | None]:
+        """:meth:`classify`, and the classifier's failure when it had one."""
         if self.classifier is None:
-            return None
+            return None, None
         timeout = (
             self.config.classify_timeout_s if remaining_s is None else min(self.config.classify_timeout_s, remaining_s)
         )
         try:
-            return await self.classifier.classify(
+            classification = await self.classifier.classify(
                 prompt, timeout_s=timeout, omit_embedding=not (embedding and self.wants_embedding)
             )
         except ConstellationError as exc:
             CLASSIFY_FAILURES.labels(exc.code.name).inc()
             trace.get_current_span().add_event("classification_failed", {"error": str(exc)})
             log.warning("classification failed, going on unclassified: %s", exc)
-            return None
+            return None, exc
+        return classification, None
 
     async def ask(self, query: Query, *, deadline_s: float | None, received_at: float) -> AsyncGenerator[Event, None]:
         """Streams the events of one query.
@@ -165,7 +177,14 @@ class Dispatcher:
         stages: list[Stage] = []
         classify_start = time.perf_counter()
         stages.append(Stage("validate", (classify_start - received_at) * 1000))
-        classification = await self.classify(query.prompt, deadline_s, embedding=not query.model)
+        if not self.triton_up:
+            raise Unavailable(
+                "the model server is not reachable at the moment; retry later",
+                retry_after_s=max(self.config.triton_check_s, 1.0),
+                reason="TRITON_UNAVAILABLE",
+                detail=f"Triton at {self.triton.url} did not answer its last liveness check",
+            )
+        classification, lost = await self._classify(query.prompt, deadline_s, embedding=not query.model)
         if classification is not None:
             span.set_attribute(semconv.TASK, common_pb2.TaskType.Name(classification.task))
             span.set_attribute(semconv.COMPLEXITY, common_pb2.Complexity.Name(classification.complexity))
@@ -181,7 +200,10 @@ class Dispatcher:
             budget = min(budget, query.time_budget_ms / 1000)
         run = Run(query, plan, answer_kind_of(classification), received_at, received_at + budget, stages)
         FANOUT.observe(len(plan.members))
+        degraded = None if lost is None or query.model else _classification_lost(lost, plan)
         async for event in self.strategy_for(plan).run(run):
+            if degraded is not None and isinstance(event, Finished):
+                event = replace(event, problems=[degraded, *event.problems])
             yield event
 
     def strategy_for(self, plan: PlanMade) -> Strategy:
@@ -190,3 +212,17 @@ class Dispatcher:
         if found is not None:
             return found
         return self.strategies[Policy.VOTE if len(plan.members) > 1 else Policy.SINGLE]
+
+
+def _classification_lost(error: ConstellationError, plan: PlanMade) -> ConstellationError:
+    """The problem a routed request survived when the classifier failed: it was planned unclassified
+    (task, answer kind and expected length unknown), which usually means one model instead of a fan-out.
+    Counted in ``constellation_degraded_plans_total``."""
+    DEGRADED_PLANS.labels("classification_lost").inc()
+    trace.get_current_span().set_attribute(semconv.DEGRADED, "classification_lost")
+    cls = type(error) if isinstance(error, Retryable) else Unavailable
+    return cls(
+        f"the classifier did not answer ({error.code.name}); the request was planned unclassified "
+        f"({plan.policy} of {len(plan.members)} model(s)) and may be answered less well",
+        reason="CLASSIFICATION_LOST",
+    )

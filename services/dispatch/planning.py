@@ -6,15 +6,18 @@ candidate considered with the reason for the decision; strategies execute it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from constellation.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from constellation.semconv import Policy
 from constellation.v1 import common_pb2, registry_pb2
 from constellation.v1.common_pb2 import Classification
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import PlanMade
 from services.dispatch.query import Query
-from services.dispatch.routing import PlannedModel, PoolModel, Router, Weights, estimate_tokens
+from services.dispatch.routing import PlannedModel, PoolModel, Route, Router, Weights, estimate_tokens
 from services.registry.client import RegistryView
 
 ANSWER_KINDS = {
@@ -26,6 +29,19 @@ ANSWER_KINDS = {
 """The classifier's answer kinds by the names routing and answer extraction use."""
 
 ANSWER_KIND_ENUMS = {name: value for value, name in ANSWER_KINDS.items()}
+
+SURE_CHARS_PER_TOKEN = 3.0
+"""Characters per token when routing must be sure a prompt fits: English prose runs about 4 characters
+per token, code and non-Latin text fewer, so 3 overestimates the tokens of most prompts."""
+
+LENIENT_CHARS_PER_TOKEN = 4.0
+"""Characters per token when refusing a prompt: only a prompt too long even at this ratio is refused
+before a model sees it; the model's own tokenizer judges the rest (its refusal is INVALID_ARGUMENT too)."""
+
+
+def prompt_tokens(prompt: str, chars_per_token: float) -> int:
+    """The prompt's length in tokens, estimated at ``chars_per_token``."""
+    return math.ceil(len(prompt) / chars_per_token)
 
 
 def answer_kind_of(classification: Classification | None) -> str:
@@ -89,21 +105,69 @@ class Planner:
         """Who answers: the requested model, else the router's choice over the pool, else the default model.
 
         Raises:
+            InvalidArgument: the prompt does not fit the context of the requested model (or of any model).
             FailedPrecondition: routing found no model within the request's ceilings.
+            Unavailable: no model could take the request because those that could are unhealthy now.
         """
+        tokens = prompt_tokens(query.prompt, LENIENT_CHARS_PER_TOKEN)
         if query.model:
+            _require_fit(query.model, self.entry(query.model).context_length, tokens)
             return _alone(Policy.REQUESTED, query, query.model, "requested by the caller (AskRequest.model)")
         pool = self.pool()
+        if self.router is not None and pool:
+            pool = self._fitting(pool, query.prompt)
         if self.router is None or not pool:
             reason = "default model (no routing policy or no pool configured)"
+            _require_fit(self.config.default_model, self.entry(self.config.default_model).context_length, tokens)
             return _alone(Policy.SINGLE, query, self.config.default_model, reason)
+        try:
+            route = self._route(query, pool, classification)
+        except FailedPrecondition as exc:
+            if any(not model.healthy for model in pool):
+                # Models the registry marks unhealthy may recover: the same request may succeed later.
+                raise Unavailable(
+                    "no model that could take this request is healthy at the moment; retry later",
+                    retry_after_s=2.0,
+                    reason="NO_HEALTHY_MODEL",
+                    detail=exc.message,
+                ) from exc
+            raise
+        return PlanMade(
+            route.policy,
+            route.members,
+            route.summary,
+            route.candidates,
+            route.profile,
+            route.quorum,
+            query.time_budget_ms,
+        )
+
+    def _fitting(self, pool: list[PoolModel], prompt: str) -> list[PoolModel]:
+        """The models of ``pool`` whose context holds ``prompt`` (a model of unknown context always does).
+
+        Models that surely hold it when there are any, else those that may (see the two ratios).
+
+        Raises:
+            InvalidArgument: no model's context can hold the prompt; names the largest context.
+        """
+        contexts = {model.name: self.entry(model.name).context_length for model in pool}
+        for ratio in (SURE_CHARS_PER_TOKEN, LENIENT_CHARS_PER_TOKEN):
+            tokens = prompt_tokens(prompt, ratio)
+            fitting = [model for model in pool if not contexts[model.name] or contexts[model.name] >= tokens]
+            if fitting:
+                return fitting
+        raise _too_long(tokens, max(contexts.values()), "the largest context of the pool")
+
+    def _route(self, query: Query, pool: list[PoolModel], classification: Classification | None) -> Route:
+        """The router's route over ``pool`` for ``query``."""
+        assert self.router is not None
         embedding = None
         expected_tokens = None
         if classification is not None:
             if classification.embedding:
                 embedding = np.asarray(classification.embedding, dtype=np.float32)
             expected_tokens = classification.expected_output_tokens or None
-        route = self.router.route(
+        return self.router.route(
             pool,
             embedding=embedding,
             answer_kind=answer_kind_of(classification),
@@ -116,15 +180,25 @@ class Planner:
             required_capabilities=query.required_capabilities,
             ranking=self.ranking,
         )
-        return PlanMade(
-            route.policy,
-            route.members,
-            route.summary,
-            route.candidates,
-            route.profile,
-            route.quorum,
-            query.time_budget_ms,
-        )
+
+
+def _require_fit(model: str, context_length: int, tokens: int) -> None:
+    """Raises InvalidArgument when ``model``'s known context cannot hold ``tokens`` prompt tokens."""
+    if context_length and tokens > context_length:
+        raise _too_long(tokens, context_length, f"the context of {model}")
+
+
+def _too_long(tokens: int, context_length: int, whose: str) -> InvalidArgument:
+    description = (
+        f"is about {tokens} tokens (estimated at {LENIENT_CHARS_PER_TOKEN:g} characters per token); "
+        f"{whose} holds {context_length} tokens"
+    )
+    return InvalidArgument(
+        f"the prompt is too long: {description}",
+        [FieldViolation("prompt", description)],
+        reason="PROMPT_TOO_LONG",
+        metadata={"context_length": str(context_length), "estimated_prompt_tokens": str(tokens)},
+    )
 
 
 def _alone(policy: Policy, query: Query, model: str, reason: str) -> PlanMade:
@@ -170,6 +244,7 @@ def entry_from_record(record: registry_pb2.ModelRecord) -> ModelEntry:
         family=record.family or None,
         params_b=record.params_b or None,
         capabilities=list(record.capabilities),
+        context_length=record.context_length,
     )
 
 

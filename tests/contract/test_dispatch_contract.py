@@ -22,7 +22,8 @@ async def collect(address: str, request: object) -> list[object]:
 
 
 async def test_health_and_reflection(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
-    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
+    # No Triton check: health stays SERVING (with checks on, it follows Triton: tests/e2e/test_ask.py).
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}", triton_check_s=0)
     assert await serving(address, ("", "constellation.v1.DispatchService")) == [SERVING, SERVING]
     services, output = await reflected(address, "constellation.v1.DispatchService", "Ask")
     assert {"constellation.v1.DispatchService", "grpc.health.v1.Health"} <= services
@@ -47,12 +48,20 @@ async def test_invalid_requests_name_each_field(dispatch_factory, fields, expect
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_triton_down_is_unavailable_and_says_what_to_start(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
-    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
+@pytest.mark.parametrize("check_s", [0.0, 2.0])
+async def test_triton_down_is_unavailable_and_keeps_its_address_and_hints_to_operators(
+    dispatch_factory,  # type: ignore[no-untyped-def]
+    check_s: float,
+) -> None:
+    """With the liveness check on, the Ask fails fast; off, it fails on the model call: UNAVAILABLE both ways."""
+    port = free_port()
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{port}", triton_check_s=check_s)
     with pytest.raises(Unavailable) as caught:
         await collect(address, ask_request("What is 2+2?", max_tokens=8))
-    assert "constellation up" in caught.value.message
     assert caught.value.reason == "TRITON_UNAVAILABLE"
+    assert "retry" in caught.value.message
+    assert str(port) not in caught.value.message and "constellation up" not in caught.value.message
+    assert str(port) not in str(caught.value.metadata)
 
 
 async def test_plan_is_a_dry_run(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
@@ -77,7 +86,7 @@ async def grpcurl(*args: str) -> tuple[int, str, str]:
 
 async def test_readme_grpcurl_recipes(dispatch_factory) -> None:  # type: ignore[no-untyped-def]
     """The README's grpcurl recipes that need no model, run as written against a live server."""
-    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}")
+    address = await dispatch_factory(triton_url=f"127.0.0.1:{free_port()}", triton_check_s=0)
     rc, out, _ = await grpcurl("-plaintext", address, "list")
     assert rc == 0 and "constellation.v1.DispatchService" in out.split()
     rc, out, _ = await grpcurl("-plaintext", address, "describe", "constellation.v1.DispatchService")
@@ -101,7 +110,7 @@ async def test_dispatch_classifies_and_survives_a_classifier_outage(dispatch_fac
     config = load_config(ClassifierConfig, None, port=0, policy="keyword", encoder=False, shutdown_grace_s=0.5)
     async with running_classifier(config) as classifier:
         address = await dispatch_factory(
-            triton_url=f"127.0.0.1:{free_port()}", classifier_url=f"127.0.0.1:{classifier.port}"
+            triton_url=f"127.0.0.1:{free_port()}", classifier_url=f"127.0.0.1:{classifier.port}", triton_check_s=0
         )
         async with DispatchClient(address) as client:
             response = await client.plan(ask_request("Solve 12 * 7 + 3. What is the result?"))

@@ -24,13 +24,17 @@ import pytest
 from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from constellation.errors import NotFound
+from constellation.errors import DeadlineExceeded, NotFound
 from constellation.net import free_port
+from constellation.semconv import Phase
 from constellation.triton import Chunk, Sampling, TritonClient
+from services.dispatch.config import ModelEntry
+from services.dispatch.events import CandidateProgress, Finished
 from services.inference.launcher import SHM_DIR, TritonServer
 from services.inference.replay import LatencyModel, ReplayIndex
 from tests.e2e.processes import process_group_alive
 from tests.e2e.triton_metrics import generations, in_flight, scrape
+from tests.unit.dispatch_fakes import config, plan, planned, run_plan
 
 MODEL = "replay"
 TIME_SCALE = 0.05
@@ -312,3 +316,30 @@ async def test_a_stream_left_before_its_first_read_is_cancelled_in_triton(
         await asyncio.sleep(0.02)
     assert generations(now, "cancelled", MODEL) == generations(before, "cancelled", MODEL) + 1
     assert generations(now, "stop", MODEL) == generations(before, "stop", MODEL)
+
+
+async def test_a_cascade_whose_last_wave_cannot_finish_in_time_answers_with_its_first_wave(
+    client: TritonClient, replay_triton: TritonServer
+) -> None:
+    """Wave 1 (tiny-7b) answers at once; wave 2 (huge-400b, ~3.2 s for ROME) cannot finish in the 1.5 s
+    budget: the caller still gets wave 1's answer, uncertain, with the timeout first in its problems."""
+    entries = {
+        name: ModelEntry(triton_model=MODEL, parameters={"recorded_model": recorded})
+        for name, recorded in (("tiny", "tiny-7b"), ("huge", "huge-400b"))
+    }
+    made = plan("cascade", [planned("tiny"), planned("huge", wave=1)])
+    started = time.monotonic()
+    events = await run_plan(
+        made, client, config(), answer_kind="open", budget_s=1.5, prompt=ROME, entries=entries, max_tokens=4096
+    )
+    elapsed = time.monotonic() - started
+    done = events[-1]
+    assert isinstance(done, Finished)
+    assert done.text == "Old."
+    assert done.uncertain
+    assert isinstance(done.problems[0], DeadlineExceeded)
+    assert done.problems[0].reason == "WAVE_TIMED_OUT"
+    assert [e.model for e in events if isinstance(e, CandidateProgress) and e.phase == Phase.CANCELLED] == ["huge"]
+    assert elapsed < 3.0
+    await asyncio.sleep(0.2)
+    assert in_flight(await asyncio.to_thread(scrape, replay_triton), MODEL) == 0

@@ -21,7 +21,7 @@ from services.dispatch.aggregation import Aggregator
 from services.dispatch.calls import Run
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import Event, PlanMade
-from services.dispatch.generation import ModelCaller
+from services.dispatch.generation import Generator, ModelCaller
 from services.dispatch.query import Query
 from services.dispatch.routing import PlannedModel
 from services.dispatch.strategies import STRATEGIES, Toolkit
@@ -116,23 +116,34 @@ def plan(policy: str, members: list[PlannedModel], reserves: Sequence[PlannedMod
 
 
 async def run_plan(
-    made: PlanMade, generator: FakeGenerator, settings: DispatchConfig, answer_kind: str = "number"
+    made: PlanMade,
+    generator: Generator,
+    settings: DispatchConfig,
+    answer_kind: str = "number",
+    *,
+    budget_s: float = 10.0,
+    prompt: str = "What is 2 + 2?",
+    entries: Mapping[str, ModelEntry] | None = None,
+    max_tokens: int = 16,
 ) -> list[Event]:
-    """Runs ``made`` with the strategy registered for its policy against ``generator``; every event."""
+    """Runs ``made`` with the strategy registered for its policy against ``generator``, within ``budget_s``
+    seconds; every event. ``entries`` says how to reach models (default: the Triton model of the name);
+    end-to-end tests pass a real :class:`~constellation.triton.TritonClient` as ``generator``."""
     accounting = Accounting(settings)
 
     async def no_require(model: str) -> None:
         return None
 
+    known = dict(entries or {})
     tools = Toolkit(
         config=settings,
-        caller=ModelCaller(generator, lambda model: ModelEntry(triton_model=model), accounting),
+        caller=ModelCaller(generator, lambda name: known.get(name, ModelEntry(triton_model=name)), accounting),
         accounting=accounting,
         aggregator=Aggregator(settings),
         require_model=no_require,
     )
-    query = Query("What is 2 + 2?", Sampling(max_tokens=16), model="", time_budget_ms=0, request_tag="")
+    query = Query(prompt, Sampling(max_tokens=max_tokens), model="", time_budget_ms=0, request_tag="")
     now = time.perf_counter()
-    run = Run(query, made, answer_kind, now, now + 10.0)
+    run = Run(query, made, answer_kind, now, now + budget_s)
     strategy = STRATEGIES[Policy(made.policy)](tools)
     return [event async for event in strategy.run(run)]

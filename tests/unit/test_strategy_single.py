@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from constellation.errors import InvalidArgument, Unavailable
+from constellation.errors import InternalError, InvalidArgument, Unavailable
 from constellation.semconv import Phase
 from services.dispatch.events import CandidateProgress, Event, Finished, PlanMade
 from tests.unit.dispatch_fakes import FakeGenerator, Script, config, plan, planned, run_plan
@@ -71,3 +71,13 @@ async def test_a_requested_model_has_no_fallback() -> None:
     with pytest.raises(Unavailable):
         await run_plan(plan("requested", [planned("named")], [planned("good", chosen=False)]), fake, config())
     assert list(fake.started) == ["named"]
+
+
+@pytest.mark.parametrize("hedging", [False, True])
+async def test_a_failure_inside_the_model_is_not_retried_on_another_model(hedging: bool) -> None:
+    """INTERNAL (a prompt past the context, a crash in the backend) would only break the next model too."""
+    fake = FakeGenerator({"broken": Script(fails=InternalError("boom")), "good": Script("good answer")})
+    settings = config(hedging=hedging, hedge_after_ms=10_000.0, hedge_min_samples=1000)
+    with pytest.raises(InternalError):
+        await run_plan(plan("single", [planned("broken")], [planned("good", chosen=False)]), fake, settings)
+    assert list(fake.started) == ["broken"]

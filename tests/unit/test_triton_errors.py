@@ -40,7 +40,9 @@ URL = "127.0.0.1:8001"
 def test_each_status_code_maps_to_one_exception(code: grpc.StatusCode, expected: type[ConstellationError]) -> None:
     error = triton_error(code, "details", url=URL, model="m")
     assert type(error) is expected
-    assert "details" in error.message or expected in (Cancelled, DeadlineExceeded)
+    assert "details" in error.message + error.detail
+    assert URL not in error.message
+    assert URL in error.detail
 
 
 def test_unavailable_says_how_to_start_triton_and_may_be_retried() -> None:
@@ -48,7 +50,9 @@ def test_unavailable_says_how_to_start_triton_and_may_be_retried() -> None:
     assert isinstance(error, Unavailable)
     assert error.reason == "TRITON_UNAVAILABLE"
     assert error.retry_after_s == 1.0
-    assert "constellation up" in error.message
+    assert "constellation up" in error.detail
+    assert "constellation up" not in error.message and URL not in error.message
+    assert "endpoint" not in error.metadata
 
 
 @pytest.mark.parametrize(
@@ -80,12 +84,12 @@ def test_transient_failures_form_the_retryable_family() -> None:
     assert not any(issubclass(cls, Retryable) for cls in (NotFound, InvalidArgument, Cancelled, InternalError))
 
 
-def test_another_model_is_tried_for_model_failures_but_not_for_request_faults() -> None:
-    for error in (Unavailable("x"), DeadlineExceeded("x"), ResourceExhausted("x"), NotFound("x"), InternalError("x")):
+def test_another_model_is_tried_for_transient_and_model_failures_only() -> None:
+    for error in (Unavailable("x"), DeadlineExceeded("x"), ResourceExhausted("x"), NotFound("x")):
         assert replaceable(error)
     unknown = ConstellationError("x")
-    assert replaceable(unknown)
-    for error in (InvalidArgument("x"), Cancelled("x"), FailedPrecondition("x")):
+    assert not replaceable(unknown)
+    for error in (InvalidArgument("x"), Cancelled("x"), FailedPrecondition("x"), InternalError("x")):
         assert not replaceable(error)
     aborted = ConstellationError("x")
     aborted.code = grpc.StatusCode.ABORTED  # type: ignore[misc]

@@ -24,6 +24,7 @@ code names.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, NoReturn
@@ -32,8 +33,11 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
 
 ERROR_DOMAIN = "constellation.dev"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,22 +52,35 @@ class ConstellationError(Exception):
     """Base of every error the mesh raises on purpose.
 
     Attributes:
-        message: What happened and, where possible, what to do about it.
+        message: What happened and, where possible, what the caller can do about it. Sent to callers:
+            no internal addresses, operator hints or inventories (those go in ``detail``).
         reason: A short UPPER_SNAKE machine-readable reason (``ErrorInfo.reason``).
-        metadata: Extra key/value context for ``ErrorInfo.metadata``.
+        metadata: Extra key/value context for ``ErrorInfo.metadata`` (sent to callers too).
+        detail: What an operator needs (addresses, how to fix the deployment); logged and recorded on
+            the span by :func:`abort`, never sent over the wire.
     """
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
     default_reason: ClassVar[str] = "UNKNOWN"
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        detail: str = "",
+    ):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
+        self.detail = detail
 
     def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
+        """Code, message and (for logs and span events) the operator detail."""
+        text = f"{self.code.name}: {self.message}"
+        return f"{text} [{self.detail}]" if self.detail else text
 
 
 class InvalidArgument(ConstellationError):
@@ -79,8 +96,9 @@ class InvalidArgument(ConstellationError):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        detail: str = "",
     ):
-        super().__init__(message, reason=reason, metadata=metadata)
+        super().__init__(message, reason=reason, metadata=metadata, detail=detail)
         self.violations = list(violations)
 
 
@@ -111,8 +129,9 @@ class Unavailable(Retryable):
         retry_after_s: float | None = None,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        detail: str = "",
     ):
-        super().__init__(message, reason=reason, metadata=metadata)
+        super().__init__(message, reason=reason, metadata=metadata, detail=detail)
         self.retry_after_s = retry_after_s
 
 
@@ -244,7 +263,14 @@ def _code_from_int(value: int) -> grpc.StatusCode:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: ConstellationError, *, service: str = "") -> NoReturn:
-    """Ends the current call with ``error``'s rich status. The one server-side mapping point."""
+    """Ends the current call with ``error``'s rich status. The one server-side mapping point.
+
+    The operator detail (``error.detail``) stays here: it is logged and added to the current span,
+    never sent.
+    """
+    if error.detail:
+        log.warning("%s (%s): %s", error.message, error.code.name, error.detail)
+        trace.get_current_span().add_event("error_detail", {"message": error.message, "detail": error.detail})
     await context.abort_with_status(rpc_status.to_status(to_status_proto(error, service=service)))
     raise AssertionError("abort_with_status returned")  # pragma: no cover - grpc always raises
 
@@ -253,7 +279,8 @@ def from_rpc_error(error: grpc.RpcError) -> ConstellationError:
     """Translates a failed call into the exception tree. The one client-side mapping point.
 
     Rich details are read from the ``grpc-status-details-bin`` trailer when the server sent them;
-    otherwise the code and message alone are used.
+    otherwise the code and message alone are used, except that gRPC's own text about a connection that
+    failed (UNAVAILABLE, naming addresses) becomes the error's ``detail``.
     """
     status = None
     if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
@@ -265,8 +292,15 @@ def from_rpc_error(error: grpc.RpcError) -> ConstellationError:
         return from_status_proto(status)
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # gRPC's own words about a failed connection name addresses: operator detail, not for callers.
+        return Unavailable(UNREACHABLE, detail=message or "")
     proto = status_pb2.Status(code=code.value[0], message=message or "")
     return from_status_proto(proto)
+
+
+UNREACHABLE = "a service this call depends on is not reachable at the moment; retry later"
+"""The message of an UNAVAILABLE that gRPC itself reported (a connection that failed): no address in it."""
 
 
 OK_STATUS = status_pb2.Status(code=code_pb2.OK)

@@ -48,6 +48,7 @@ _CHANNEL_OPTIONS = [
 """tritonclient's defaults: no message size limit, no keepalive pings on an idle channel."""
 
 HOW_TO_START = "start it with `constellation up` (or `python -m services.inference.launcher`)"
+HOW_TO_LIST = "`constellation models list` (or RegistryService/ListModels) lists the models that can be asked"
 
 
 @dataclass(frozen=True)
@@ -102,17 +103,21 @@ class Generation:
 
 
 _ERRORS: dict[grpc.StatusCode, tuple[type[ConstellationError], str]] = {
-    grpc.StatusCode.UNAVAILABLE: (Unavailable, "Triton at {url} is not reachable ({details}); " + HOW_TO_START),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (DeadlineExceeded, "deadline exceeded while Triton at {url} served {model}"),
+    grpc.StatusCode.UNAVAILABLE: (Unavailable, "the model server is not reachable at the moment; retry later"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (DeadlineExceeded, "deadline exceeded while {model} was generating"),
     grpc.StatusCode.CANCELLED: (Cancelled, "the request to {model} was cancelled"),
-    grpc.StatusCode.NOT_FOUND: (NotFound, "Triton at {url} does not serve model {model!r}: {details}"),
+    grpc.StatusCode.NOT_FOUND: (NotFound, "{model}: {details}; " + HOW_TO_LIST),
     grpc.StatusCode.INVALID_ARGUMENT: (InvalidArgument, "{model} rejected the request: {details}"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (ResourceExhausted, "{model}: {details}"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (ResourceExhausted, "{model} is out of capacity: {details}"),
 }
 """The one table from Triton's failures to the library's exceptions, with the message each one carries.
 
-Every other code becomes :class:`InternalError`. Failures that Triton reports only as text (an error
-inside a streamed response, a control call's message) get their code from :data:`_MESSAGE_CODES` first.
+Messages are for callers: what failed and what they can do (a model's own words about the request are
+kept, they hold no address). Triton's address, its words about itself and how to fix the deployment go
+in the error's ``detail`` (see
+:class:`~constellation.errors.ConstellationError`). Every other code becomes :class:`InternalError`.
+Failures that Triton reports only as text (an error inside a streamed response, a control call's
+message) get their code from :data:`_MESSAGE_CODES` first.
 """
 
 _MESSAGE_CODES: tuple[tuple[str, grpc.StatusCode], ...] = (
@@ -120,6 +125,8 @@ _MESSAGE_CODES: tuple[tuple[str, grpc.StatusCode], ...] = (
     ("is not ready", grpc.StatusCode.NOT_FOUND),
     ("not found", grpc.StatusCode.NOT_FOUND),
     ("must be", grpc.StatusCode.INVALID_ARGUMENT),
+    ("context holds", grpc.StatusCode.INVALID_ARGUMENT),
+    ("context length", grpc.StatusCode.INVALID_ARGUMENT),
     ("invalid", grpc.StatusCode.INVALID_ARGUMENT),
     ("unknown key", grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -140,12 +147,14 @@ def triton_error(code: grpc.StatusCode, details: str, *, url: str, model: str = 
         url: The Triton endpoint, named in messages and in the error's metadata.
         model: The model the call was about, if any.
     """
-    cls, template = _ERRORS.get(code, (InternalError, "Triton error from {model}: {code}: {details}"))
-    message = template.format(url=url, model=model or "Triton", details=details, code=code.name)
-    metadata = {"model": model} if model else {}
+    cls, template = _ERRORS.get(code, (InternalError, "{model} failed while generating ({code})"))
+    message = template.format(model=model or "the model server", details=details, code=code.name)
+    detail = f"Triton at {url}: {code.name}: {details}"
     if cls is Unavailable:
-        return Unavailable(message, retry_after_s=1.0, reason="TRITON_UNAVAILABLE", metadata={"endpoint": url})
-    return cls(message, metadata=metadata)
+        detail += "; " + HOW_TO_START
+        return Unavailable(message, retry_after_s=1.0, reason="TRITON_UNAVAILABLE", detail=detail)
+    metadata = {"model": model} if model else {}
+    return cls(message, metadata=metadata, detail=detail)
 
 
 def _from_rpc_error(error: grpc.aio.AioRpcError, url: str, model: str) -> ConstellationError:
@@ -418,6 +427,20 @@ class TritonClient:
         except InferenceServerException:
             return False
 
+    async def server_live(self) -> bool:
+        """True when the server answers and is live (serving requests), whatever the state of its models.
+
+        Unlike :meth:`server_ready`, which under Triton's strict readiness turns false while any model is
+        loading, unloaded or failed, this follows only whether the server itself can be reached. Never
+        raises.
+        """
+        try:
+            return bool(
+                await self._client.is_server_live(headers=self._headers(), client_timeout=self.control_timeout_s)
+            )
+        except InferenceServerException:
+            return False
+
     async def model_ready(self, model: str) -> bool:
         """True when ``model`` is loaded and ready.
 
@@ -432,7 +455,7 @@ class TritonClient:
         )
 
     async def require_model(self, model: str) -> None:
-        """Raises NotFound (with the models Triton does serve) unless ``model`` is ready."""
+        """Raises NotFound unless ``model`` is ready; the models Triton does serve go in the error's ``detail``."""
         if await self.model_ready(model):
             return
         index = await self._control(
@@ -442,8 +465,9 @@ class TritonClient:
         )
         ready = sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY")
         raise NotFound(
-            f"model {model!r} is not served by Triton at {self.url}; ready models: {', '.join(ready) or 'none'}",
+            f"model {model!r} is not served; {HOW_TO_LIST}",
             metadata={"model": model},
+            detail=f"Triton at {self.url} does not have it ready; ready models: {', '.join(ready) or 'none'}",
         )
 
     async def load(self, model: str, *, timeout_s: float = 120.0) -> None:

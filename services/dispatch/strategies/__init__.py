@@ -11,9 +11,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
-
-from constellation.errors import ConstellationError, InternalError, NotFound, Retryable
+from constellation.errors import ConstellationError, NotFound, Retryable
 from constellation.semconv import Policy
 from services.dispatch.accounting import Accounting
 from services.dispatch.aggregation import Aggregator
@@ -67,13 +65,12 @@ def register(*policies: Policy) -> Callable[[type[Strategy]], type[Strategy]]:
 def replaceable(error: ConstellationError) -> bool:
     """True when another model may succeed where this one failed (a fallback is worth trying).
 
-    Transient failures (the :class:`Retryable` family), a model the server does not have, a failure
-    inside the model, and failures of unknown kind; not the request's own faults (invalid, cancelled,
-    precondition).
+    Transient failures (the :class:`Retryable` family) and a model the server does not have. Not the
+    request's own faults (invalid, cancelled, precondition), and not INTERNAL or unknown failures: a
+    request that broke one model (a prompt past its context, say) would only break the next one too,
+    at the cost of another call.
     """
-    if isinstance(error, Retryable | NotFound | InternalError):
-        return True
-    return type(error) is ConstellationError and error.code == grpc.StatusCode.UNKNOWN
+    return isinstance(error, Retryable | NotFound)
 
 
 from services.dispatch.strategies import single, waves  # noqa: E402  (registers the strategies)

@@ -21,6 +21,7 @@ from services.dispatch.accounting import HEDGES
 from services.dispatch.calls import CallResult, Run
 from services.dispatch.events import CandidateProgress, Delta, Event
 from services.dispatch.generation import ModelCaller
+from services.dispatch.strategies import replaceable
 
 Item = tuple[Role, Event | CallResult]
 """What a racing call reports: its role and one of its events, or its result when it has ended."""
@@ -96,7 +97,7 @@ class HedgedCall:
         self._tasks[role] = asyncio.create_task(self._pump(self.calls[role], pre_events))
 
     def _send_hedge(self) -> None:
-        HEDGES.labels(self.calls[Role.MEMBER].model).inc()
+        HEDGES.labels(self.caller.accounting.label(self.calls[Role.MEMBER].model)).inc()
         backup = self.calls[Role.HEDGE].model
         trace.get_current_span().add_event("hedged", {"after_ms": self.delay_s * 1000, "backup": backup})
         self._launch(Role.HEDGE)
@@ -138,6 +139,8 @@ class HedgedCall:
             return True
         other = Role.HEDGE if role == Role.MEMBER else Role.MEMBER
         if other not in self._tasks:  # the member failed before the hedge delay: ask the backup now
+            if result.error is not None and not replaceable(result.error):
+                raise result.error  # another model would fail the same way (see replaceable)
             self._launch(other)
             return False
         if self.calls[other].error is not None and result.error is not None:

@@ -59,7 +59,7 @@ class Single:
                     raise
                 if run.remaining_s() <= 0:
                     raise
-                FALLBACKS.labels(member.model).inc()
+                FALLBACKS.labels(self.tools.accounting.label(member.model)).inc()
                 problems.append(exc)
                 yield CandidateProgress(member.model, Phase.FAILED, run.elapsed_ms(), error=exc)
                 attempt += step

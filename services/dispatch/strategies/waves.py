@@ -4,7 +4,8 @@ A ``vote`` plan stops a wave when the leading answer can no longer be overtaken 
 running (or ``plan.quorum`` members agree); a ``cascade`` plan escalates to its next wave as soon as the
 first wave disagrees, and stops when it agrees; a ``rank`` plan waits for its members and lets the
 ranking service pick. Members still running when a wave is settled are cancelled inside Triton. A member
-that fails is replaced by the next-best reserve model while time is left.
+that fails is replaced by the next-best reserve model while time is left, when another model may succeed
+(:func:`~services.dispatch.strategies.replaceable`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import replace
 
 from opentelemetry import trace
 
@@ -24,10 +26,10 @@ from constellation.semconv import CancelReason, Outcome, Phase, Policy, Role
 from constellation.tasks import cancel_and_wait
 from services.dispatch.accounting import EARLY_STOPS, ESCALATIONS, FALLBACKS
 from services.dispatch.calls import CallResult, Run
-from services.dispatch.events import CandidateProgress, Event, PlanMade, Stage
+from services.dispatch.events import CandidateProgress, Event, Finished, PlanMade, Stage
 from services.dispatch.generation import MemberQueue, ModelCaller
 from services.dispatch.routing import PlannedModel
-from services.dispatch.strategies import Toolkit, register
+from services.dispatch.strategies import Toolkit, register, replaceable
 
 UNKNOWN_QUALITY_WEIGHT = 0.6
 """The predicted quality a vote assumes for a member whose quality is unknown (0)."""
@@ -139,8 +141,8 @@ class Wave:
         elapsed = self.run.elapsed_ms()
         if result.error is not None:
             self.problems.append(result.error)
-            if self.reserves and self.run.remaining_s() > 0:
-                FALLBACKS.labels(result.model).inc()
+            if self.reserves and self.run.remaining_s() > 0 and replaceable(result.error):
+                FALLBACKS.labels(self.caller.accounting.label(result.model)).inc()
                 self.start(self.reserves.pop(0), Role.FALLBACK)
             return CandidateProgress(result.model, Phase.FAILED, elapsed, error=result.error)
         result.answer = extract_answer(self.run.answer_kind, result.text)
@@ -160,7 +162,13 @@ class Wave:
 
 @register(Policy.VOTE, Policy.CASCADE, Policy.RANK)
 class Waves:
-    """The plan's waves in order; the deciding wave's answers go to aggregation."""
+    """The plan's waves in order; the deciding wave's answers go to aggregation.
+
+    Finished answers are never thrown away: when a wave ends with no answer (its time ran out, or every
+    member failed) after an earlier wave answered, the earlier answers decide; and when the time budget
+    cuts a wave before it was settled, its answers so far decide. Either way the answer is marked
+    uncertain and ``Finished.problems`` starts with what failed.
+    """
 
     def __init__(self, tools: Toolkit) -> None:
         self.tools = tools
@@ -173,6 +181,8 @@ class Waves:
         reserves = run.plan.reserves()
         waves = run.plan.waves()
         deciding: list[CallResult] = []
+        earlier: list[CallResult] = []
+        degraded: ConstellationError | None = None
         simulated_ms = 0.0
         fanout_start = time.perf_counter()
         early = False
@@ -194,8 +204,9 @@ class Waves:
             if wave.answered:
                 simulated_ms += max(r.simulated_total_ms for r in wave.answered)
             if wave.settled or wave.last or run.remaining_s() <= 0:
-                deciding = wave.answered
+                deciding, degraded = _deciding(run, wave, index, earlier, problems)
                 break
+            earlier += wave.answered
             ESCALATIONS.inc()
         if not deciding:
             if problems:
@@ -208,5 +219,46 @@ class Waves:
         span = trace.get_current_span()
         span.set_attribute(semconv.FANOUT_MEMBERS, len(results))
         span.set_attribute(semconv.FANOUT_EARLY_STOP, early)
+        if degraded is not None:
+            problems.insert(0, degraded)
+            span.add_event("answer_from_unsettled_waves", {"error": str(degraded)})
         async for event in self.tools.aggregator.answer(run, deciding, results, problems):
+            if degraded is not None and isinstance(event, Finished):
+                event = replace(event, uncertain=True)
             yield event
+
+
+def _deciding(
+    run: Run, wave: Wave, index: int, earlier: list[CallResult], problems: list[ConstellationError]
+) -> tuple[list[CallResult], ConstellationError | None]:
+    """The answers that decide once ``wave`` (number ``index``) ended, and why they are uncertain (None: they are not).
+
+    A settled wave decides alone. A wave cut by the time budget decides with what it has; a wave with no
+    answer at all hands the decision back to the earlier waves' answers (a cascade keeps wave 1's answer
+    when wave 2 cannot finish or Triton dies under it).
+    """
+    if wave.settled:
+        return wave.answered, None
+    out_of_time = run.remaining_s() <= 0
+    if wave.answered:
+        if not out_of_time or not wave.stopped_early:
+            return wave.answered, None
+        cut = DeadlineExceeded(
+            f"the time budget ran out before wave {index + 1} of the plan was settled; "
+            "the answer comes from the members that finished",
+            reason="WAVE_CUT_BY_BUDGET",
+        )
+        return wave.answered, cut
+    if not earlier:
+        return [], None
+    why = (
+        f"wave {index + 1} of the plan could not finish within the time budget"
+        if out_of_time or not problems
+        else f"wave {index + 1} of the plan failed ({problems[-1].message})"
+    )
+    cause: ConstellationError
+    if out_of_time or not problems:
+        cause = DeadlineExceeded(f"{why}; the answer comes from earlier waves", reason="WAVE_TIMED_OUT")
+    else:
+        cause = type(problems[-1])(f"{why}; the answer comes from earlier waves", reason="WAVE_FAILED")
+    return earlier, cause
