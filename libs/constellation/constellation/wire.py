@@ -10,8 +10,8 @@ instead, and whose behaviour ends the call with INVALID_ARGUMENT when it gets th
 one field violation has the empty path (the request as a whole).
 
 Hook it into a server as ``grpc.aio.server(interceptors=[..., UndecodableRequestInterceptor()])``.
-Placed last, it is the innermost interceptor: tracing and metrics interceptors before it record the
-call as INVALID_ARGUMENT. Streamed requests are covered too: reading an undecodable message from the
+Placed last, it is the innermost interceptor: the tracing and metrics interceptors before it see the
+call end exactly as when a servicer aborts it with INVALID_ARGUMENT itself. Streamed requests are covered too: reading an undecodable message from the
 request iterator ends the call the same way. Behaviours must be ``async`` (as every aio servicer's are).
 """
 
