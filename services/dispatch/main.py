@@ -16,7 +16,7 @@ from services.classifier.client import ClassifierClient
 from services.dispatch.config import DispatchConfig
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.routing import Router, try_load_router
-from services.dispatch.servicer import SERVICE_NAME, DispatchServicer
+from services.dispatch.servicer import SERVICE_NAME, DispatchServicer, cut_response
 from services.fusion.client import FusionClient
 from services.ranking.client import RankingClient
 from services.registry.client import OutcomeReporter, RegistryView
@@ -30,6 +30,7 @@ def registrations(dispatcher: Dispatcher) -> list[Registration]:
             DispatchServicer(dispatcher),
             dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,  # type: ignore[arg-type]
             SERVICE_NAME,
+            cut_messages={"Ask": cut_response},
         )
     ]
 
