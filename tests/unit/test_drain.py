@@ -12,12 +12,13 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from constellation.config import load_config
 from constellation.server import Registration, RunningServer, run_until_stopped, serving
-from constellation.service import ServiceMain
 from constellation.v1 import dispatch_pb2, dispatch_pb2_grpc
 from services.dispatch.config import DispatchConfig
 from services.dispatch.servicer import SERVICE_NAME, cut_response
@@ -38,16 +39,14 @@ class SlowAskFake(dispatch_pb2_grpc.DispatchServiceServicer):
 
 
 def _config(notice_s: float, grace_s: float) -> DispatchConfig:
-    return (
-        ServiceMain(name="dispatch", config=DispatchConfig, description="", lifespan=serving)
-        .load(["--port", "0", "--metrics-port", "-1"])
-        .model_copy(update={"shutdown_notice_s": notice_s, "shutdown_grace_s": grace_s})
+    return load_config(
+        DispatchConfig, None, port=0, metrics_port=-1, shutdown_notice_s=notice_s, shutdown_grace_s=grace_s
     )
 
 
-def _lifespan(config: DispatchConfig):  # type: ignore[no-untyped-def]
+def _lifespan(config: DispatchConfig) -> AbstractAsyncContextManager[RunningServer]:
     registration = Registration(
-        SlowAskFake(),
+        SlowAskFake(),  # type: ignore[abstract]
         dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,  # type: ignore[arg-type]
         SERVICE_NAME,
         cut_messages={"Ask": cut_response},
