@@ -220,7 +220,8 @@ def summarize(phases: list[Phase]) -> list[dict[str, Any]]:
     return rows
 
 
-def build_mesh(run_dir: Path, pool: Path, time_scale: float) -> Mesh:
+def build_mesh(run_dir: Path, pool: Path, time_scale: float, *, ranking: bool = False) -> Mesh:
+    """The supervised mesh the fault, fuzz and soak benches drive (3-model votes on numbers)."""
     records = list(read_pool(pool))
     judge = Judge([r for r in records if r.split == "test"], [r for r in records if r.split == "train"])
     catalog = run_dir / "models.json"
@@ -240,6 +241,7 @@ def build_mesh(run_dir: Path, pool: Path, time_scale: float) -> Mesh:
         classifier=True,
         registry=True,
         fusion=True,
+        ranking=ranking,
         backoff=Backoff(initial_s=0.5, max_s=5.0, stable_s=30.0),
     )
 
@@ -266,7 +268,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, extra: dict[str
         [
             [r["phase"], r["sent"], r["answered"], r["fallback"], r["clear status"], r["lost"], r["hung"],
              ", ".join(f"{c} {n}" for c, n in sorted(r["codes"].items())) or "-",
-             f"{r['wall_ms']['p50']:.0f} / {r['wall_ms']['p99']:.0f}", "-" if r["phase"] == "steady" else r["recovery_s"]]
+             f"{r['wall_ms']['p50']:.0f} / {r['wall_ms']['p99']:.0f}",
+             "-" if r["phase"] == "steady" else r["recovery_s"]]
             for r in rows
         ],
     )  # fmt: skip
