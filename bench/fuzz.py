@@ -191,7 +191,8 @@ def report(results: dict[str, dict[str, Counter[str]]], dead: list[str], args: a
         f"`python -m bench.fuzz --per-method {args.per_method} --seed {args.seed}`: requests generated from each "
         "request message's descriptor (random values of every field type, ints at their limits, NaN and "
         "infinities, invalid enum numbers, empty / 1 MB / non-ASCII strings, repeated scalars up to "
-        "2,000 items, up to 40 nested messages), one in five replaced by raw random bytes, against the running mesh (Triton replay, "
+        "2,000 items, up to 40 nested messages), one in five replaced by raw random bytes, against the "
+        "running mesh (Triton replay, "
         f"classifier, registry, ranking, fusion, dispatch).\n\n{table}\n\n"
         f"Processes dead afterwards: {', '.join(dead) or 'none'}.\n"
     )
