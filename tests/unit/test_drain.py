@@ -9,12 +9,15 @@ INVALID_ARGUMENT (the wire interceptor is hooked into the skeleton).
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from constellation.config import load_config
@@ -125,3 +128,42 @@ async def test_every_server_answers_undecodable_request_bytes_with_invalid_argum
             except grpc.RpcError as error:
                 code = error.code()
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FloodFake(dispatch_pb2_grpc.DispatchServiceServicer):
+    """Fake dispatch: an endless stream of 2 kB deltas, so a cancel usually lands while grpc writes."""
+
+    async def Ask(
+        self, request: dispatch_pb2.AskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dispatch_pb2.AskResponse]:
+        index = 0
+        while True:
+            yield dispatch_pb2.AskResponse(delta=dispatch_pb2.AnswerDelta(text="x" * 2000))
+            index += 1
+            if index % 50 == 0:
+                await asyncio.sleep(0)
+
+
+async def test_cancelled_streams_close_their_spans_in_their_own_task(caplog: pytest.LogCaptureFixture) -> None:
+    registration = Registration(
+        FloodFake(),  # type: ignore[abstract]
+        dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,  # type: ignore[arg-type]
+        SERVICE_NAME,
+    )
+    caplog.set_level(logging.ERROR, logger="opentelemetry.context")
+    async with serving([registration], _config(notice_s=0.0, grace_s=0.5)) as running:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = dispatch_pb2_grpc.DispatchServiceStub(channel)
+            for _ in range(20):
+                call = stub.Ask(dispatch_pb2.AskRequest(prompt="1"))
+                received = 0
+                async for _ in call:
+                    received += 1
+                    if received == 30:
+                        break
+                call.cancel()
+                await asyncio.sleep(0.05)
+        gc.collect()  # abandoned generators would be finalized (in another task) now
+        await asyncio.sleep(0.3)
+    assert received == 30
+    assert not [r for r in caplog.records if "Failed to detach context" in r.getMessage()]

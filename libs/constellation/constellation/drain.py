@@ -9,13 +9,22 @@ generator (so its outbound calls are cancelled too), then either sends the messa
 rich UNAVAILABLE status that carries a retry delay.
 
 The cut is an :class:`asyncio.Event` the server's stop sets; unary calls are left to grpc's grace.
+
+:class:`ClosingStreamInterceptor` (outermost) fixes how cancelled streams end: grpc.aio drives a
+response-streaming behaviour that is an async generator itself, and when the caller cancels while
+grpc is writing (between two ``yield``), the generator is abandoned suspended at its ``yield`` and
+closed later by the event loop's finalizer *in another task*. Every ``with`` around that ``yield``
+(the OpenTelemetry interceptor's span and remote context) then exits in a foreign context:
+"Failed to detach context" tracebacks on every cancelled stream. The interceptor hands grpc a
+coroutine that writes each message with ``context.write`` and closes the generator in ``finally``, in
+the call's own task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -78,6 +87,42 @@ def _drained(
         yield cut_message(error)
 
     return streamed
+
+
+def _closing(behavior: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., Awaitable[None]]:
+    """``behavior`` as a coroutine that writes its messages and always closes it in the call's task."""
+
+    async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
+        stream = behavior(request, context)
+        try:
+            async for message in stream:
+                await context.write(message)
+        finally:
+            await stream.aclose()
+
+    return written
+
+
+class ClosingStreamInterceptor(grpc.aio.ServerInterceptor):
+    """Closes response-streaming generators in the call's own task, also when it is cancelled (module doc).
+
+    Must be the first (outermost) interceptor, so that every generator inside is closed by it.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        request, response = handler.request_deserializer, handler.response_serializer
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(_closing(handler.unary_stream), request, response)
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(_closing(handler.stream_stream), request, response)
+        return handler
 
 
 class DrainInterceptor(grpc.aio.ServerInterceptor):

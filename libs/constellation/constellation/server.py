@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from constellation import consul, telemetry
 from constellation.config import ServiceConfig
-from constellation.drain import CutMessage, DrainInterceptor
+from constellation.drain import ClosingStreamInterceptor, CutMessage, DrainInterceptor
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 from constellation.wire import UndecodableRequestInterceptor
 
@@ -126,6 +126,7 @@ async def create_server(
     cut_messages = {path: build for r in registrations for path, build in r.cut_methods().items()}
     server = grpc.aio.server(
         interceptors=[
+            ClosingStreamInterceptor(),
             *telemetry.server_interceptors(),
             RpcMetricsInterceptor(),
             *interceptors,
