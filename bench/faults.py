@@ -62,6 +62,7 @@ class Outcome:
     kind: str  # answered | fallback | clear status | lost | hung
     wall_ms: float
     code: str = "OK"
+    message: str = ""
 
 
 @dataclass
@@ -78,24 +79,27 @@ async def ask_once(client: DispatchClient, prompt: str, phase: str, deadline_s: 
     started = time.perf_counter()
     request = ask_request(prompt, profile=common_pb2.PROFILE_QUALITY, max_tokens=512)
 
-    async def run() -> tuple[str, str]:
+    async def run() -> tuple[str, str, str]:
         final = None
         async with aclosing(client.ask(request, timeout_s=deadline_s)) as events:
             async for event in events:
                 if event.WhichOneof("event") == "final":
                     final = event.final
         if final is None:
-            return "lost", "NO_FINAL_EVENT"
-        return ("answered", "OK") if final.status.code == 0 else ("fallback", f"final:{final.status.code}")
+            return "lost", "NO_FINAL_EVENT", "the stream ended without a final event"
+        if final.status.code == 0:
+            return "answered", "OK", ""
+        return "fallback", f"final:{final.status.code}", final.status.message
 
+    message = ""
     try:
-        kind, code = await asyncio.wait_for(run(), deadline_s + HANG_MARGIN_S)
+        kind, code, message = await asyncio.wait_for(run(), deadline_s + HANG_MARGIN_S)
     except TimeoutError:
         kind, code = "hung", "HUNG"
     except ConstellationError as error:
-        code = error.code.name
+        code, message = error.code.name, error.message
         kind = "lost" if code in VAGUE_CODES else "clear status"
-    return Outcome(phase, kind, (time.perf_counter() - started) * 1000, code)
+    return Outcome(phase, kind, (time.perf_counter() - started) * 1000, code, message[:200])
 
 
 class Load:
@@ -213,6 +217,7 @@ def summarize(phases: list[Phase]) -> list[dict[str, Any]]:
                 "sent": len(phase.outcomes),
                 **{k: kinds.get(k, 0) for k in ("answered", "fallback", "clear status", "lost", "hung")},
                 "codes": dict(Counter(o.code for o in phase.outcomes if o.kind != "answered")),
+                "examples": sorted({f"{o.code}: {o.message}" for o in phase.outcomes if o.kind != "answered"})[:5],
                 "wall_ms": percentiles(answered),
                 "recovery_s": round(phase.recovered_s, 1),
             }
