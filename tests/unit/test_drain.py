@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from constellation.config import load_config
-from constellation.server import Registration, RunningServer, run_until_stopped, serving
+from constellation.server import Registration, RunningServer, create_server, run_until_stopped, serving
 from constellation.v1 import dispatch_pb2, dispatch_pb2_grpc
 from services.dispatch.config import DispatchConfig
 from services.dispatch.servicer import SERVICE_NAME, cut_response
@@ -167,3 +167,22 @@ async def test_cancelled_streams_close_their_spans_in_their_own_task(caplog: pyt
         await asyncio.sleep(0.3)
     assert received == 30
     assert not [r for r in caplog.records if "Failed to detach context" in r.getMessage()]
+
+
+async def test_an_endless_stream_ends_with_unavailable_when_the_drain_starts_not_at_its_end() -> None:
+    registration = Registration(
+        FloodFake(),  # type: ignore[abstract]
+        dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,  # type: ignore[arg-type]
+        SERVICE_NAME,
+        endless=frozenset({"Ask"}),
+    )
+    running = await create_server([registration], _config(notice_s=0.0, grace_s=60.0))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = dispatch_pb2_grpc.DispatchServiceStub(channel).Ask(dispatch_pb2.AskRequest(prompt="1"))
+        await call.read()
+        # A 60 s drain window: the stop must not wait it out for a stream that never ends.
+        await asyncio.wait_for(running.stop(60.0), timeout=10)
+        with pytest.raises(grpc.RpcError) as raised:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE

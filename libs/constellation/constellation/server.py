@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from constellation import consul, telemetry
 from constellation.config import ServiceConfig
-from constellation.drain import ClosingStreamInterceptor, CutMessage, DrainInterceptor
+from constellation.drain import CutMessage, StreamEndInterceptor
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 from constellation.wire import UndecodableRequestInterceptor
 
@@ -54,16 +54,22 @@ class Registration:
 
     ``cut_messages`` maps a response-streaming method's name (``Ask``) to the last message a stream
     cut by shutdown gets; a stream without one ends with a rich UNAVAILABLE status instead.
+    ``endless`` names streams that never end by themselves (watches): they are cut when the drain
+    starts instead of holding it to its end.
     """
 
     servicer: object
     add: Callable[[object, grpc.aio.Server], None]
     service_full_name: str
     cut_messages: dict[str, CutMessage] = field(default_factory=dict)
+    endless: frozenset[str] = frozenset()
 
     def cut_methods(self) -> dict[str, CutMessage]:
         """``cut_messages`` keyed by full method path (``/pkg.Service/Method``), as interceptors see it."""
         return {f"/{self.service_full_name}/{name}": build for name, build in self.cut_messages.items()}
+
+    def endless_methods(self) -> frozenset[str]:
+        return frozenset(f"/{self.service_full_name}/{name}" for name in self.endless)
 
 
 @dataclass
@@ -77,6 +83,8 @@ class RunningServer:
     metrics_port: int | None = None
     cut: asyncio.Event = field(default_factory=asyncio.Event)
     """Set just before the drain window ends: response streams still running get their last message."""
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the drain window starts (new calls refused): endless streams end then."""
 
     async def announce_shutdown(self, notice_s: float) -> None:
         """Turns health NOT_SERVING, then keeps accepting calls for ``notice_s`` seconds (balancers look)."""
@@ -91,6 +99,7 @@ class RunningServer:
         before ``grace`` ends, so that the cut reaches callers before grpc cancels the calls.
         """
         await self.health.enter_graceful_shutdown()
+        self.draining.set()
         margin = min(1.0, grace / 10)
         cutter = asyncio.create_task(self._cut_after(max(0.0, grace - margin)))
         try:
@@ -115,22 +124,22 @@ async def create_server(
         registrations: The servicers to mount. Each is reported SERVING on the health service, by
             its full name and as the overall ("") status.
         config: Bind address, metrics port and tracing settings.
-        interceptors: Extra interceptors, run after the tracing and metrics ones and before the
-            drain and undecodable-request ones (innermost).
+        interceptors: Extra interceptors, run after the stream-end, tracing and metrics ones and before
+            the undecodable-request one (innermost).
 
     Returns:
         The started server with its bound port (useful when ``config.port`` is 0).
     """
     telemetry.configure_tracing(config.service_name, traces_file=config.traces_file or None)
-    cut = asyncio.Event()
+    cut, draining = asyncio.Event(), asyncio.Event()
     cut_messages = {path: build for r in registrations for path, build in r.cut_methods().items()}
+    endless = frozenset(path for r in registrations for path in r.endless_methods())
     server = grpc.aio.server(
         interceptors=[
-            ClosingStreamInterceptor(),
+            StreamEndInterceptor(cut, cut_messages, config.service_name, draining=draining, endless=endless),
             *telemetry.server_interceptors(),
             RpcMetricsInterceptor(),
             *interceptors,
-            DrainInterceptor(cut, cut_messages, config.service_name),
             UndecodableRequestInterceptor(),
         ],
         options=SERVER_OPTIONS,
@@ -151,7 +160,7 @@ async def create_server(
     if config.metrics_port >= 0:
         metrics_port = start_metrics_server(config.metrics_port, config.host)
     log.info("%s listening on %s:%d (metrics %s)", config.service_name, config.host, port, metrics_port)
-    return RunningServer(server, port, health_servicer, names, metrics_port, cut)
+    return RunningServer(server, port, health_servicer, names, metrics_port, cut, draining)
 
 
 @asynccontextmanager
