@@ -285,7 +285,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, extra: dict[str
         f"scale {args.time_scale}, classifier, registry, fusion, dispatch), `quality` profile (3-model votes "
         "on numbers), each process SIGKILLed in turn for the fault window, then restarted by the supervisor. "
         "Latency is real wall time of the answered Asks; the models' latency is simulated (replay). "
-        "Recovery: seconds from the end of the window until every process runs and answers health again.\n\n"
+        "Recovery: seconds from the end of the window until every process runs and answers health again. "
+        "A request counts in the phase in which it was sent (so a few sent just before a kill fail in the "
+        "phase before it).\n\n"
         f"{table}\n\n"
         f"Triton exit status at the end: {extra['triton_exit']}; 'Failed to detach context' lines in the logs: "
         f"{extra['detach_lines']}.\n"
@@ -301,9 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault-s", type=float, default=15.0, help="seconds of load after each kill")
     parser.add_argument("--deadline-s", type=float, default=20.0, help="each Ask's deadline")
     parser.add_argument("--time-scale", type=float, default=0.05, help="share of simulated latency waited")
+    parser.add_argument("--run-dir", type=Path, help="keep the logs here (default: a temporary directory)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="constellation-faults-") as tmp:
-        run_dir = Path(tmp)
+        run_dir = args.run_dir or Path(tmp)
+        run_dir.mkdir(parents=True, exist_ok=True)
         mesh = build_mesh(run_dir, args.pool, args.time_scale)
         try:
             mesh.start()
@@ -318,10 +322,13 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             mesh.stop()
         extra = {"triton_exit": mesh.triton.returncode, "detach_lines": log_findings(run_dir), "events": events}
+        if mesh.triton.returncode:  # why Triton did not exit cleanly: its shutdown countdown
+            lines = mesh.triton.log_tail(20000).splitlines()
+            extra["triton_shutdown_log"] = [line for line in lines if "Timeout" in line or "E1" in line][-12:]
     rows = summarize(phases)
     out = DOCS / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    recorded = {k: str(v) for k, v in vars(args).items()} | {"pool": args.pool.name}
+    recorded = {k: str(v) for k, v in vars(args).items() if k != "run_dir"} | {"pool": args.pool.name}
     (out / "faults.json").write_text(json.dumps({"args": recorded, "phases": rows, **extra}, indent=2))
     body = report(rows, args, extra)
     write_section("faults", body)
