@@ -72,6 +72,9 @@ bench: setup
 	$(PY) -m bench.planner
 	$(PY) -m bench.cache --write-md
 	$(PY) -m bench.http_overhead --write-md
+	$(PY) -m bench.faults
+	$(PY) -m bench.fuzz
+	$(PY) -m bench.soak
 
 # The Helm chart and alert rules, offline: lint, render three value sets, validate every object against
 # Kubernetes' and KEDA's schemas, refuse bad values, promtool check/test rules (Debian: prometheus).

@@ -308,6 +308,7 @@ async def _plan(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
+    """Dispatch's gRPC health, then (when a supervisor runs) each child's state and restarts."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -317,9 +318,26 @@ def _health(args: argparse.Namespace) -> int:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
         except grpc.RpcError as exc:
             _err(f"dispatch at {address}: {exc.code().name}: {exc.details()}; is the mesh up (`constellation up`)?")
+            _print_supervision(args.run_dir)
             return EXIT_ERROR
     print(f"dispatch {address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
+    healthy = _print_supervision(args.run_dir)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING and healthy else EXIT_ERROR
+
+
+def _print_supervision(run_dir: str | None) -> bool:
+    """Prints the supervisor's table (state, pid, restarts, last exit); False when a child is down."""
+    from apps.mesh import supervisor_file
+
+    try:
+        children = json.loads(supervisor_file(Path(run_dir) if run_dir else None).read_text())["children"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return True
+    print(f"{'process':<12}{'state':<10}{'pid':>8}{'restarts':>10}  last exit")
+    for child in children:
+        pid = child.get("pid") or "-"
+        print(f"{child['name']:<12}{child['state']:<10}{pid!s:>8}{child['restarts']:>10}  {child['last_exit'] or '-'}")
+    return all(child["state"] == "running" for child in children)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -349,6 +367,7 @@ def _up(args: argparse.Namespace) -> int:
             registry_args=["--seed-file", args.registry_seed] if args.registry_seed else [],
             ranking=args.ranking,
             fusion=args.fusion,
+            triton_bind_host=args.triton_bind_host,
         )
     stopping = False
 
@@ -375,11 +394,8 @@ def _up(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stopping:
-            problem = mesh.check()
-            if problem:
-                _err(problem)
-                code = EXIT_ERROR
-                break
+            for event in mesh.supervise():
+                _err(event)
             time.sleep(0.2)
     except (RuntimeError, TimeoutError, ConstellationError) as exc:
         _err(str(exc))
@@ -638,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--fusion", action="store_true", help="also run the fusion service (calibrated votes, fused text)")
     up.add_argument("--models", nargs="+", default=["smollm2"], help="Triton models to load (default smollm2)")
     up.add_argument("--run-dir", help="where logs go (default ~/.cache/constellation/run)")
+    up.add_argument(
+        "--triton-bind-host",
+        default="127.0.0.1",
+        help="address Triton binds (default loopback; 0.0.0.0 also exposes its unauthenticated model control)",
+    )
     up.set_defaults(handler=_up)
 
     ask = sub.add_parser("ask", help="ask the running mesh a question and stream the answer")
@@ -671,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="check the health of the running mesh")
     health.add_argument("--address")
+    health.add_argument("--run-dir", help="the --run-dir given to `up`, if any (for the supervisor's table)")
     health.set_defaults(handler=_health)
 
     down = sub.add_parser("down", help="stop a mesh started by `constellation up`")

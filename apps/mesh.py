@@ -5,10 +5,16 @@ reaches only the supervisor, which then stops the services first (health drains,
 Triton last (it removes its shared-memory regions). Nothing is left behind: no process, no port,
 no ``/dev/shm`` file. A state file tells ``constellation ask`` and ``constellation down`` where the
 mesh is.
+
+While the mesh runs, :meth:`Mesh.supervise` restarts a child that died, after an exponential backoff
+(:class:`Backoff`: bounded, and reset once a child has run for a stable period); a dead Triton's process
+group (its python-backend stubs) and its ``/dev/shm`` regions are removed before it is started again.
+Each child's state and restart count go to ``<run dir>/supervisor.json`` for ``constellation health``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +35,9 @@ from constellation.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 40.0
+"""How long a service gets after SIGTERM: its notice plus its drain window (1 + 30 s by default), and some."""
+
 
 def default_run_dir() -> Path:
     return default_cache_dir() / "run"
@@ -37,6 +46,46 @@ def default_run_dir() -> Path:
 def state_file(run_dir: Path | None = None) -> Path:
     """Where ``up`` records the running mesh (``<run dir>/mesh.json``)."""
     return (run_dir or default_run_dir()) / "mesh.json"
+
+
+def supervisor_file(run_dir: Path | None = None) -> Path:
+    """Where the supervisor records each child's state and restarts (``<run dir>/supervisor.json``)."""
+    return (run_dir or default_run_dir()) / "supervisor.json"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """When a crashed child is started again.
+
+    Attributes:
+        initial_s: Delay before the first restart after a crash.
+        factor: Each consecutive crash multiplies the delay by this.
+        max_s: The delay never exceeds this (the backoff is bounded; restarts never stop).
+        stable_s: A child that has run this long is stable again: its next crash waits ``initial_s``.
+    """
+
+    initial_s: float = 0.5
+    factor: float = 2.0
+    max_s: float = 30.0
+    stable_s: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before restarting after the ``failures``-th consecutive crash (1-based)."""
+        return float(min(self.max_s, self.initial_s * self.factor ** max(0, failures - 1)))
+
+
+@dataclass
+class ChildStatus:
+    """What the supervisor knows about one child: ``running``, ``backoff`` (dead, waiting) or ``stopped``."""
+
+    name: str
+    state: str = "running"
+    pid: int | None = None
+    restarts: int = 0
+    failures: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    last_exit: str = ""
 
 
 @dataclass
@@ -123,7 +172,21 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def exit_status(self) -> int | None:
+        """The exit status once the process ended (negative: killed by that signal), else None."""
+        return self.process.poll() if self.process is not None else None
+
+    def reap(self) -> None:
+        """After the process died: kills what is left of its process group (children it started)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM (graceful shutdown), then SIGKILL of the whole process group after ``timeout_s``."""
         if self.process is None or self.process.poll() is not None:
             return
@@ -139,6 +202,10 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+_Child = tuple[str, Callable[[], bool], Callable[[], int | None], Callable[[], None], Callable[[], Any]]
+"""A supervised child: name, alive, exit status, reap (after death), start."""
 
 
 @dataclass
@@ -185,6 +252,8 @@ class Mesh:
         ranking: bool = False,
         fusion: bool = False,
         service_env: dict[str, str] | None = None,
+        backoff: Backoff | None = None,
+        triton_bind_host: str = "127.0.0.1",
     ):
         from services.inference.launcher import TritonServer
 
@@ -192,6 +261,9 @@ class Mesh:
         self.models = models
         self.run_dir = run_dir
         self.say = say
+        self.backoff = backoff or Backoff()
+        self.status: dict[str, ChildStatus] = {}
+        """Supervision state per child name (``triton``, ``dispatch``, ...), filled by :meth:`supervise`."""
         extra: dict[str, Any] = {"model_parameters": model_parameters} if model_parameters else {}
         self.triton = TritonServer(
             models=models,
@@ -201,6 +273,7 @@ class Mesh:
             log_file=run_dir / "triton.log",
             run_dir=run_dir,
             extra_args=triton_args,
+            bind_host=triton_bind_host,
             **extra,
         )
         self.supporting: list[tuple[ServiceProcess, int]] = []
@@ -274,6 +347,10 @@ class Mesh:
             except (TimeoutError, RuntimeError) as exc:
                 raise RuntimeError(f"{process.name} did not start: {exc}\n{process.log_tail()}") from exc
             self.say(f"  {process.name} serving on {address} in {time.perf_counter() - step:.1f} s")
+        now = time.monotonic()
+        for name in ["triton", *(p.name for p in self.children())]:
+            self.status[name] = ChildStatus(name, started_at=now)
+        self.save_status()
 
     def state(self) -> MeshState:
         return MeshState(
@@ -295,12 +372,67 @@ class Mesh:
             return "Triton exited; see " + str(self.run_dir / "triton.log")
         return None
 
+    def children(self) -> list[ServiceProcess]:
+        """The service processes, in start order (dispatch last)."""
+        return [*(p for p, _ in self.supporting), self.dispatch]
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One supervision step: notes children that died, restarts those whose backoff is over.
+
+        Call it every fraction of a second while the mesh runs; it never blocks on a start (a restarted
+        Triton loads its models while the services answer from their fallbacks). Writes
+        ``supervisor.json`` when anything changed.
+
+        Returns:
+            What happened in this step, one line per event, for the log.
+        """
+        now = time.monotonic() if now is None else now
+        events: list[str] = []
+        server = self.triton
+        triton: _Child = ("triton", server.is_running, lambda: server.returncode, server.stop, server.start)
+        children = [triton, *((p.name, p.alive, p.exit_status, p.reap, p.start) for p in self.children())]
+        for name, alive, exit_status, reap, start in children:
+            status = self.status.setdefault(name, ChildStatus(name, started_at=now))
+            if status.state == "running" and not alive():
+                reap()
+                if now - status.started_at >= self.backoff.stable_s:
+                    status.failures = 0
+                status.failures += 1
+                delay = self.backoff.delay(status.failures)
+                status.state, status.restart_at, status.last_exit = "backoff", now + delay, str(exit_status())
+                events.append(f"{name} exited (status {status.last_exit}); restarting in {delay:.1f} s")
+            elif status.state == "backoff" and status.restart_at is not None and now >= status.restart_at:
+                start()
+                status.state, status.started_at, status.restart_at = "running", now, None
+                status.restarts += 1
+                events.append(f"{name} restarted (restart {status.restarts})")
+        if events:
+            for event in events:
+                log.warning("%s", event)
+            self.save_status()
+        return events
+
+    def save_status(self) -> None:
+        """Writes each child's state, pid and restarts to ``supervisor.json`` (read by ``health``)."""
+        pids = {"triton": self.triton.pid, **{p.name: p.pid for p in self.children()}}
+        rows = []
+        for name, status in self.status.items():
+            status.pid = pids.get(name)
+            rows.append(asdict(status))
+        path = supervisor_file(self.run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"updated": time.time(), "children": rows}, indent=2))
+
     def stop(self) -> None:
         """Stops dispatch first, then the services it calls, then Triton. Idempotent."""
         self.dispatch.stop()
         for process, _ in reversed(self.supporting):
             process.stop()
         self.triton.stop()
+        for status in self.status.values():
+            status.state = "stopped"
+        if self.status:
+            self.save_status()
 
     def leftovers(self) -> list[str]:
         """What a stopped mesh left behind: live processes, bound ports, /dev/shm files. Empty when clean."""

@@ -29,7 +29,7 @@ from services.dispatch.health import TritonWatch
 from services.dispatch.http import SemanticCache, create_http_app, running_http
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.routing import Router, try_load_router
-from services.dispatch.servicer import SERVICE_NAME, DispatchServicer
+from services.dispatch.servicer import SERVICE_NAME, DispatchServicer, cut_response
 from services.fusion.client import FusionClient
 from services.ranking.client import RankingClient
 from services.registry.client import OutcomeReporter, RegistryView
@@ -43,6 +43,7 @@ def registrations(dispatcher: Dispatcher) -> list[Registration]:
             DispatchServicer(dispatcher),
             dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,  # type: ignore[arg-type]
             SERVICE_NAME,
+            cut_messages={"Ask": cut_response},
         )
     ]
 

@@ -146,6 +146,12 @@ def to_response(event: Event) -> dispatch_pb2.AskResponse:
     raise TypeError(f"unknown event {event!r}")
 
 
+def cut_response(error: ConstellationError) -> dispatch_pb2.AskResponse:
+    """The last event of an Ask that shutdown cut: a final event whose status says why (drain window over)."""
+    status = to_status_proto(error, service="dispatch")
+    return dispatch_pb2.AskResponse(final=dispatch_pb2.FinalEvent(finish_reason="cancelled", status=status))
+
+
 def _survived(problems: list[ConstellationError]) -> status_pb2.Status:
     """OK, or the first problem the request survived (a member that failed and was replaced)."""
     if not problems:

@@ -233,6 +233,7 @@ class TritonServer:
         exit_timeout_s: int = 5,
         extra_args: Sequence[str] = (),
         model_parameters: ModelParameters | None = None,
+        bind_host: str = "127.0.0.1",
     ) -> None:
         """Describe a server; nothing starts before :meth:`start`.
 
@@ -256,6 +257,9 @@ class TritonServer:
                 its ``config.pbtxt``, e.g. ``{"replay": {"pool_paths": "/data/gsm8k.jsonl.gz",
                 "time_scale": "0.01"}}``. When given, Triton serves a run-time copy of the repository,
                 ``<run_dir>/model_repository`` (see :attr:`served_model_repository`).
+            bind_host: Address Triton's gRPC, HTTP and metrics endpoints bind to. Loopback by default:
+                the model-control API is unauthenticated, so serving beyond the host (``0.0.0.0``) is
+                an explicit choice.
         """
         self.models = list(models)
         self.model_repository = Path(model_repository)
@@ -267,6 +271,7 @@ class TritonServer:
         self._log_file = Path(log_file) if log_file is not None else None
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = list(extra_args)
+        self.bind_host = bind_host
         self.model_parameters: dict[str, dict[str, str]] = {
             model: {str(k): str(v) for k, v in params.items()} for model, params in (model_parameters or {}).items()
         }
@@ -278,19 +283,24 @@ class TritonServer:
     # -------------------------------------------------------------------------------------- properties
 
     @property
+    def local_host(self) -> str:
+        """The host this machine reaches the server at: loopback when it binds every interface."""
+        return "127.0.0.1" if self.bind_host in ("", "0.0.0.0", "::", "[::]") else self.bind_host
+
+    @property
     def grpc_url(self) -> str:
-        """``127.0.0.1:<grpc_port>`` (the form tritonclient.grpc expects)."""
-        return f"127.0.0.1:{self.grpc_port}"
+        """``<host>:<grpc_port>`` (the form tritonclient.grpc expects)."""
+        return f"{self.local_host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        """``http://127.0.0.1:<http_port>``."""
-        return f"http://127.0.0.1:{self.http_port}"
+        """``http://<host>:<http_port>``."""
+        return f"http://{self.local_host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        """``http://127.0.0.1:<metrics_port>/metrics`` (Prometheus text format)."""
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        """``http://<host>:<metrics_port>/metrics`` (Prometheus text format)."""
+        return f"http://{self.local_host}:{self.metrics_port}/metrics"
 
     @property
     def run_dir(self) -> Path:
@@ -350,8 +360,11 @@ class TritonServer:
             str(tritonserver_binary()),
             f"--model-repository={self.prepare_model_repository()}",
             f"--backend-directory={prepare_backend_dir(self.cache_dir)}",
+            f"--grpc-address={self.bind_host}",
             f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.bind_host}",
             f"--http-port={self.http_port}",
+            f"--metrics-address={self.bind_host}",
             f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit",
             *[f"--load-model={model}" for model in self.models],
@@ -528,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument(
+        "--bind-host",
+        default="127.0.0.1",
+        help="address gRPC, HTTP and metrics bind to (default loopback; 0.0.0.0 exposes model control too)",
+    )
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -564,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         log_file=args.log_file,
         model_parameters=model_parameters,
+        bind_host=args.bind_host,
     )
 
     def _terminate(signum: int, frame: object) -> None:

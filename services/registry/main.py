@@ -104,6 +104,7 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
             RegistryServicer(registry, config),
             registry_pb2_grpc.add_RegistryServiceServicer_to_server,  # type: ignore[arg-type]
             SERVICE_NAME,
+            endless=frozenset({"WatchModels"}),  # ends when the drain starts; watchers reconnect
         )
         server = await stack.enter_async_context(serving([registration], config))
         yield RunningRegistry(server, registry, prober, mirror)

@@ -56,7 +56,11 @@ class ServiceConfig(BaseSettings):
         host: Address to bind. Loopback by default; ``0.0.0.0`` or ``[::]`` to serve beyond the host.
         port: gRPC port; 0 picks a free one (tests).
         metrics_port: Prometheus ``/metrics`` HTTP port; 0 picks a free one, -1 disables it.
-        shutdown_grace_s: Seconds in-flight calls get to finish after shutdown begins.
+        shutdown_grace_s: The drain window: seconds in-flight calls (LLM streams) get to finish once
+            new calls are refused; a stream still running a moment before it ends gets a last message
+            with an UNAVAILABLE status.
+        shutdown_notice_s: After a stop signal, seconds health reports NOT_SERVING while calls are still
+            accepted, so that load balancers stop sending before calls are refused.
         traces_file: When set, finished spans are also appended to this JSON-lines file.
         consul_http_addr: A Consul agent's HTTP address (``http://127.0.0.1:8500``; also read from the
             standard ``CONSUL_HTTP_ADDR``). When set, the service registers itself there with a gRPC
@@ -71,7 +75,8 @@ class ServiceConfig(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
     metrics_port: int = Field(default=-1, ge=-1, le=65535)
-    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    shutdown_notice_s: float = Field(default=1.0, ge=0)
     log_level: str = "INFO"
     traces_file: str = ""
     consul_http_addr: str = Field(default="", validation_alias=AliasChoices("consul_http_addr", "CONSUL_HTTP_ADDR"))

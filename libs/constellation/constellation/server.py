@@ -3,9 +3,14 @@
 :func:`create_server` builds an aio server with the stock health service, server reflection, the
 OpenTelemetry and metrics interceptors, and binds it; tests call it with port 0 and get the port back.
 :func:`serving` holds one for the length of an ``async with`` block (registered in Consul when
-configured); :func:`run_until_stopped` runs a service's lifespan until SIGINT/SIGTERM. Shutdown is
-graceful: health turns NOT_SERVING first (so balancers stop sending), then in-flight calls get
-``grace`` seconds to finish. :mod:`constellation.service` builds a service's ``main`` from these.
+configured); :func:`run_until_stopped` runs a service's lifespan until SIGINT/SIGTERM.
+
+Shutdown after a signal drains in three steps: health turns NOT_SERVING at once while calls are
+still accepted for ``shutdown_notice_s`` (so a balancer sees it and stops sending), then new calls are
+refused and in-flight ones get ``shutdown_grace_s`` (sized for LLM streams) to finish; a response stream
+still running just before that window ends gets a last message with an UNAVAILABLE status
+(:mod:`constellation.drain`). Every server also answers undecodable request bytes with INVALID_ARGUMENT
+(:mod:`constellation.wire`). :mod:`constellation.service` builds a service's ``main`` from these.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from constellation import consul, telemetry
 from constellation.config import ServiceConfig
+from constellation.drain import CutMessage, StreamEndInterceptor
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 from constellation.wire import UndecodableRequestInterceptor
 
@@ -44,11 +50,26 @@ SERVER_OPTIONS = [
 
 @dataclass
 class Registration:
-    """One servicer to mount: ``add(servicer, server)`` is the generated ``add_*_to_server``."""
+    """One servicer to mount: ``add(servicer, server)`` is the generated ``add_*_to_server``.
+
+    ``cut_messages`` maps a response-streaming method's name (``Ask``) to the last message a stream
+    cut by shutdown gets; a stream without one ends with a rich UNAVAILABLE status instead.
+    ``endless`` names streams that never end by themselves (watches): they are cut when the drain
+    starts instead of holding it to its end.
+    """
 
     servicer: object
     add: Callable[[object, grpc.aio.Server], None]
     service_full_name: str
+    cut_messages: dict[str, CutMessage] = field(default_factory=dict)
+    endless: frozenset[str] = frozenset()
+
+    def cut_methods(self) -> dict[str, CutMessage]:
+        """``cut_messages`` keyed by full method path (``/pkg.Service/Method``), as interceptors see it."""
+        return {f"/{self.service_full_name}/{name}": build for name, build in self.cut_messages.items()}
+
+    def endless_methods(self) -> frozenset[str]:
+        return frozenset(f"/{self.service_full_name}/{name}" for name in self.endless)
 
 
 @dataclass
@@ -60,11 +81,35 @@ class RunningServer:
     health: health.aio.HealthServicer
     services: list[str] = field(default_factory=list)
     metrics_port: int | None = None
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set just before the drain window ends: response streams still running get their last message."""
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the drain window starts (new calls refused): endless streams end then."""
+
+    async def announce_shutdown(self, notice_s: float) -> None:
+        """Turns health NOT_SERVING, then keeps accepting calls for ``notice_s`` seconds (balancers look)."""
+        await self.health.enter_graceful_shutdown()
+        if notice_s > 0:
+            await asyncio.sleep(notice_s)
 
     async def stop(self, grace: float) -> None:
-        """Drains health first, then stops; calls still running after ``grace`` seconds are cancelled."""
+        """Health NOT_SERVING, new calls refused, in-flight ones get ``grace`` seconds, then the rest is cut.
+
+        Response streams are cut (a last message or UNAVAILABLE, :mod:`constellation.drain`) a moment
+        before ``grace`` ends, so that the cut reaches callers before grpc cancels the calls.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        self.draining.set()
+        margin = min(1.0, grace / 10)
+        cutter = asyncio.create_task(self._cut_after(max(0.0, grace - margin)))
+        try:
+            await self.server.stop(grace)
+        finally:
+            cutter.cancel()
+
+    async def _cut_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        self.cut.set()
 
 
 async def create_server(
@@ -79,18 +124,22 @@ async def create_server(
         registrations: The servicers to mount. Each is reported SERVING on the health service, by
             its full name and as the overall ("") status.
         config: Bind address, metrics port and tracing settings.
-        interceptors: Extra interceptors, run after the tracing and metrics ones.
+        interceptors: Extra interceptors, run after the stream-end, tracing and metrics ones and before
+            the undecodable-request one (innermost).
 
     Returns:
         The started server with its bound port (useful when ``config.port`` is 0).
     """
     telemetry.configure_tracing(config.service_name, traces_file=config.traces_file or None)
+    cut, draining = asyncio.Event(), asyncio.Event()
+    cut_messages = {path: build for r in registrations for path, build in r.cut_methods().items()}
+    endless = frozenset(path for r in registrations for path in r.endless_methods())
     server = grpc.aio.server(
         interceptors=[
+            StreamEndInterceptor(cut, cut_messages, config.service_name, draining=draining, endless=endless),
             *telemetry.server_interceptors(),
             RpcMetricsInterceptor(),
             *interceptors,
-            # innermost: request bytes that do not decode become INVALID_ARGUMENT, not UNKNOWN
             UndecodableRequestInterceptor(),
         ],
         options=SERVER_OPTIONS,
@@ -111,7 +160,7 @@ async def create_server(
     if config.metrics_port >= 0:
         metrics_port = start_metrics_server(config.metrics_port, config.host)
     log.info("%s listening on %s:%d (metrics %s)", config.service_name, config.host, port, metrics_port)
-    return RunningServer(server, port, health_servicer, names, metrics_port)
+    return RunningServer(server, port, health_servicer, names, metrics_port, cut, draining)
 
 
 @asynccontextmanager
@@ -129,6 +178,7 @@ async def serving(
     ``config.shutdown_grace_s`` seconds before they are cancelled.
     """
     running = await create_server(registrations, config, interceptors=interceptors)
+    _SERVING.append((running, config.shutdown_notice_s))
     try:
         if config.consul_http_addr:
             name = consul.service_name(config.service_name)
@@ -137,8 +187,20 @@ async def serving(
         else:
             yield running
     finally:
-        log.info("%s shutting down (grace %.1fs)", config.service_name, config.shutdown_grace_s)
+        _SERVING[:] = [entry for entry in _SERVING if entry[0] is not running]
+        log.info("%s shutting down (drain %.1fs)", config.service_name, config.shutdown_grace_s)
         await running.stop(config.shutdown_grace_s)
+
+
+_SERVING: list[tuple[RunningServer, float]] = []
+"""Servers held by :func:`serving` in this process, with their shutdown notice (seconds)."""
+
+
+async def announce_shutdown() -> None:
+    """Turns every held server NOT_SERVING and waits out the longest notice (after a stop signal)."""
+    if not _SERVING:
+        return
+    await asyncio.gather(*(running.announce_shutdown(notice) for running, notice in list(_SERVING)))
 
 
 async def wait_for_stop_signal() -> None:
@@ -167,6 +229,7 @@ async def run_until_stopped(
             if on_started is not None:
                 on_started(running)
             await wait_for_stop_signal()
+            await announce_shutdown()
     finally:
         # A flush, not a shutdown: the provider is process-wide, and a server run in-process (tests)
         # must leave it usable.
