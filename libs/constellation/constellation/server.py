@@ -24,8 +24,11 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from constellation import consul, telemetry
-from constellation.config import ServiceConfig
+from constellation import consul, telemetry, tls
+from constellation.auth import AuthInterceptor, Authenticator, SqliteKeys
+from constellation.config import LOOPBACK_HOSTS, ServiceConfig
+from constellation.errors import FailedPrecondition
+from constellation.paths import default_cache_dir
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 
 log = logging.getLogger(__name__)
@@ -66,11 +69,44 @@ class RunningServer:
         await self.server.stop(grace)
 
 
+def check_exposure(config: ServiceConfig) -> None:
+    """Refuses a non-loopback bind without authentication unless ``security.insecure`` says so."""
+    security = config.security
+    if config.host not in LOOPBACK_HOSTS and not security.auth and not security.insecure:
+        raise FailedPrecondition(
+            f"{config.service_name}: binding {config.host} without authentication would let anyone who reaches "
+            "the port own the mesh; turn on security.auth (API keys), or pass --insecure to do it anyway",
+            reason="INSECURE_BIND",
+        )
+
+
+def auth_interceptors(config: ServiceConfig, authenticator: Authenticator | None) -> list[grpc.aio.ServerInterceptor]:
+    """The key-checking interceptor when ``security.auth`` is on (keys read from ``security.keys_db``)."""
+    if not config.security.auth:
+        return []
+    if authenticator is None:
+        keys_db = config.security.keys_db or str(default_cache_dir() / "registry.sqlite")
+        authenticator = Authenticator(SqliteKeys(keys_db))
+    return [AuthInterceptor(authenticator, config.service_name)]
+
+
+def bind(server: grpc.aio.Server, config: ServiceConfig) -> int:
+    """Binds ``config.address``, over TLS when a certificate is configured; returns the port."""
+    security = config.security
+    if not security.tls_cert:
+        return server.add_insecure_port(config.address)
+    credentials = tls.server_credentials(
+        security.tls_cert, security.tls_key, security.tls_ca, require_client_auth=security.mtls
+    )
+    return server.add_secure_port(config.address, credentials)
+
+
 async def create_server(
     registrations: Sequence[Registration],
     config: ServiceConfig,
     *,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    authenticator: Authenticator | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server for ``registrations``.
 
@@ -78,14 +114,24 @@ async def create_server(
         registrations: The servicers to mount. Each is reported SERVING on the health service, by
             its full name and as the overall ("") status.
         config: Bind address, metrics port and tracing settings.
-        interceptors: Extra interceptors, run after the tracing and metrics ones.
+        interceptors: Extra interceptors, run after the tracing, metrics and key-checking ones.
+        authenticator: Verifies keys when ``config.security.auth`` is on; None reads ``security.keys_db``.
 
     Returns:
         The started server with its bound port (useful when ``config.port`` is 0).
+
+    Raises:
+        FailedPrecondition: a non-loopback bind without authentication and without ``--insecure``.
     """
+    check_exposure(config)
     telemetry.configure_tracing(config.service_name, traces_file=config.traces_file or None)
     server = grpc.aio.server(
-        interceptors=[*telemetry.server_interceptors(), RpcMetricsInterceptor(), *interceptors],
+        interceptors=[
+            *telemetry.server_interceptors(),
+            RpcMetricsInterceptor(),
+            *auth_interceptors(config, authenticator),
+            *interceptors,
+        ],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.aio.HealthServicer()
@@ -94,7 +140,7 @@ async def create_server(
     for registration in registrations:
         registration.add(registration.servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(config.address)
+    port = bind(server, config)
     if port == 0:
         raise OSError(f"could not bind {config.address}: is another process using the port?")
     await server.start()
@@ -113,6 +159,7 @@ async def serving(
     config: ServiceConfig,
     *,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    authenticator: Authenticator | None = None,
 ) -> AsyncIterator[RunningServer]:
     """A server for the lifetime of the ``async with`` block: what every service's lifespan ends in.
 
@@ -121,7 +168,7 @@ async def serving(
     it first on the way out. On exit, health turns NOT_SERVING, then in-flight calls get
     ``config.shutdown_grace_s`` seconds before they are cancelled.
     """
-    running = await create_server(registrations, config, interceptors=interceptors)
+    running = await create_server(registrations, config, interceptors=interceptors, authenticator=authenticator)
     try:
         if config.consul_http_addr:
             name = consul.service_name(config.service_name)
