@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+from constellation.auth import Authenticator
 from constellation.server import Registration, RunningServer, serving
 from constellation.service import Flag, ServiceMain, disable
 from constellation.v1 import registry_pb2_grpc
+from services.registry.allowlist import AllowList, allowed_probe
 from services.registry.config import RegistryConfig
 from services.registry.consul import ConsulAgent, ModelMirror
 from services.registry.health import HealthPolicy, Probe, Prober, TritonReadiness
@@ -83,7 +85,7 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
             else:
                 readiness = probe
             prober = Prober(
-                readiness,
+                allowed_probe(readiness, AllowList([*config.probe_allow, config.triton_url])),
                 lambda: list(registry.records.values()),
                 registry.apply_probe,
                 interval_s=config.probe_interval_s,
@@ -105,7 +107,7 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
             registry_pb2_grpc.add_RegistryServiceServicer_to_server,  # type: ignore[arg-type]
             SERVICE_NAME,
         )
-        server = await stack.enter_async_context(serving([registration], config))
+        server = await stack.enter_async_context(serving([registration], config, authenticator=Authenticator(store)))
         yield RunningRegistry(server, registry, prober, mirror)
 
 
