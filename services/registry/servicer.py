@@ -6,9 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from prometheus_client import Counter, Gauge
-
 from google.protobuf import timestamp_pb2
+from prometheus_client import Counter, Gauge
 
 from constellation import auth
 from constellation.errors import (

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from constellation.errors import ConstellationError, PermissionDenied, Unauthenticated, abort
 
@@ -172,6 +173,24 @@ class SqliteKeys:
             except sqlite3.OperationalError:  # no key table yet: no keys
                 return None
         return None if row is None else row_to_key(row)
+
+    def tenants(self) -> set[str]:
+        """The tenants of the keys not revoked (empty when there is no table yet)."""
+        if not Path(self.path).is_file():
+            return set()
+        with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as db:
+            try:
+                rows = db.execute("SELECT DISTINCT tenant FROM api_keys WHERE revoked_at IS NULL").fetchall()
+            except sqlite3.OperationalError:
+                return set()
+        return {str(row[0]) for row in rows}
+
+
+def keys_db_path(configured: str) -> str:
+    """The key table's file: ``configured``, else the registry's default SQLite file."""
+    from constellation.paths import default_cache_dir
+
+    return configured or str(default_cache_dir() / "registry.sqlite")
 
 
 def row_to_key(row: tuple[Any, ...]) -> StoredKey:
@@ -324,7 +343,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def http_middleware(
     authenticator: Authenticator, on_error: ErrorResponse, allowed: frozenset[Role] = HTTP_ROLES
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """An aiohttp middleware: ``Authorization: Bearer <key>`` of a role in ``allowed``, or ``on_error``'s reply.
 
     Args:
@@ -377,4 +396,3 @@ class _BearerStream(_BearerBase, grpc.aio.UnaryStreamClientInterceptor):
 def bearer_interceptors(key: str) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors that send ``authorization: Bearer <key>`` on every unary and server-stream call."""
     return [_BearerUnary(key), _BearerStream(key)]
-

@@ -25,10 +25,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from constellation import consul, telemetry, tls
-from constellation.auth import AuthInterceptor, Authenticator, SqliteKeys
+from constellation.auth import Authenticator, AuthInterceptor, SqliteKeys, keys_db_path
 from constellation.config import LOOPBACK_HOSTS, ServiceConfig
 from constellation.errors import FailedPrecondition
-from constellation.paths import default_cache_dir
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 
 log = logging.getLogger(__name__)
@@ -85,8 +84,7 @@ def auth_interceptors(config: ServiceConfig, authenticator: Authenticator | None
     if not config.security.auth:
         return []
     if authenticator is None:
-        keys_db = config.security.keys_db or str(default_cache_dir() / "registry.sqlite")
-        authenticator = Authenticator(SqliteKeys(keys_db))
+        authenticator = Authenticator(SqliteKeys(keys_db_path(config.security.keys_db)))
     return [AuthInterceptor(authenticator, config.service_name)]
 
 

@@ -74,7 +74,9 @@ def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def server_credentials(cert: str, key: str, ca: str = "", *, require_client_auth: bool = False) -> grpc.ServerCredentials:
+def server_credentials(
+    cert: str, key: str, ca: str = "", *, require_client_auth: bool = False
+) -> grpc.ServerCredentials:
     """Server credentials from PEM files; ``require_client_auth`` (mTLS) needs ``ca``."""
     if require_client_auth and not ca:
         raise ValueError("mTLS needs the CA file that signed the clients' certificates")
@@ -222,7 +224,5 @@ def _write_key(path: Path, key) -> None:  # type: ignore[no-untyped-def]
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
     path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
