@@ -287,7 +287,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             principal = self.authenticator.authenticate(_metadata_key(handler_call_details.invocation_metadata))
             authorize(principal, allowed, method)
         except ConstellationError as error:
-            return _replace_behavior(handler, _rejecting(error, self.service))
+            return _replace_behavior(handler, _rejecting(error, self.service, handler.response_streaming))
         return _replace_behavior(handler, _with_principal(_behavior(handler), principal))
 
 
@@ -297,7 +297,17 @@ def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     )
 
 
-def _rejecting(error: ConstellationError, service: str) -> Callable[..., Any]:
+def _rejecting(error: ConstellationError, service: str, streaming: bool) -> Callable[..., Any]:
+    """A behavior that ends the call with ``error``; an async generator for streams (what the
+    interceptors around it iterate)."""
+    if streaming:
+
+        async def reject_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await abort(context, error, service=service)
+            yield  # pragma: no cover - abort raises
+
+        return reject_stream
+
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
         await abort(context, error, service=service)
 
