@@ -11,6 +11,8 @@ Examples::
     constellation models list        # the registry's pool: state, prices, latency, errors
     constellation eval --pool ../shared/data/gsm8k.jsonl.gz   # judge policies on a recorded pool
     constellation down               # stop a mesh started by `up` in another terminal
+    constellation keys create --tenant acme --key "$ADMIN_KEY"   # an API key (see `keys --help`)
+    constellation certs dev-ca ./certs   # a development CA + server/client certificates for mTLS
 """
 
 from __future__ import annotations
@@ -455,6 +457,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_ca(args: argparse.Namespace) -> int:
+    from constellation.tls import make_dev_ca
+
+    certs = make_dev_ca(args.dir, hosts=args.host or ("localhost", "127.0.0.1", "::1"))
+    for path in (certs.ca, certs.server_cert, certs.server_key, certs.client_cert, certs.client_key):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="constellation",
@@ -615,8 +626,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     from services.registry.cli import add_models_command
+    from services.registry.keys_cli import add_keys_command
 
     add_models_command(sub)
+    add_keys_command(sub)
+    certs = sub.add_parser("certs", help="TLS certificates for development")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
+    dev_ca = certs_sub.add_parser(
+        "dev-ca", help="write a development CA and a server and a client certificate it signed (never for production)"
+    )
+    dev_ca.add_argument("dir", help="folder to write ca.pem, server.pem/.key, client.pem/.key into")
+    dev_ca.add_argument("--host", action="append", help="name or IP the server certificate names (repeatable)")
+    dev_ca.set_defaults(handler=_dev_ca)
     return parser
 
 
