@@ -89,21 +89,30 @@ async def run(rounds: int, folder: Path) -> dict[str, Any]:
         store.add_key(row)
     keys = SecurityConfig(auth=True, keys_db=str(folder / "keys.sqlite"))
     mtls = keys.model_copy(
-        update={"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key), "tls_ca": str(certs.ca), "mtls": True}
+        update={
+            "tls_cert": str(certs.server_cert),
+            "tls_key": str(certs.server_key),
+            "tls_ca": str(certs.ca),
+            "mtls": True,
+        }
     )
     clients = {"plain": tls.ClientSecurity(), "keys": tls.ClientSecurity(), "keys+mtls": certs.client()}
     metadata = {"plain": None, "keys": bearer_metadata(key), "keys+mtls": bearer_metadata(key)}
     async with AsyncExitStack() as stack, TritonClient("127.0.0.1:1") as triton:
         dispatcher = Dispatcher(DispatchConfig(routing=False), triton, generator=InstantModel())  # type: ignore[arg-type]
         registration = Registration(
-            DispatchServicer(dispatcher), dispatch_pb2_grpc.add_DispatchServiceServicer_to_server, SERVICE_NAME  # type: ignore[arg-type]
+            DispatchServicer(dispatcher),
+            dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,  # type: ignore[arg-type]
+            SERVICE_NAME,
         )
         addresses = {}
         for name, security in (("plain", SecurityConfig()), ("keys", keys), ("keys+mtls", mtls)):
             running = await create_server([registration], ServiceConfig(port=0, security=security))
             stack.push_async_callback(running.stop, 0)
             addresses[name] = f"localhost:{running.port}"
-        channels = {n: await stack.enter_async_context(tls.open_channel(addresses[n], [], [], clients[n])) for n in PATHS}
+        channels = {
+            n: await stack.enter_async_context(tls.open_channel(addresses[n], [], [], clients[n])) for n in PATHS
+        }
         steady: dict[str, list[float]] = {n: [] for n in PATHS}
         fresh: dict[str, list[float]] = {n: [] for n in PATHS}
         for n in PATHS:  # warm up

@@ -47,17 +47,17 @@ def _local(args: argparse.Namespace) -> int:
 
     with ModelStore(args.db) as store:
         if args.action == "create":
-            full, row = create_key(store, args.tenant, _role(args.role))
+            full, _ = create_key(store, args.tenant, _role(args.role))
             print(full)
         elif args.action == "list":
             print(format_keys([key_info(k) for k in store.keys()]))
         else:
-            row = store.revoke_key(args.key_id)
-            if row is None:
+            revoked = store.revoke_key(args.key_id)
+            if revoked is None:
                 from constellation.errors import NotFound
 
                 raise NotFound(f"no key {args.key_id!r}")
-            print(f"revoked {row.key_id}")
+            print(f"revoked {revoked.key_id}")
     return 0
 
 

@@ -107,7 +107,9 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
             registry_pb2_grpc.add_RegistryServiceServicer_to_server,  # type: ignore[arg-type]
             SERVICE_NAME,
         )
-        server = await stack.enter_async_context(serving([registration], config, authenticator=Authenticator(store, cache_s=0.0)))
+        server = await stack.enter_async_context(
+            serving([registration], config, authenticator=Authenticator(store, cache_s=0.0))
+        )
         yield RunningRegistry(server, registry, prober, mirror)
 
 

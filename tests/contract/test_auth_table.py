@@ -142,7 +142,9 @@ async def all_services(keyed: tuple[ModelStore, dict[Role, str]]) -> AsyncIterat
         await running.stop(0)
 
 
-async def _call(channel: grpc.aio.Channel, service: ServiceDescriptor, method: MethodDescriptor, key: str | None) -> Any:
+async def _call(
+    channel: grpc.aio.Channel, service: ServiceDescriptor, method: MethodDescriptor, key: str | None
+) -> Any:
     request_cls, response_cls = _classes(method)
     path = f"/{service.full_name}/{method.name}"
     metadata = bearer_metadata(key) if key else None

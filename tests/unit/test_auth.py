@@ -29,7 +29,7 @@ def test_a_key_is_stored_as_a_salted_hash_and_verifies(tmp_path: Path) -> None:
         assert stored is not None
         assert secret.encode() not in stored.digest + stored.salt
         assert stored.digest == hash_secret(secret, stored.salt)
-        other_full, other = new_key("acme", Role.TENANT)
+        _, other = new_key("acme", Role.TENANT)
         assert other.salt != row.salt
         principal = Authenticator(store).authenticate(full)
         assert (principal.tenant, principal.role, principal.key_id) == ("acme", Role.TENANT, key_id)
