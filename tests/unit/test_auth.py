@@ -4,6 +4,7 @@ credentials from a development CA, over real loopback gRPC."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,7 +14,8 @@ from constellation import tls
 from constellation.auth import Authenticator, Role, SqliteKeys, hash_secret, new_key, roles_for, split_key
 from constellation.config import SecurityConfig, ServiceConfig
 from constellation.errors import FailedPrecondition, Unauthenticated
-from constellation.server import check_exposure, create_server
+from constellation.server import Registration, check_exposure, create_server
+from constellation.triton import TritonClient
 from constellation.v1 import common_pb2, registry_pb2
 from services.registry.allowlist import AllowList, allowed_probe
 from services.registry.main import SERVICE as REGISTRY_MAIN
@@ -159,4 +161,34 @@ async def test_tls_without_client_certificates_verifies_the_server(tmp_path: Pat
             with pytest.raises(grpc.aio.AioRpcError):
                 await _health(channel)
     finally:
+        await running.stop(0)
+
+
+def _fake_triton_ready() -> grpc.GenericRpcHandler:
+    """A stand-in for Triton's ``ServerReady`` (real gRPC, real TLS; only the answer is canned)."""
+    from tritonclient.grpc import service_pb2
+
+    async def ready(request: Any, context: Any) -> Any:
+        return service_pb2.ServerReadyResponse(ready=True)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        ready, service_pb2.ServerReadyRequest.FromString, service_pb2.ServerReadyResponse.SerializeToString
+    )
+    return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ServerReady": handler})
+
+
+async def test_the_triton_client_dials_over_ssl_when_configured(tmp_path: Path) -> None:
+    certs = tls.make_dev_ca(tmp_path / "certs")
+    security = SecurityConfig(tls_cert=str(certs.server_cert), tls_key=str(certs.server_key))
+    triton = Registration(_fake_triton_ready(), lambda h, server: server.add_generic_rpc_handlers((h,)), "inference")
+    running = await create_server([triton], ServiceConfig(port=0, security=security))
+    before = tls.client_security()
+    try:
+        async with TritonClient(f"localhost:{running.port}", control_timeout_s=3) as plain:
+            assert await plain.server_ready() is False  # plain text against an SSL port
+        tls.configure_clients(tls.ClientSecurity(ca=str(certs.ca), triton=True))
+        async with TritonClient(f"localhost:{running.port}", control_timeout_s=3) as over_ssl:
+            assert await over_ssl.server_ready() is True
+    finally:
+        tls.configure_clients(before)
         await running.stop(0)
