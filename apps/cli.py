@@ -193,8 +193,10 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from constellation import tls
+
     address = _dispatch_address(args.address)
-    with grpc.insecure_channel(address) as channel:
+    with tls.blocking_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
         except grpc.RpcError as exc:

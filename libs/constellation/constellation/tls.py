@@ -112,6 +112,15 @@ def open_channel(
     return grpc.aio.secure_channel(address, credentials, options=full_options, interceptors=all_interceptors)
 
 
+def blocking_channel(address: str) -> grpc.Channel:
+    """A synchronous channel (health checks of supervisors and the CLI) with the process-wide TLS settings."""
+    credentials = channel_credentials(_CLIENTS)
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    options = [("grpc.ssl_target_name_override", _CLIENTS.server_name)] if _CLIENTS.server_name else []
+    return grpc.secure_channel(address, credentials, options=options)
+
+
 def triton_credentials() -> grpc.ChannelCredentials | None:
     """Credentials for Triton's gRPC endpoint when the process-wide settings ask for TLS to Triton."""
     return channel_credentials(_CLIENTS) if _CLIENTS.triton else None
