@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -643,9 +644,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_tls() -> None:
+    """Dials the mesh with ``[dispatch.security]``'s CA and client certificate when TLS is configured there.
+
+    The command (and the mesh it supervises) then checks health and asks over TLS/mTLS; API keys stay
+    per command (``--key``), never the service key.
+    """
+    from constellation import tls
+    from constellation.config import load_config
+    from services.dispatch.config import DispatchConfig
+
+    security = load_config(DispatchConfig).security
+    if security.tls_ca:
+        tls.configure_clients(replace(tls.from_config(security), bearer=""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _client_tls()
         return int(args.handler(args) or 0)
     except InvalidArgument as exc:
         _err(str(exc))
