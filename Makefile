@@ -75,6 +75,7 @@ bench: setup
 	$(PY) -m bench.faults
 	$(PY) -m bench.fuzz
 	$(PY) -m bench.soak
+	$(PY) -m bench.auth_overhead
 
 # The Helm chart and alert rules, offline: lint, render three value sets, validate every object against
 # Kubernetes' and KEDA's schemas, refuse bad values, promtool check/test rules (Debian: prometheus).

@@ -11,6 +11,8 @@ Examples::
     constellation models list        # the registry's pool: state, prices, latency, errors
     constellation eval --pool ../shared/data/gsm8k.jsonl.gz   # judge policies on a recorded pool
     constellation down               # stop a mesh started by `up` in another terminal
+    constellation keys create --tenant acme --key "$ADMIN_KEY"   # an API key (see `keys --help`)
+    constellation certs dev-ca ./certs   # a development CA + server/client certificates for mTLS
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -312,8 +315,10 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from constellation import tls
+
     address = _dispatch_address(args.address)
-    with grpc.insecure_channel(address) as channel:
+    with tls.blocking_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
         except grpc.RpcError as exc:
@@ -612,6 +617,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_ca(args: argparse.Namespace) -> int:
+    from constellation.tls import make_dev_ca
+
+    certs = make_dev_ca(args.dir, hosts=args.host or ("localhost", "127.0.0.1", "::1"))
+    for path in (certs.ca, certs.server_cert, certs.server_key, certs.client_cert, certs.client_key):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="constellation",
@@ -793,14 +807,40 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     from services.registry.cli import add_models_command
+    from services.registry.keys_cli import add_keys_command
 
     add_models_command(sub)
+    add_keys_command(sub)
+    certs = sub.add_parser("certs", help="TLS certificates for development")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
+    dev_ca = certs_sub.add_parser(
+        "dev-ca", help="write a development CA and a server and a client certificate it signed (never for production)"
+    )
+    dev_ca.add_argument("dir", help="folder to write ca.pem, server.pem/.key, client.pem/.key into")
+    dev_ca.add_argument("--host", action="append", help="name or IP the server certificate names (repeatable)")
+    dev_ca.set_defaults(handler=_dev_ca)
     return parser
+
+
+def _client_tls() -> None:
+    """Dials the mesh with ``[dispatch.security]``'s CA and client certificate when TLS is configured there.
+
+    The command (and the mesh it supervises) then checks health and asks over TLS/mTLS; API keys stay
+    per command (``--key``), never the service key.
+    """
+    from constellation import tls
+    from constellation.config import load_config
+    from services.dispatch.config import DispatchConfig
+
+    security = load_config(DispatchConfig).security
+    if security.tls_ca:
+        tls.configure_clients(replace(tls.from_config(security), bearer=""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _client_tls()
         return int(args.handler(args) or 0)
     except InvalidArgument as exc:
         _err(str(exc))

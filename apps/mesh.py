@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from constellation import tls
 from constellation.net import port_in_use
 from constellation.paths import default_cache_dir
 
@@ -122,7 +123,7 @@ def wait_serving(address: str, timeout_s: float, *, alive: Callable[[], bool] = 
         RuntimeError: ``alive()`` turned false (the process died) while waiting.
     """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with tls.blocking_channel(address) as channel:  # TLS when this process is configured for it
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not alive():

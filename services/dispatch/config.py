@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from constellation.config import ServiceConfig
 from constellation.triton_conventions import Convention
+from services.dispatch.budget import BudgetSettings
 
 
 class ModelEntry(BaseModel):
@@ -49,6 +50,7 @@ class DispatchConfig(ServiceConfig):
 
     Attributes:
         port: gRPC port of DispatchService (50051 by default).
+        budgets: Per-tenant daily cost budgets and request rates (:mod:`services.dispatch.budget`); off by default.
         http_port: port of the OpenAI-compatible HTTP API, served in the same process and event loop on
             the same host as gRPC; -1 (the default for a bare service) serves none, 0 picks a free port.
             ``constellation up`` serves it on 8080.
@@ -97,6 +99,7 @@ class DispatchConfig(ServiceConfig):
 
     port: int = Field(default=50051, ge=0, le=65535)
     http_port: int = Field(default=-1, ge=-1, le=65535)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     triton_url: str = "127.0.0.1:8001"
     default_model: str = "smollm2"
     max_prompt_chars: int = Field(default=32_000, ge=1)

@@ -14,9 +14,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
+from aiohttp.typedefs import Middleware
 from grpc_health.v1 import health_pb2
 
 from constellation import consul
+from constellation.auth import Authenticator, SqliteKeys, http_middleware, keys_db_path
 from constellation.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from constellation.server import Registration, RunningServer, serving
 from constellation.service import Flag, ServiceMain, disable
@@ -24,9 +26,11 @@ from constellation.tasks import cancel_and_wait
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
+from services.dispatch.budget import TenantBudgets
 from services.dispatch.config import DispatchConfig
 from services.dispatch.health import TritonWatch
 from services.dispatch.http import SemanticCache, create_http_app, running_http
+from services.dispatch.http.app import error_response
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.routing import Router, try_load_router
 from services.dispatch.servicer import SERVICE_NAME, DispatchServicer, cut_response
@@ -127,7 +131,16 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
             reporter=reporter,
             ranking=ranking,
             fusion=fusion,
+            budgets=TenantBudgets(config.budgets, SqliteKeys(keys_db_path(config.security.keys_db)).tenants),
         )
+
+
+def http_auth(config: DispatchConfig) -> list[Middleware]:
+    """The HTTP API's key check when ``security.auth`` is on (the same key table as gRPC)."""
+    if not config.security.auth:
+        return []
+    authenticator = Authenticator(SqliteKeys(keys_db_path(config.security.keys_db)))
+    return [http_middleware(authenticator, error_response)]
 
 
 @asynccontextmanager
@@ -142,7 +155,7 @@ async def running_dispatch(config: DispatchConfig) -> AsyncIterator[RunningServe
         if config.http_port < 0:
             yield running
             return
-        app = create_http_app(dispatcher, cache=SemanticCache(None))
+        app = create_http_app(dispatcher, cache=SemanticCache(None), middlewares=http_auth(config))
         async with running_http(app, config.host, config.http_port) as http:
             log.info("dispatch HTTP API (OpenAI-compatible) on http://%s:%d/v1", config.host, http.port)
             yield running

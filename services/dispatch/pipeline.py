@@ -21,14 +21,16 @@ from dataclasses import replace
 from opentelemetry import trace
 
 from constellation import semconv
+from constellation.auth import current_tenant
 from constellation.errors import ConstellationError, Retryable, Unavailable
-from constellation.semconv import Policy
+from constellation.semconv import Phase, Policy
 from constellation.triton import TritonClient
 from constellation.v1 import common_pb2
 from constellation.v1.common_pb2 import Classification
 from services.classifier.client import ClassifierClient
 from services.dispatch.accounting import CLASSIFY_FAILURES, DEGRADED_PLANS, FANOUT, Accounting
 from services.dispatch.aggregation import Aggregator
+from services.dispatch.budget import TenantBudgets
 from services.dispatch.calls import CallResult, Run
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import CandidateProgress, Classified, Delta, Event, Finished, PlanMade, Stage
@@ -55,6 +57,9 @@ __all__ = [
     "PlannedModel",
     "Stage",
 ]
+
+
+_ENDED = frozenset({Phase.FINISHED, Phase.CANCELLED, Phase.FAILED})
 
 
 class Dispatcher:
@@ -85,8 +90,10 @@ class Dispatcher:
         ranking: RankingClient | None = None,
         fusion: FusionClient | None = None,
         generator: Generator | None = None,
+        budgets: TenantBudgets | None = None,
     ):
         self.config = config
+        self.budgets = budgets
         self.triton = triton
         self.classifier = classifier
         self.router = router
@@ -172,6 +179,9 @@ class Dispatcher:
             the request cannot be answered; events sent before stay valid.
         """
         span = trace.get_current_span()
+        tenant = current_tenant()
+        if self.budgets is not None:
+            self.budgets.admit(tenant)
         if query.request_tag:
             span.set_attribute(semconv.REQUEST_TAG, query.request_tag)
         stages: list[Stage] = []
@@ -201,10 +211,38 @@ class Dispatcher:
         run = Run(query, plan, answer_kind_of(classification), received_at, received_at + budget, stages)
         FANOUT.observe(len(plan.members))
         degraded = None if lost is None or query.model else _classification_lost(lost, plan)
-        async for event in self.strategy_for(plan).run(run):
+        async for event in self._metered(tenant, plan, self.strategy_for(plan).run(run)):
             if degraded is not None and isinstance(event, Finished):
                 event = replace(event, problems=[degraded, *event.problems])
             yield event
+
+    async def _metered(
+        self, tenant: str, plan: PlanMade, events: AsyncGenerator[Event, None]
+    ) -> AsyncGenerator[Event, None]:
+        """``events``, with the plan's predicted cost reserved first and the actual cost charged at the end.
+
+        The actual cost is the final event's (every member's calls), or, when the request ends early, the
+        sum of the members' costs reported so far. Raises ResourceExhausted when the budget cannot hold
+        the prediction.
+        """
+        if self.budgets is None:
+            async for event in events:
+                yield event
+            return
+        reservation = self.budgets.reserve(tenant, sum(m.cost_usd for m in plan.members))
+        so_far, final = 0.0, None
+        try:
+            async for event in events:
+                if isinstance(event, CandidateProgress) and event.phase in _ENDED:
+                    so_far += event.cost_usd
+                elif isinstance(event, Finished):
+                    final = event
+                yield event
+        finally:
+            if final is not None:
+                self.budgets.settle(reservation, final.cost_usd, final.input_tokens, final.output_tokens)
+            else:
+                self.budgets.settle(reservation, so_far)
 
     def strategy_for(self, plan: PlanMade) -> Strategy:
         """The strategy registered for the plan's policy; a policy without one runs by its size."""

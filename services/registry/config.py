@@ -40,6 +40,8 @@ class RegistryConfig(ServiceConfig):
             RESOURCE_EXHAUSTED.
         watch_coalesce_s: Least seconds between two statistics-only UPDATED changes of one model.
         max_outcomes: Most outcomes in one ReportOutcome call (more: INVALID_ARGUMENT).
+        probe_allow: Hosts (any port) or ``host:port`` pairs the prober may dial; loopback by default.
+        triton_url: Triton's configured address, always on the prober's allow-list.
         consul_http_addr: Consul agent HTTP address (``http://127.0.0.1:8500``); also read from
             ``CONSTELLATION_REGISTRY_CONSUL_HTTP_ADDR`` or the standard ``CONSUL_HTTP_ADDR``. Empty: no
             Consul. With it, model records are mirrored to Consul KV as well (``advertise_host``: see
@@ -68,6 +70,8 @@ class RegistryConfig(ServiceConfig):
     watch_queue_max: int = Field(default=1024, ge=1)
     watch_coalesce_s: float = Field(default=0.5, ge=0.0)
     max_outcomes: int = Field(default=4096, ge=1)
+    probe_allow: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
+    triton_url: str = "127.0.0.1:8001"
     consul_http_addr: str = Field(
         default="",
         validation_alias=AliasChoices(

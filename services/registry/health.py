@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from constellation import tls
 from constellation.tasks import BackgroundTask
 from constellation.v1 import common_pb2, registry_pb2
 from services.registry.stats import ModelStats
@@ -70,7 +71,8 @@ class TritonReadiness:
             return None
         client = self._clients.get(backend.endpoint)
         if client is None:
-            client = InferenceServerClient(backend.endpoint)
+            credentials = tls.triton_credentials()  # SSL to Triton when configured
+            client = InferenceServerClient(backend.endpoint, ssl=credentials is not None, creds=credentials)
             self._clients[backend.endpoint] = client
         assert isinstance(client, InferenceServerClient)
         try:

@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+from constellation.auth import Authenticator
 from constellation.server import Registration, RunningServer, serving
 from constellation.service import Flag, ServiceMain, disable
 from constellation.v1 import registry_pb2_grpc
+from services.registry.allowlist import AllowList, allowed_probe
 from services.registry.config import RegistryConfig
 from services.registry.consul import ConsulAgent, ModelMirror
 from services.registry.health import HealthPolicy, Probe, Prober, TritonReadiness
@@ -83,7 +85,7 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
             else:
                 readiness = probe
             prober = Prober(
-                readiness,
+                allowed_probe(readiness, AllowList([*config.probe_allow, config.triton_url])),
                 lambda: list(registry.records.values()),
                 registry.apply_probe,
                 interval_s=config.probe_interval_s,
@@ -106,7 +108,9 @@ async def running_registry(config: RegistryConfig, *, probe: Probe | None = None
             SERVICE_NAME,
             endless=frozenset({"WatchModels"}),  # ends when the drain starts; watchers reconnect
         )
-        server = await stack.enter_async_context(serving([registration], config))
+        server = await stack.enter_async_context(
+            serving([registration], config, authenticator=Authenticator(store, cache_s=0.0))
+        )
         yield RunningRegistry(server, registry, prober, mirror)
 
 

@@ -6,13 +6,23 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Gauge
 
-from constellation.errors import ConstellationError, FieldViolation, InternalError, InvalidArgument, abort
+from constellation import auth
+from constellation.errors import (
+    ConstellationError,
+    FieldViolation,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    abort,
+)
 from constellation.metrics import REGISTRY
 from constellation.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.config import RegistryConfig
 from services.registry.registry import Registry
+from services.registry.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +40,48 @@ WATCHERS_DROPPED = Counter(
     "WatchModels streams ended with RESOURCE_EXHAUSTED because they fell behind.",
     registry=REGISTRY,
 )
+
+
+_ROLES = {
+    registry_pb2.KEY_ROLE_TENANT: auth.Role.TENANT,
+    registry_pb2.KEY_ROLE_ADMIN: auth.Role.ADMIN,
+    registry_pb2.KEY_ROLE_SERVICE: auth.Role.SERVICE,
+}
+_ROLE_VALUES = {role: value for value, role in _ROLES.items()}
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def key_info(key: auth.StoredKey) -> registry_pb2.KeyInfo:
+    """A stored key as the API shows it (no salt, no digest)."""
+    info = registry_pb2.KeyInfo(
+        key_id=key.key_id, tenant=key.tenant, role=_ROLE_VALUES[key.role], created_at=_timestamp(key.created_at)
+    )
+    if key.revoked_at is not None:
+        info.revoked_at.CopyFrom(_timestamp(key.revoked_at))
+    return info
+
+
+def create_key(store: ModelStore, tenant: str, role: registry_pb2.KeyRole.ValueType) -> tuple[str, auth.StoredKey]:
+    """Makes and stores a key for ``tenant``; returns the full key (shown once) and its row.
+
+    Raises:
+        InvalidArgument: no tenant, or no role.
+    """
+    violations = []
+    if not tenant.strip():
+        violations.append(FieldViolation("tenant", "is required"))
+    if role not in _ROLES:
+        violations.append(FieldViolation("role", "must be KEY_ROLE_TENANT, KEY_ROLE_ADMIN or KEY_ROLE_SERVICE"))
+    if violations:
+        raise InvalidArgument("a key needs a tenant and a role", violations)
+    full, row = auth.new_key(tenant.strip(), _ROLES[role])
+    store.add_key(row)
+    return full, row
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -123,3 +175,27 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         OUTCOMES.labels("true").inc(accepted)
         OUTCOMES.labels("false").inc(count - accepted)
         return registry_pb2.ReportOutcomeResponse(accepted=accepted)
+
+    async def CreateKey(
+        self, request: registry_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.CreateKeyResponse:
+        try:
+            full, row = create_key(self.registry.store, request.tenant, request.role)
+        except ConstellationError as error:
+            await abort(context, error, service="registry")
+        log.info("registry: created %s key %s for tenant %s", row.role, row.key_id, row.tenant)
+        return registry_pb2.CreateKeyResponse(key=full, info=key_info(row))
+
+    async def ListKeys(
+        self, request: registry_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListKeysResponse:
+        return registry_pb2.ListKeysResponse(keys=[key_info(k) for k in self.registry.store.keys()])
+
+    async def RevokeKey(
+        self, request: registry_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RevokeKeyResponse:
+        row = self.registry.store.revoke_key(request.key_id)
+        if row is None:
+            await abort(context, NotFound(f"no key {request.key_id!r}", reason="KEY_NOT_FOUND"), service="registry")
+        log.info("registry: revoked key %s", request.key_id)
+        return registry_pb2.RevokeKeyResponse(info=key_info(row))

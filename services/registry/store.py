@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from constellation.auth import StoredKey, row_to_key
 from constellation.v1 import registry_pb2
 
 
@@ -58,6 +59,11 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE models ADD COLUMN updated_at REAL NOT NULL DEFAULT 0;"
         "CREATE INDEX models_by_state ON models (state)",
         _backfill_columns,
+    ),
+    # 3: API keys, stored as a salted SHA-256 of their secret (see constellation.auth for why).
+    Migration(
+        "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, role TEXT NOT NULL, "
+        "salt BLOB NOT NULL, digest BLOB NOT NULL, created_at REAL NOT NULL, revoked_at REAL)"
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -167,3 +173,40 @@ class ModelStore:
         """The queryable columns ``(state, version, traffic_weight)`` of one record."""
         row = self._db.execute("SELECT state, version, traffic_weight FROM models WHERE name = ?", (name,)).fetchone()
         return None if row is None else (int(row[0]), str(row[1]), float(row[2]))
+
+    # API keys (constellation.auth reads the same table read-only from other services).
+
+    def add_key(self, key: StoredKey) -> None:
+        """Stores a new key's row (its salt and digest; the secret is never stored)."""
+        self._db.execute(
+            "INSERT INTO api_keys (key_id, tenant, role, salt, digest, created_at, revoked_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key.key_id, key.tenant, str(key.role), key.salt, key.digest, key.created_at, key.revoked_at),
+        )
+
+    def key(self, key_id: str) -> StoredKey | None:
+        """One key's row, or None."""
+        row = self._db.execute(
+            "SELECT key_id, tenant, role, salt, digest, created_at, revoked_at FROM api_keys WHERE key_id = ?",
+            (key_id,),
+        ).fetchone()
+        return None if row is None else row_to_key(row)
+
+    def keys(self) -> list[StoredKey]:
+        """Every key, oldest first, revoked ones included."""
+        rows = self._db.execute(
+            "SELECT key_id, tenant, role, salt, digest, created_at, revoked_at FROM api_keys ORDER BY created_at"
+        ).fetchall()
+        return [row_to_key(row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> StoredKey | None:
+        """Marks a key revoked (kept for the audit trail); None when there is no such key."""
+        self._db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
+        )
+        return self.key(key_id)
+
+    def tenants(self) -> set[str]:
+        """The tenants of the keys not revoked (the label set of per-tenant metrics)."""
+        rows = self._db.execute("SELECT DISTINCT tenant FROM api_keys WHERE revoked_at IS NULL").fetchall()
+        return {str(row[0]) for row in rows}

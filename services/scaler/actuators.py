@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from constellation import tls
 from constellation.errors import InternalError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class TritonActuator:
         self.model_repository = model_repository
         self.load_timeout_s = load_timeout_s
         self.control_timeout_s = control_timeout_s
-        self._client = triton_aio.InferenceServerClient(url=url)
+        credentials = tls.triton_credentials()  # SSL to Triton when configured
+        self._client = triton_aio.InferenceServerClient(url=url, ssl=credentials is not None, creds=credentials)
         self._configs: dict[str, dict[str, Any]] = {}
         self.loads = 0
         """Load calls made (each scale-up or instance change is one); tests check a burst makes one."""

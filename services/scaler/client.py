@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from constellation import telemetry
+from constellation import telemetry, tls
 from constellation.errors import from_rpc_error
 from constellation.v1 import scaler_pb2, scaler_pb2_grpc
 
@@ -26,7 +26,7 @@ class ScalerClient:
     def __init__(self, address: str, *, traced: bool = True):
         interceptors = telemetry.client_interceptors() if traced else []
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
+        self.channel = tls.open_channel(address, [], interceptors)  # TLS and the service key when configured
         self.stub = scaler_pb2_grpc.ScalerServiceStub(self.channel)
 
     async def __aenter__(self) -> ScalerClient:

@@ -1,5 +1,10 @@
 """End-to-end fixtures: one real Triton server (CPU) with the SmolLM2 model for the whole session.
 
+With ``CONSTELLATION_E2E_MTLS=1`` the whole session runs with mTLS on: a development CA is made, every
+service's config reads its certificates from ``CONSTELLATION_<SERVICE>_SECURITY__*`` variables (servers
+require client certificates), and the mesh's clients in this process, and in processes started from it,
+dial with the client certificate. Triton stays plain gRPC.
+
 The first session on a machine converts the SmolLM2 GGUF (~30 s, cached under
 ``$CONSTELLATION_CACHE_DIR`` or ``~/.cache/constellation``); later sessions start Triton in ~10 s.
 """
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from constellation import tls
 from constellation.net import free_port
 from services.inference.launcher import SHM_DIR, TritonServer
 from tests.e2e.processes import process_group_alive
@@ -29,6 +35,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
 
     return True
+
+
+MTLS_SWITCH = "CONSTELLATION_E2E_MTLS"
+SERVICES = ("DISPATCH", "CLASSIFIER", "RANKING", "FUSION", "REGISTRY", "SCALER")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mtls_everywhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """With ``CONSTELLATION_E2E_MTLS=1``: certificates for every service and client (see the module doc)."""
+    if os.environ.get(MTLS_SWITCH) != "1":
+        yield
+        return
+    certs = tls.make_dev_ca(tmp_path_factory.mktemp("mtls"))
+    files = {
+        "TLS_CERT": certs.server_cert,
+        "TLS_KEY": certs.server_key,
+        "TLS_CA": certs.ca,
+        "TLS_CLIENT_CERT": certs.client_cert,
+        "TLS_CLIENT_KEY": certs.client_key,
+        "MTLS": "true",
+    }
+    patch = pytest.MonkeyPatch()
+    for service in SERVICES:
+        for name, value in files.items():
+            patch.setenv(f"CONSTELLATION_{service}_SECURITY__{name}", str(value))
+    before = tls.client_security()
+    tls.configure_clients(certs.client())
+    try:
+        yield
+    finally:
+        tls.configure_clients(before)
+        patch.undo()
 
 
 @pytest.fixture(scope="session")

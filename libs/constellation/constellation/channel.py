@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
 
-from constellation import telemetry
+from constellation import telemetry, tls
 from constellation.errors import from_rpc_error
 
 # Largest message a client accepts (a fan-out's candidates and an embedding fit well inside).
@@ -129,7 +129,8 @@ class ServiceClient(Generic[StubT]):
         if traced:
             interceptors.extend(telemetry.client_interceptors())
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        # TLS and the service key, when this process is configured for them (constellation.tls).
+        self.channel = tls.open_channel(address, CHANNEL_OPTIONS, interceptors)
         self.stub: StubT = self.stub_class(self.channel)
 
     async def __aenter__(self) -> Self:

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -49,6 +49,44 @@ class _TomlTableSource(PydanticBaseSettingsSource):
         return dict(self._values)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+class SecurityConfig(BaseModel):
+    """Keys and TLS of one service (``[<service>.security]``, ``CONSTELLATION_<SERVICE>_SECURITY__<FIELD>``).
+
+    Attributes:
+        auth: Require an API key on every call (roles: :mod:`constellation.auth`). Off by default.
+        keys_db: SQLite file holding the key table (the registry's store); empty: the registry's default.
+        service_key: API key (role ``service``) this service sends on its calls to other services.
+        insecure: Allow binding a non-loopback address without ``auth`` (refused otherwise).
+        tls_cert: PEM certificate the server presents (and, with ``mtls``, its clients present too:
+            ``tls_client_cert`` when set); empty: plain-text gRPC.
+        tls_key: PEM private key of ``tls_cert``.
+        tls_ca: PEM CA that signed the peers' certificates (verifies servers; with ``mtls``, clients).
+        tls_client_cert: PEM certificate this service's clients present (mTLS); empty: ``tls_cert``.
+        tls_client_key: Private key of ``tls_client_cert``.
+        mtls: The server requires a client certificate signed by ``tls_ca``.
+        tls_server_name: Name checked against servers' certificates instead of the dialled host.
+        triton_tls: Dial Triton over TLS too (Triton started with ``--grpc-use-ssl``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    auth: bool = False
+    keys_db: str = ""
+    service_key: str = ""
+    insecure: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    mtls: bool = False
+    tls_server_name: str = ""
+    triton_tls: bool = False
+
+
 class ServiceConfig(BaseSettings):
     """Settings every service has. Subclasses set ``service_name`` and the env prefix.
 
@@ -67,6 +105,7 @@ class ServiceConfig(BaseSettings):
             health check while it runs, and dispatch discovers the services it has no address for.
         advertise_host: The host other machines reach this service at, registered in Consul; empty:
             ``host`` (or the machine's name when ``host`` binds every interface).
+        security: API keys and TLS (:class:`SecurityConfig`); all off by default.
     """
 
     service_name: ClassVar[str] = "service"
@@ -81,6 +120,7 @@ class ServiceConfig(BaseSettings):
     traces_file: str = ""
     consul_http_addr: str = Field(default="", validation_alias=AliasChoices("consul_http_addr", "CONSUL_HTTP_ADDR"))
     advertise_host: str = ""
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
 

@@ -13,7 +13,9 @@ The tree is shallow on purpose::
     ├── Retryable                                   (the family: the same call may succeed later)
     │   ├── Unavailable          UNAVAILABLE        (may carry a retry delay)
     │   ├── DeadlineExceeded     DEADLINE_EXCEEDED
-    │   └── ResourceExhausted    RESOURCE_EXHAUSTED
+    │   └── ResourceExhausted    RESOURCE_EXHAUSTED (may carry QuotaFailure and a retry delay)
+    ├── Unauthenticated          UNAUTHENTICATED
+    ├── PermissionDenied         PERMISSION_DENIED
     ├── Cancelled                CANCELLED
     ├── FailedPrecondition       FAILED_PRECONDITION
     └── InternalError            INTERNAL
@@ -25,7 +27,7 @@ code names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NoReturn
 
@@ -150,10 +152,43 @@ class Cancelled(ConstellationError):
 
 
 class ResourceExhausted(Retryable):
-    """A limit was hit (queue full, rate limit, cost ceiling)."""
+    """A limit was hit (queue full, rate limit, cost ceiling).
+
+    Args:
+        retry_after_s: When a retry may succeed (sent as ``RetryInfo``); None when unknown.
+        quota: ``(subject, description)`` pairs of the quotas exceeded (sent as ``QuotaFailure``).
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        quota: Sequence[tuple[str, str]] = (),
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        detail: str = "",
+    ):
+        super().__init__(message, reason=reason, metadata=metadata, detail=detail)
+        self.retry_after_s = retry_after_s
+        self.quota = list(quota)
+
+
+class Unauthenticated(ConstellationError):
+    """The call carried no credentials, or credentials the mesh does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ConstellationError):
+    """The caller is known, but its role may not make this call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
 
 
 class FailedPrecondition(ConstellationError):
@@ -181,6 +216,8 @@ _BY_CODE: dict[grpc.StatusCode, type[ConstellationError]] = {
         ResourceExhausted,
         FailedPrecondition,
         InternalError,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 
@@ -216,7 +253,10 @@ def to_status_proto(error: ConstellationError, *, service: str = "") -> status_p
                 )
             )
         )
-    if isinstance(error, Unavailable) and error.retry_after_s is not None:
+    if isinstance(error, ResourceExhausted) and error.quota:
+        violations = [error_details_pb2.QuotaFailure.Violation(subject=s, description=d) for s, d in error.quota]
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=violations)))
+    if isinstance(error, Unavailable | ResourceExhausted) and error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
@@ -231,6 +271,7 @@ def from_status_proto(status: status_pb2.Status) -> ConstellationError:
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
     retry_after_s: float | None = None
+    quota: list[tuple[str, str]] = []
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -245,6 +286,14 @@ def from_status_proto(status: status_pb2.Status) -> ConstellationError:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            quota = [(v.subject, v.description) for v in failure.violations]
+    if cls is ResourceExhausted:
+        return ResourceExhausted(
+            status.message, retry_after_s=retry_after_s, quota=quota, reason=reason, metadata=metadata
+        )
     if cls is InvalidArgument:
         return InvalidArgument(status.message, violations, reason=reason, metadata=metadata)
     if cls is Unavailable:

@@ -29,9 +29,11 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from constellation import consul, telemetry
-from constellation.config import ServiceConfig
+from constellation import consul, telemetry, tls
+from constellation.auth import Authenticator, AuthInterceptor, SqliteKeys, keys_db_path
+from constellation.config import LOOPBACK_HOSTS, ServiceConfig
 from constellation.drain import CutMessage, StreamEndInterceptor
+from constellation.errors import FailedPrecondition
 from constellation.metrics import RpcMetricsInterceptor, start_metrics_server
 from constellation.wire import UndecodableRequestInterceptor
 
@@ -112,11 +114,43 @@ class RunningServer:
         self.cut.set()
 
 
+def check_exposure(config: ServiceConfig) -> None:
+    """Refuses a non-loopback bind without authentication unless ``security.insecure`` says so."""
+    security = config.security
+    if config.host not in LOOPBACK_HOSTS and not security.auth and not security.insecure:
+        raise FailedPrecondition(
+            f"{config.service_name}: binding {config.host} without authentication would let anyone who reaches "
+            "the port own the mesh; turn on security.auth (API keys), or pass --insecure to do it anyway",
+            reason="INSECURE_BIND",
+        )
+
+
+def auth_interceptors(config: ServiceConfig, authenticator: Authenticator | None) -> list[grpc.aio.ServerInterceptor]:
+    """The key-checking interceptor when ``security.auth`` is on (keys read from ``security.keys_db``)."""
+    if not config.security.auth:
+        return []
+    if authenticator is None:
+        authenticator = Authenticator(SqliteKeys(keys_db_path(config.security.keys_db)))
+    return [AuthInterceptor(authenticator, config.service_name)]
+
+
+def bind(server: grpc.aio.Server, config: ServiceConfig) -> int:
+    """Binds ``config.address``, over TLS when a certificate is configured; returns the port."""
+    security = config.security
+    if not security.tls_cert:
+        return server.add_insecure_port(config.address)
+    credentials = tls.server_credentials(
+        security.tls_cert, security.tls_key, security.tls_ca, require_client_auth=security.mtls
+    )
+    return server.add_secure_port(config.address, credentials)
+
+
 async def create_server(
     registrations: Sequence[Registration],
     config: ServiceConfig,
     *,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    authenticator: Authenticator | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server for ``registrations``.
 
@@ -124,12 +158,17 @@ async def create_server(
         registrations: The servicers to mount. Each is reported SERVING on the health service, by
             its full name and as the overall ("") status.
         config: Bind address, metrics port and tracing settings.
-        interceptors: Extra interceptors, run after the stream-end, tracing and metrics ones and before
-            the undecodable-request one (innermost).
+        interceptors: Extra interceptors, run after the stream-end, tracing, metrics and key-checking ones
+            and before the undecodable-request one (innermost).
+        authenticator: Verifies keys when ``config.security.auth`` is on; None reads ``security.keys_db``.
 
     Returns:
         The started server with its bound port (useful when ``config.port`` is 0).
+
+    Raises:
+        FailedPrecondition: a non-loopback bind without authentication and without ``--insecure``.
     """
+    check_exposure(config)
     telemetry.configure_tracing(config.service_name, traces_file=config.traces_file or None)
     cut, draining = asyncio.Event(), asyncio.Event()
     cut_messages = {path: build for r in registrations for path, build in r.cut_methods().items()}
@@ -139,6 +178,7 @@ async def create_server(
             StreamEndInterceptor(cut, cut_messages, config.service_name, draining=draining, endless=endless),
             *telemetry.server_interceptors(),
             RpcMetricsInterceptor(),
+            *auth_interceptors(config, authenticator),
             *interceptors,
             UndecodableRequestInterceptor(),
         ],
@@ -150,7 +190,7 @@ async def create_server(
     for registration in registrations:
         registration.add(registration.servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(config.address)
+    port = bind(server, config)
     if port == 0:
         raise OSError(f"could not bind {config.address}: is another process using the port?")
     await server.start()
@@ -169,6 +209,7 @@ async def serving(
     config: ServiceConfig,
     *,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    authenticator: Authenticator | None = None,
 ) -> AsyncIterator[RunningServer]:
     """A server for the lifetime of the ``async with`` block: what every service's lifespan ends in.
 
@@ -177,7 +218,7 @@ async def serving(
     it first on the way out. On exit, health turns NOT_SERVING, then in-flight calls get
     ``config.shutdown_grace_s`` seconds before they are cancelled.
     """
-    running = await create_server(registrations, config, interceptors=interceptors)
+    running = await create_server(registrations, config, interceptors=interceptors, authenticator=authenticator)
     _SERVING.append((running, config.shutdown_notice_s))
     try:
         if config.consul_http_addr:

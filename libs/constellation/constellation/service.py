@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from constellation import tls
 from constellation.config import ServiceConfig, load_config
 from constellation.errors import ConstellationError
 from constellation.server import run_until_stopped
@@ -81,6 +82,9 @@ class ServiceMain(Generic[C, R]):
         default_port = self.config.model_fields["port"].default
         parser.add_argument("--port", type=int, help=f"gRPC port (default {default_port}; 0 picks a free one)")
         parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
+        parser.add_argument(
+            "--insecure", action="store_true", help="allow binding a non-loopback address without API keys"
+        )
         for flag in self.flags:
             parser.add_argument(*flag.names, **flag.options)
         return parser
@@ -89,7 +93,11 @@ class ServiceMain(Generic[C, R]):
         """Parses ``argv`` and builds the config: flags over environment over file over defaults."""
         args = vars(self.parser().parse_args(argv))
         path = args.pop("config")
-        return load_config(self.config, path, **args)
+        insecure = args.pop("insecure")
+        config = load_config(self.config, path, **args)
+        if insecure:
+            config.security.insecure = True
+        return config
 
     def banner(self, config: C, running: R) -> str:
         """The line printed once the server listens (supervisors and people read it)."""
@@ -100,6 +108,7 @@ class ServiceMain(Generic[C, R]):
         """Runs the service until SIGINT or SIGTERM; exits with argparse's status 2 on bad flags."""
         config = self.load(argv)
         logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+        tls.configure_clients(tls.from_config(config.security))
         asyncio.run(
             run_until_stopped(self.lifespan(config), lambda running: print(self.banner(config, running), flush=True))
         )

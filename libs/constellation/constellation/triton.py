@@ -26,7 +26,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
-from constellation import telemetry
+from constellation import telemetry, tls
 from constellation.errors import (
     Cancelled,
     ConstellationError,
@@ -388,10 +388,15 @@ class TritonClient:
         self.url = url
         self.control_timeout_s = control_timeout_s
         self.call_headers = call_headers
-        self._client = aioclient.InferenceServerClient(url=url)
+        credentials = tls.triton_credentials()  # SSL to Triton when this process is configured for it
+        self._client = aioclient.InferenceServerClient(url=url, ssl=credentials is not None, creds=credentials)
         # Generations go over a channel of their own, skipping tritonclient's request iterator and
         # numpy conversions (see GenerationStream).
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._channel = (
+            grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.aio.secure_channel(url, credentials, options=_CHANNEL_OPTIONS)
+        )
         self._stream_method = self._channel.unary_stream(
             STREAM_METHOD,
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from constellation.errors import ConstellationError, InvalidArgument, Unavailable
+from constellation.errors import ConstellationError, InvalidArgument, ResourceExhausted, Unavailable
 
 STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -51,7 +51,7 @@ def http_error(error: ConstellationError) -> HttpError:
     if isinstance(error, InvalidArgument) and error.violations:
         message += " (" + "; ".join(f"{v.field}: {v.description}" for v in error.violations) + ")"
     headers = {}
-    if isinstance(error, Unavailable) and error.retry_after_s is not None:
+    if isinstance(error, Unavailable | ResourceExhausted) and error.retry_after_s is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after_s)))
     body = {"error": {"message": message, "type": kind, "param": param, "code": error.reason.lower()}}
     return HttpError(status, body, headers)

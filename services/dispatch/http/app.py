@@ -8,8 +8,8 @@ model calls cancelled inside Triton).
 
 Errors before the first byte are OpenAI error bodies with the HTTP status of their gRPC code; an error
 after a stream started is sent as one ``data: {"error": ...}`` event and the stream ends without
-``[DONE]``. Each request carries a tenant (``request[TENANT]``, "default" until keys exist) that the
-cache is partitioned by.
+``[DONE]``. Each request carries a tenant (``request[TENANT]``, its API key's tenant, "default" without keys) that the
+cache, budgets and rate limits are kept by.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from opentelemetry import propagate, trace
 
 from constellation import telemetry
+from constellation.auth import current_tenant
 from constellation.errors import ConstellationError, InvalidArgument, NotFound
 from services.dispatch.events import Delta, Finished, PlanMade
 from services.dispatch.http._errors import http_error
@@ -44,8 +46,8 @@ TENANT = web.RequestKey("tenant", str)
 
 
 def default_tenant(request: web.Request) -> str:
-    """Every request's tenant until API keys exist."""
-    return "default"
+    """The tenant of the request's API key ("default" when the API runs without keys)."""
+    return current_tenant()
 
 
 def error_response(error: ConstellationError) -> web.Response:
@@ -230,15 +232,19 @@ def create_http_app(
     *,
     cache: SemanticCache[CachedCompletion] | None = None,
     tenant_of: TenantOf = default_tenant,
+    middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
     """The OpenAI-compatible API over ``dispatcher`` (shared with the gRPC servicer).
 
     Args:
         dispatcher: Runs the queries.
         cache: Answers greedy requests again without asking any model; None caches nothing.
-        tenant_of: The tenant of a request (the cache's partition); "default" for all until keys exist.
+        tenant_of: The tenant of a request (the cache's partition); by default its API key's tenant.
+        middlewares: Run before every route (the API-key check, :func:`constellation.auth.http_middleware`).
     """
-    app = web.Application(client_max_size=4 * dispatcher.config.max_prompt_chars + 65_536)
+    app = web.Application(
+        client_max_size=4 * dispatcher.config.max_prompt_chars + 65_536, middlewares=list(middlewares)
+    )
     chat = ChatCompletions(dispatcher, cache, tenant_of)
     models = models_handler(dispatcher)
     app.router.add_post("/v1/chat/completions", chat.handle)

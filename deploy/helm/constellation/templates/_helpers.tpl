@@ -75,6 +75,10 @@ livenessProbe:
 {{- $prefix := printf "CONSTELLATION_%s_" (upper .name) -}}
 - name: {{ $prefix }}HOST
   value: "0.0.0.0"
+{{- /* Pods bind every interface; without API keys configured (security.auth) that is refused unless
+     the operator says so. The chart says so explicitly until it provisions keys and certificates. */}}
+- name: {{ $prefix }}SECURITY__INSECURE
+  value: "true"
 - name: {{ $prefix }}PORT
   value: {{ .svc.port | quote }}
 - name: {{ $prefix }}METRICS_PORT
