@@ -40,6 +40,11 @@ REMOVED = registry_pb2.WatchModelsResponse.CHANGE_REMOVED
 READY = common_pb2.MODEL_STATE_READY
 LOADING = common_pb2.MODEL_STATE_LOADING
 UNHEALTHY = common_pb2.MODEL_STATE_UNHEALTHY
+COLD = common_pb2.MODEL_STATE_COLD
+CAPACITY_STATES = (COLD, LOADING, READY)
+"""The states the scaler reports (READY is WARM: at least one replica serves)."""
+LOAD_TIME_ALPHA = 0.5
+"""Weight of the newest measured load in the load-time mean (loads are few, and the latest says most)."""
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._@:/-]{1,128}")
 NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ @ : / -"
@@ -72,6 +77,16 @@ def validate_record(record: registry_pb2.ModelRecord, prefix: str = "model") -> 
         problems.append(FieldViolation(f"{prefix}.state", f"unknown model state {record.state}"))
     if problems:
         raise InvalidArgument(f"invalid model record {record.name!r}", problems, reason="INVALID_MODEL_RECORD")
+
+
+def _keep_capacity(record: registry_pb2.ModelRecord, existing: registry_pb2.ModelRecord) -> None:
+    """Keeps what the registry measured of capacity (load time, replicas) across a re-registration; a
+    declared load time (a prior, with nothing measured yet) is taken as given."""
+    if existing.loads_measured or not record.load_time_ms:
+        record.load_time_ms = existing.load_time_ms
+        record.loads_measured = existing.loads_measured
+    record.replicas = existing.replicas
+    record.state_since.CopyFrom(existing.state_since)
 
 
 def _copy(record: registry_pb2.ModelRecord) -> registry_pb2.ModelRecord:
@@ -252,6 +267,7 @@ class Registry:
         stats.seed_quality(list(incoming.quality))
         if existing is not None:
             record.stats.CopyFrom(existing.stats)
+            _keep_capacity(record, existing)
         if record.state == common_pb2.MODEL_STATE_UNSPECIFIED:
             record.state = existing.state if existing is not None else READY
         stats.write_to(record, now=self.clock())
@@ -351,6 +367,55 @@ class Registry:
             else:
                 self._pending.add(name)
         return accepted
+
+    def set_state(
+        self, name: str, state: int, *, load_time_ms: float = 0.0, replicas: int = 0
+    ) -> registry_pb2.ModelRecord:
+        """Records a capacity change that the scaler reports: COLD, LOADING or READY (WARM).
+
+        A measured ``load_time_ms`` (a load from zero that just finished) is folded into the model's
+        load-time mean. An UNHEALTHY model stays so on READY until a probe or registration clears it.
+        Published at once (a state change), and idempotent: the same report again changes nothing.
+
+        Raises:
+            NotFound: no model has that name.
+            InvalidArgument: ``state`` is not one of COLD, LOADING, READY, or the load time is negative.
+        """
+        problems = []
+        if state not in CAPACITY_STATES:
+            problems.append(
+                FieldViolation("state", "must be MODEL_STATE_COLD, MODEL_STATE_LOADING or MODEL_STATE_READY")
+            )
+        if load_time_ms < 0 or load_time_ms != load_time_ms:
+            problems.append(FieldViolation("load_time_ms", "must be a number >= 0"))
+        if problems:
+            raise InvalidArgument("bad model state report", problems)
+        self.get(name)  # NotFound, naming the known models
+        record = self.records[name]
+        before = record.SerializeToString(deterministic=True)
+        if record.state != state and not (record.state == UNHEALTHY and state == READY):
+            record.state = state
+            record.state_since.FromNanoseconds(int(self.clock() * 1e9))
+        if load_time_ms > 0:
+            previous = record.load_time_ms
+            record.load_time_ms = (
+                load_time_ms
+                if not record.loads_measured
+                else LOAD_TIME_ALPHA * load_time_ms + (1 - LOAD_TIME_ALPHA) * previous
+            )
+            record.loads_measured += 1
+        record.replicas = 0 if state == COLD else max(replicas, 0)
+        if record.SerializeToString(deterministic=True) != before:
+            self.store.put([record])
+            self._publish(UPDATED, record)
+            log.info(
+                "%s is %s (load time %.0f ms, %d replicas)",
+                name,
+                common_pb2.ModelState.Name(record.state),
+                record.load_time_ms,
+                record.replicas,
+            )
+        return _copy(record)
 
     def apply_probe(self, name: str, ready: bool) -> None:
         """Takes a readiness probe's answer for ``name``.

@@ -123,3 +123,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         OUTCOMES.labels("true").inc(accepted)
         OUTCOMES.labels("false").inc(count - accepted)
         return registry_pb2.ReportOutcomeResponse(accepted=accepted)
+
+    async def ReportModelState(
+        self, request: registry_pb2.ReportModelStateRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ReportModelStateResponse:
+        try:
+            record = self.registry.set_state(
+                request.model, request.state, load_time_ms=request.load_time_ms, replicas=request.replicas
+            )
+        except ConstellationError as error:
+            await abort(context, error, service="registry")
+        return registry_pb2.ReportModelStateResponse(model=record)
