@@ -15,10 +15,11 @@ from constellation.keda import externalscaler_pb2_grpc
 from constellation.server import Registration, RunningServer, serving
 from constellation.service import Flag, ServiceMain
 from constellation.v1 import scaler_pb2_grpc
-from services.registry.client import RegistryView
+from services.registry.client import RegistryClient, RegistryView
 from services.scaler.actuators import Actuator, KedaActuator, TargetBoard, TritonActuator
 from services.scaler.config import ScalerConfig
 from services.scaler.policy import Clock, LatencySource, ScalingPolicy
+from services.scaler.reporting import RegistryStates, StateReporter
 from services.scaler.scaler import Scaler
 from services.scaler.servicer import EXTERNAL_SCALER_NAME, SERVICE_NAME, ExternalScalerServicer, ScalerServicer
 from services.scaler.sources import ArrivalWindow, FixedLatency, RecordLatency
@@ -81,9 +82,11 @@ async def running_scaler(
     board = TargetBoard()
     async with AsyncExitStack() as stack:
         latency: LatencySource = FixedLatency({})
+        states: StateReporter | None = None
         if config.registry_address:
             view = await stack.enter_async_context(RegistryView(config.registry_address))
             latency = RecordLatency(lambda: view.models, config.output_tokens)
+            states = RegistryStates(await stack.enter_async_context(RegistryClient(config.registry_address)))
         arrivals = ArrivalWindow(clock)
         policy = ScalingPolicy(
             demand=arrivals,
@@ -100,6 +103,7 @@ async def running_scaler(
             config.models,
             interval_s=config.interval_s,
             dry_run=config.dry_run,
+            states=states,
         )
         stack.push_async_callback(scaler.close)
         server = await stack.enter_async_context(

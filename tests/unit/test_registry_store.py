@@ -91,14 +91,14 @@ def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
 
     with ModelStore(path) as store:
         assert store.migrated_from == 1
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         assert store.get("legacy") == record
         assert store.columns("legacy") == (common_pb2.MODEL_STATE_UNHEALTHY, "3", 0.5)
         assert store.names_in_state(common_pb2.MODEL_STATE_UNHEALTHY) == ["legacy"]
     with sqlite3.connect(path) as db:
         versions = [row[0] for row in db.execute("SELECT version FROM schema_version ORDER BY version")]
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
     assert mode == "wal"
 
 
