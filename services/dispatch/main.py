@@ -13,6 +13,7 @@ from constellation.service import Flag, ServiceMain, disable
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
+from services.dispatch.capacity import any_warm, scaler_capacity
 from services.dispatch.config import DispatchConfig
 from services.dispatch.http import SemanticCache, create_http_app, running_http
 from services.dispatch.pipeline import Dispatcher
@@ -105,7 +106,7 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
             ranking = await stack.enter_async_context(RankingClient(config.ranking_url))
         if config.fusion_url:
             fusion = await stack.enter_async_context(FusionClient(config.fusion_url))
-        yield Dispatcher(
+        dispatcher = Dispatcher(
             config,
             triton,
             classifier,
@@ -115,6 +116,13 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
             ranking=ranking,
             fusion=fusion,
         )
+        if config.scaler_url:
+            view = registry
+            records = (lambda: view.models) if view is not None else None
+            warm = any_warm(dispatcher.pool)
+            capacity = scaler_capacity(config.scaler_url, records, warm, queue_max=config.cold_queue_max)
+            dispatcher.tools.caller.capacity = await stack.enter_async_context(capacity)
+        yield dispatcher
 
 
 @asynccontextmanager
@@ -161,6 +169,7 @@ SERVICE = ServiceMain(
             help="seconds to wait for the classifier (default 0.5)",
         ),
         Flag("--registry-url", help="RegistryService host:port: live health/latency, outcomes reported"),
+        Flag("--scaler-url", help="ScalerService host:port: arrivals reported, cold models loaded on demand"),
     ),
 )
 
