@@ -19,6 +19,7 @@ from constellation.triton import Chunk, Sampling
 from services.dispatch.accounting import Accounting
 from services.dispatch.aggregation import Aggregator
 from services.dispatch.calls import Run
+from services.dispatch.capacity import CallCapacity
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import Event, PlanMade
 from services.dispatch.generation import ModelCaller
@@ -116,17 +117,24 @@ def plan(policy: str, members: list[PlannedModel], reserves: Sequence[PlannedMod
 
 
 async def run_plan(
-    made: PlanMade, generator: FakeGenerator, settings: DispatchConfig, answer_kind: str = "number"
+    made: PlanMade,
+    generator: FakeGenerator,
+    settings: DispatchConfig,
+    answer_kind: str = "number",
+    capacity: CallCapacity | None = None,
 ) -> list[Event]:
-    """Runs ``made`` with the strategy registered for its policy against ``generator``; every event."""
+    """Runs ``made`` with the strategy registered for its policy against ``generator``; every event.
+    ``capacity`` is what each call passes first (the cold-start gate), none by default."""
     accounting = Accounting(settings)
+    caller = ModelCaller(generator, lambda model: ModelEntry(triton_model=model), accounting)
+    caller.capacity = capacity
 
     async def no_require(model: str) -> None:
         return None
 
     tools = Toolkit(
         config=settings,
-        caller=ModelCaller(generator, lambda model: ModelEntry(triton_model=model), accounting),
+        caller=caller,
         accounting=accounting,
         aggregator=Aggregator(settings),
         require_model=no_require,

@@ -22,9 +22,14 @@ def pool(cold_start: float) -> list[PoolModel]:
     ]
 
 
-def chosen(cold_start: float, **ceilings: float) -> tuple[str, dict[str, str]]:
+def chosen(cold_start: float, max_latency_ms: float = 0.0, deadline_ms: float = 0.0) -> tuple[str, dict[str, str]]:
     route = Router(None).route(
-        pool(cold_start), weights=WEIGHTS, predictions=PREDICTIONS, expected_output_tokens=100, **ceilings
+        pool(cold_start),
+        weights=WEIGHTS,
+        predictions=PREDICTIONS,
+        expected_output_tokens=100,
+        max_latency_ms=max_latency_ms,
+        deadline_ms=deadline_ms,
     )
     return route.members[0].model, {c.model: c.reason for c in route.candidates}
 
