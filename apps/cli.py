@@ -9,6 +9,7 @@ Examples::
     constellation plan "Solve 12*7"  # which model(s) would be asked, without asking
     constellation health             # health of every service of the running mesh
     constellation models list        # the registry's pool: state, prices, latency, errors
+    constellation scaler status      # replicas per model, targets and the latest decision's reason
     constellation eval --pool ../shared/data/gsm8k.jsonl.gz   # judge policies on a recorded pool
     constellation down               # stop a mesh started by `up` in another terminal
 """
@@ -224,6 +225,7 @@ def _up(args: argparse.Namespace) -> int:
         registry_args=["--seed-file", args.registry_seed] if args.registry_seed else [],
         ranking=args.ranking,
         fusion=args.fusion,
+        scaler=args.scaler,
     )
     stopping = False
 
@@ -436,6 +438,7 @@ SERVICES: dict[str, str] = {
     "registry": "services.registry.main",
     "ranking": "services.ranking.main",
     "fusion": "services.fusion.main",
+    "scaler": "services.scaler.main",
     "triton": "services.inference.launcher",
 }
 """``constellation serve <service>`` -> the module whose ``main(argv)`` runs it in the foreground."""
@@ -485,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--registry-seed", help="pool file (TOML/JSON) the registry upserts at start (with --registry)")
     up.add_argument("--ranking", action="store_true", help="also run the ranking service (orders fan-out answers)")
     up.add_argument("--fusion", action="store_true", help="also run the fusion service (calibrated votes, fused text)")
+    up.add_argument("--scaler", action="store_true", help="also run the scaler (replicas from demand, scale-to-zero)")
     up.add_argument("--models", nargs="+", default=["smollm2"], help="Triton models to load (default smollm2)")
     up.add_argument("--run-dir", help="where logs go (default ~/.cache/constellation/run)")
     up.set_defaults(handler=_up)
@@ -615,8 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     from services.registry.cli import add_models_command
+    from services.scaler.cli import add_scaler_command
 
     add_models_command(sub)
+    add_scaler_command(sub)
     return parser
 
 
