@@ -15,6 +15,7 @@ change and its publication are atomic with respect to other calls.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import re
 import time
@@ -368,17 +369,28 @@ class Registry:
                 self._pending.add(name)
         return accepted
 
+    def served_by(self, name: str) -> builtins.list[str]:
+        """Names of the records ``name`` stands for: the record of that name, else every record whose
+        backend serves it under that model name (a Triton model serving several pool models)."""
+        if name in self.records:
+            return [name]
+        return sorted(n for n, r in self.records.items() if r.backend.model_name == name)
+
     def set_state(
         self, name: str, state: int, *, load_time_ms: float = 0.0, replicas: int = 0
-    ) -> registry_pb2.ModelRecord:
+    ) -> builtins.list[registry_pb2.ModelRecord]:
         """Records a capacity change that the scaler reports: COLD, LOADING or READY (WARM).
 
-        A measured ``load_time_ms`` (a load from zero that just finished) is folded into the model's
-        load-time mean. An UNHEALTHY model stays so on READY until a probe or registration clears it.
-        Published at once (a state change), and idempotent: the same report again changes nothing.
+        ``name`` is a record's name or a backend model name (every record it serves changes). A measured
+        ``load_time_ms`` (a load from zero that just finished) is folded into each record's load-time mean.
+        An UNHEALTHY model stays so on READY until a probe or registration clears it. Published at once (a
+        state change), and idempotent: the same report again changes nothing.
+
+        Returns:
+            The records after the change, by name.
 
         Raises:
-            NotFound: no model has that name.
+            NotFound: no record has that name or backend model name.
             InvalidArgument: ``state`` is not one of COLD, LOADING, READY, or the load time is negative.
         """
         problems = []
@@ -386,12 +398,18 @@ class Registry:
             problems.append(
                 FieldViolation("state", "must be MODEL_STATE_COLD, MODEL_STATE_LOADING or MODEL_STATE_READY")
             )
-        if load_time_ms < 0 or load_time_ms != load_time_ms:
+        if not load_time_ms >= 0:
             problems.append(FieldViolation("load_time_ms", "must be a number >= 0"))
         if problems:
             raise InvalidArgument("bad model state report", problems)
-        self.get(name)  # NotFound, naming the known models
-        record = self.records[name]
+        names = self.served_by(name)
+        if not names:
+            self.get(name)  # NotFound, naming the known models
+        return [self._set_state(self.records[n], state, load_time_ms, replicas) for n in names]
+
+    def _set_state(
+        self, record: registry_pb2.ModelRecord, state: int, load_time_ms: float, replicas: int
+    ) -> registry_pb2.ModelRecord:
         before = record.SerializeToString(deterministic=True)
         if record.state != state and not (record.state == UNHEALTHY and state == READY):
             record.state = state
@@ -399,21 +417,18 @@ class Registry:
         if load_time_ms > 0:
             previous = record.load_time_ms
             record.load_time_ms = (
-                load_time_ms
-                if not record.loads_measured
-                else LOAD_TIME_ALPHA * load_time_ms + (1 - LOAD_TIME_ALPHA) * previous
+                LOAD_TIME_ALPHA * load_time_ms + (1 - LOAD_TIME_ALPHA) * previous
+                if record.loads_measured
+                else load_time_ms
             )
             record.loads_measured += 1
         record.replicas = 0 if state == COLD else max(replicas, 0)
         if record.SerializeToString(deterministic=True) != before:
             self.store.put([record])
             self._publish(UPDATED, record)
+            state_name = common_pb2.ModelState.Name(record.state)
             log.info(
-                "%s is %s (load time %.0f ms, %d replicas)",
-                name,
-                common_pb2.ModelState.Name(record.state),
-                record.load_time_ms,
-                record.replicas,
+                "%s is %s (load %.0f ms, %d replicas)", record.name, state_name, record.load_time_ms, record.replicas
             )
         return _copy(record)
 

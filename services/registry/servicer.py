@@ -128,9 +128,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.ReportModelStateRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ReportModelStateResponse:
         try:
-            record = self.registry.set_state(
+            records = self.registry.set_state(
                 request.model, request.state, load_time_ms=request.load_time_ms, replicas=request.replicas
             )
         except ConstellationError as error:
             await abort(context, error, service="registry")
-        return registry_pb2.ReportModelStateResponse(model=record)
+        return registry_pb2.ReportModelStateResponse(models=records)

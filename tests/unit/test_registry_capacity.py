@@ -28,13 +28,13 @@ async def test_a_load_from_zero_is_measured_and_published() -> None:
     with registry.watch() as (_, watcher):
         registry.set_state("m", COLD)
         registry.set_state("m", LOADING)
-        record = registry.set_state("m", READY, load_time_ms=4000.0, replicas=2)
+        [record] = registry.set_state("m", READY, load_time_ms=4000.0, replicas=2)
         assert record.state == READY and record.replicas == 2
         assert record.load_time_ms == pytest.approx(4000.0) and record.loads_measured == 1
         assert record.state_since.seconds == 1000
         registry.set_state("m", COLD)
         registry.set_state("m", LOADING)
-        record = registry.set_state("m", READY, load_time_ms=2000.0, replicas=1)
+        [record] = registry.set_state("m", READY, load_time_ms=2000.0, replicas=1)
         # An exponentially weighted mean with weight 0.5 on the newest load.
         assert record.load_time_ms == pytest.approx(3000.0) and record.loads_measured == 2
         states = [(await watcher.next())[1].state for _ in range(6)]
@@ -88,3 +88,14 @@ def test_a_version_2_file_gets_its_load_times_backfilled(tmp_path: Path) -> None
         assert store.migrated_from == 2 and store.schema_version == 3
         assert store.load_time_ms("old") == pytest.approx(750.0)
         assert store.get("old") == record
+
+
+async def test_a_backend_model_report_changes_every_record_it_serves() -> None:
+    registry = Registry(ModelStore(":memory:"))
+    for name in ("a", "b"):
+        registry.register(registry_pb2.ModelRecord(name=name, backend=common_pb2.Backend(model_name="replay")))
+    registry.register(registry_pb2.ModelRecord(name="other"))
+    changed = registry.set_state("replay", COLD)
+    assert [r.name for r in changed] == ["a", "b"]
+    assert [registry.get(n).state for n in ("a", "b", "other")] == [COLD, COLD, READY]
+    await registry.close()
