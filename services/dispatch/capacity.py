@@ -105,9 +105,13 @@ class ColdStartGate:
         self.waiting: Counter[str] = Counter()
         self._loads: dict[str, asyncio.Future[Any]] = {}
 
-    async def admit(self, model: str, ends_at: float) -> None:
+    async def admit(self, model: str, ends_at: float, deployment: str = "") -> None:
         """Returns once ``model`` can take a call that must end by ``ends_at`` (``time.perf_counter()``
         seconds): at once when it is warm, after its load when it is not.
+
+        ``deployment`` is what the scaler loads (the Triton model serving ``model``; ``model`` itself when
+        empty): waiting calls and loads are counted per deployment, so a burst over several pool models
+        served by one Triton model still triggers one load.
 
         Raises:
             Unavailable: the queue for ``model`` is full or the load would outlast the deadline, while a
@@ -116,20 +120,21 @@ class ColdStartGate:
         expected_s = self.cold_start_s(model)
         if expected_s <= 0:
             return
+        target = deployment or model
         remaining_s = ends_at - time.perf_counter()
         if self.any_warm():
-            if self.waiting[model] >= self.queue_max:
-                COLD_CALLS.labels(model, "queue_full").inc()
+            if self.waiting[target] >= self.queue_max:
+                COLD_CALLS.labels(target, "queue_full").inc()
                 raise Unavailable(
-                    f"{model} is loading and {self.queue_max} calls wait for it", reason="COLD_QUEUE_FULL"
+                    f"{target} is loading and {self.queue_max} calls wait for it", reason="COLD_QUEUE_FULL"
                 )
             if remaining_s < expected_s:
-                COLD_CALLS.labels(model, "too_late").inc()
+                COLD_CALLS.labels(target, "too_late").inc()
                 raise Unavailable(
                     f"{model} is cold: its load (~{expected_s:.1f} s) would outlast the deadline ({remaining_s:.1f} s)",
                     reason="COLD_START_TOO_LONG",
                 )
-        await self._wait(model, max(remaining_s, 0.0))
+        await self._wait(target, max(remaining_s, 0.0))
 
     async def _wait(self, model: str, remaining_s: float) -> None:
         self.waiting[model] += 1
@@ -227,12 +232,13 @@ class CallCapacity:
         self.arrivals = arrivals
         self.gate = gate
 
-    async def before_call(self, model: str, ends_at: float) -> None:
-        """Counts the call to ``model`` and returns once the model can take it (see :meth:`ColdStartGate.admit`)."""
+    async def before_call(self, model: str, deployment: str, ends_at: float) -> None:
+        """Counts the call for ``deployment`` (the Triton model serving ``model``: what the scaler sizes)
+        and returns once ``model`` can take it (see :meth:`ColdStartGate.admit`)."""
         if self.arrivals is not None:
-            self.arrivals.add(model)
+            self.arrivals.add(deployment or model)
         if self.gate is not None:
-            await self.gate.admit(model, ends_at)
+            await self.gate.admit(model, ends_at, deployment)
 
 
 @asynccontextmanager

@@ -89,7 +89,7 @@ class ModelCaller:
         entry = self.entry(result.model)
         triton_model = entry.triton_model or result.model
         if self.capacity is not None:  # before the call's span and accounting: a refusal is no model failure
-            await self.capacity.before_call(result.model, ends_at)
+            await self.capacity.before_call(result.model, triton_model, ends_at)
         result.started_at = time.perf_counter()
         reported_cost: float | None = None
         attributes = {

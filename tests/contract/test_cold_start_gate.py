@@ -119,3 +119,11 @@ async def test_with_nothing_warm_the_call_waits_for_the_load_and_is_answered(mes
     await arrivals.flush()
     # One arrival from the load's EnsureReady, one from the reporter's RecordArrivals.
     assert mesh.running.scaler.arrivals.rate("big", 60.0, time.monotonic()) * 60.0 == pytest.approx(2.0)
+
+
+async def test_a_burst_over_pool_models_of_one_deployment_loads_it_once(mesh: Mesh) -> None:
+    # "a" and "b" are recorded models that one Triton model ("big") serves: its load makes both warm.
+    gate = ColdStartGate(mesh.client, lambda model: mesh.expected("big"), lambda: False)
+    await asyncio.gather(*(gate.admit(model, _far(), deployment="big") for model in ["a", "b"] * 5))
+    assert mesh.actuator.loads == 1
+    assert set(mesh.running.scaler.capacity) == {"big"}
