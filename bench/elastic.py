@@ -14,8 +14,9 @@ Scenarios, side by side on the same trace:
 A *replica* is one Triton instance of the replay model that serves at most ``concurrency`` requests at once
 and queues the rest, so latency grows with load; loading instances takes a SIMULATED load time. Replicas are
 sampled from Triton every half second; replica-seconds per answered query is the GPU-cost proxy. In the
-middle of the burst one replica's process is killed (the Python backend restarts it): the recovery time is
-from the kill until the replicas Triton reports are back to what they were and calls succeed again.
+middle of the autoscaler's burst one replica is taken away behind the scaler's back: the recovery time is from
+then until Triton reports as many replicas again (a static deployment has nothing that would restore it, so the
+static scenarios are left whole).
 
 All model latency is SIMULATED (replay model, scaled by ``--time-scale``); the mesh, the queueing, the
 loads and the scaling are real. Writes ``docs/bench/elastic.json`` and ``docs/bench/elastic.png``.
@@ -27,10 +28,7 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -145,31 +143,36 @@ async def sample_replicas(actuator: TritonActuator, scenario: Scenario, started:
         await asyncio.sleep(0.5)
 
 
-def stub_pids(triton_pid: int) -> list[int]:
-    """Process ids of the replay model's Python backend stubs (one per instance) under Triton."""
-    found = subprocess.run(["pgrep", "-P", str(triton_pid), "-f", "triton_python_backend_stub"], capture_output=True)
-    return [int(p) for p in found.stdout.split()]
+async def remove_one_replica(actuator: TritonActuator, scenario: Scenario, at_s: float, started: float) -> None:
+    """At ``at_s`` into the trace, takes one replica away behind the scaler's back (Triton reloads the model
+    with one instance less; the old instances serve until then), then notes when the replicas Triton reports
+    are back where they were: never for a static deployment, the scaler's next rounds for the autoscaler.
 
-
-async def kill_one_replica(mesh: Mesh, scenario: Scenario, at_s: float, started: float) -> None:
-    """At ``at_s`` into the trace, SIGKILLs one replay instance's process; notes when calls succeed again."""
+    (A SIGKILL of one instance's process would be the truer fault, but it leaves the Python backend's
+    decoupled streams hanging here, which measures Triton rather than the scaler.)
+    """
     await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - started)))
-    pids = stub_pids(mesh.triton.pid or 0)
-    if not pids:
+    before = await actuator.replicas(REPLAY)
+    if before < 2:
         return
-    os.kill(pids[0], signal.SIGKILL)
     scenario.kill_at = time.perf_counter() - started
+    await actuator.scale(REPLAY, before - 1)
+    while time.perf_counter() - started < scenario.kill_at + 60:
+        await asyncio.sleep(0.25)
+        try:
+            now = await actuator.replicas(REPLAY)
+        except ConstellationError:
+            continue
+        if now >= before:
+            scenario.recovered_at = time.perf_counter() - started
+            return
 
 
 def recovery(scenario: Scenario) -> float | None:
-    """Seconds from the kill until the first call sent after it that was answered (None: no kill)."""
-    if scenario.kill_at is None:
+    """Seconds from the replica's removal until Triton had as many replicas again (None: never, or no removal)."""
+    if scenario.kill_at is None or scenario.recovered_at is None:
         return None
-    after = [c for c in scenario.calls if c.sent_at >= scenario.kill_at and c.ok and c.ttft_ms is not None]
-    if not after:
-        return None
-    first = min(after, key=lambda c: c.sent_at)
-    return first.sent_at + (first.ttft_ms or 0.0) / 1000 - scenario.kill_at
+    return scenario.recovered_at - scenario.kill_at
 
 
 async def drive(
@@ -184,7 +187,11 @@ async def drive(
         started = time.perf_counter()
         burst_mid = sum(p.seconds for p in phases(args.base_rate, args.scale)[:2]) + 15 * args.scale
         sampler = asyncio.create_task(sample_replicas(actuator, scenario, started, stop))
-        killer = asyncio.create_task(kill_one_replica(mesh, scenario, burst_mid, started))
+        killer = asyncio.create_task(
+            remove_one_replica(actuator, scenario, burst_mid, started)
+            if scenario.static_replicas is None and args.remove_replica
+            else asyncio.sleep(0)
+        )
         async with DispatchClient(mesh.dispatch_address, traced=False) as client:
             tasks = []
             for i, (at, phase) in enumerate(trace):
@@ -403,6 +410,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline of one Ask, s")
     parser.add_argument("--scenarios", default="peak,mean,autoscaler")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--no-remove-replica",
+        dest="remove_replica",
+        action="store_false",
+        help="do not take a replica away mid-burst in the autoscaler scenario (no recovery figure)",
+    )
     parser.add_argument("--out", default=str(OUT))
     return parser.parse_args(argv)
 
