@@ -114,6 +114,8 @@ class Scenario:
     kill_at: float | None = None
     recovered_at: float | None = None
     scaler: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    triton_exit: int | None = None
 
 
 async def ask(client: DispatchClient, prompt: str, call: Call, started: float, timeout_s: float) -> None:
@@ -156,7 +158,11 @@ async def remove_one_replica(actuator: TritonActuator, scenario: Scenario, at_s:
     if before < 2:
         return
     scenario.kill_at = time.perf_counter() - started
-    await actuator.scale(REPLAY, before - 1)
+    try:
+        await actuator.scale(REPLAY, before - 1)
+    except ConstellationError as error:
+        scenario.failures.append(f"removing a replica failed: {error}")
+        return
     while time.perf_counter() - started < scenario.kill_at + 60:
         await asyncio.sleep(0.25)
         try:
@@ -270,10 +276,15 @@ def run_scenario(
             mesh.start()
             asyncio.run(register_pool(mesh))
             asyncio.run(drive(mesh, scenario, trace, prompts, args))
+        except (ConstellationError, RuntimeError, TimeoutError) as error:
+            scenario.failures.append(f"{type(error).__name__}: {error}")
+        finally:
             if mesh.scaler is not None:
                 scenario.scaler = scaler_counts(Path(tmp) / "scaler.log")
-        finally:
+            crash = [line for line in mesh.triton.log_tail(200).splitlines() if "Signal (" in line or "malloc" in line]
+            scenario.failures += [f"triton: {line.strip()}" for line in crash]
             mesh.stop()
+            scenario.triton_exit = mesh.triton.returncode
 
 
 def scaler_counts(log: Path) -> dict[str, Any]:
@@ -321,6 +332,8 @@ def summary(scenario: Scenario, phase_names: list[str]) -> dict[str, Any]:
         "scale_events": scenario.scaler.get("scale_events", 0),
         "cold_starts": scenario.scaler.get("cold_starts", 0),
         "scaler_events": scenario.scaler.get("events", []),
+        "failures": scenario.failures,
+        "triton_exit": scenario.triton_exit,
         "replicas_over_time": scenario.replicas,
     }
 
@@ -438,6 +451,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {len(trace)} requests over {sum(p.seconds for p in trace_phases):.0f} s ...", flush=True)
         run_scenario(scenario, pool, trace, prompts, args)
         results.append(summary(scenario, names))
+        write_report(results, trace, trace_phases, args, argv)
+    report = write_report(results, trace, trace_phases, args, argv)
+    print(table(results, names))
+    print(json.dumps(report["verdict"], indent=2))
+
+
+def write_report(
+    results: list[dict[str, Any]],
+    trace: list[tuple[float, str]],
+    trace_phases: list[Phase],
+    args: argparse.Namespace,
+    argv: list[str] | None,
+) -> dict[str, Any]:
+    """Writes ``elastic.json`` and ``elastic.png`` for the scenarios run so far (after each one: a crash
+    of a later scenario keeps the earlier ones)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -450,8 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     (out / "elastic.json").write_text(json.dumps(report, indent=2))
     plot(results, trace, out / "elastic.png")
-    print(table(results, names))
-    print(json.dumps(report["verdict"], indent=2))
+    return report
 
 
 if __name__ == "__main__":
