@@ -69,6 +69,7 @@ bench: setup
 	$(PY) -m bench.ranker
 	$(PY) -m bench.ranked_fanout
 	$(PY) -m bench.planner
+	$(PY) -m bench.elastic
 
 # The Helm chart and alert rules, offline: lint, render three value sets, validate every object against
 # Kubernetes' and KEDA's schemas, refuse bad values, promtool check/test rules (Debian: prometheus).

@@ -281,7 +281,7 @@ def run_scenario(
         finally:
             if mesh.scaler is not None:
                 scenario.scaler = scaler_counts(Path(tmp) / "scaler.log")
-            crash = [line for line in mesh.triton.log_tail(200).splitlines() if "Signal (" in line or "malloc" in line]
+            crash = [line for line in mesh.triton.log_tail().splitlines() if "Signal (" in line or "malloc" in line]
             scenario.failures += [f"triton: {line.strip()}" for line in crash]
             mesh.stop()
             scenario.triton_exit = mesh.triton.returncode
