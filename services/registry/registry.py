@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 from constellation.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
 from constellation.tasks import BackgroundTask
@@ -412,7 +413,7 @@ class Registry:
     ) -> registry_pb2.ModelRecord:
         before = record.SerializeToString(deterministic=True)
         if record.state != state and not (record.state == UNHEALTHY and state == READY):
-            record.state = state
+            record.state = cast("common_pb2.ModelState.ValueType", state)
             record.state_since.FromNanoseconds(int(self.clock() * 1e9))
         if load_time_ms > 0:
             previous = record.load_time_ms
