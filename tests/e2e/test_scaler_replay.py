@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from constellation.net import free_port
 from constellation.triton import Sampling, TritonClient
-from services.inference.launcher import TritonServer, free_port
+from services.inference.launcher import TritonServer
 from services.scaler.actuators import TritonActuator
 
 MODEL = "replay"
