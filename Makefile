@@ -76,6 +76,7 @@ bench: setup
 	$(PY) -m bench.fuzz
 	$(PY) -m bench.soak
 	$(PY) -m bench.auth_overhead
+	$(PY) -m bench.elastic
 
 # The Helm chart and alert rules, offline: lint, render three value sets, validate every object against
 # Kubernetes' and KEDA's schemas, refuse bad values, promtool check/test rules (Debian: prometheus).

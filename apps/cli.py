@@ -9,6 +9,7 @@ Examples::
     constellation plan "Solve 12*7"  # which model(s) would be asked, without asking
     constellation health             # health of every service of the running mesh
     constellation models list        # the registry's pool: state, prices, latency, errors
+    constellation scaler status      # replicas per model, targets and the latest decision's reason
     constellation eval --pool ../shared/data/gsm8k.jsonl.gz   # judge policies on a recorded pool
     constellation down               # stop a mesh started by `up` in another terminal
     constellation keys create --tenant acme --key "$ADMIN_KEY"   # an API key (see `keys --help`)
@@ -373,6 +374,7 @@ def _up(args: argparse.Namespace) -> int:
             ranking=args.ranking,
             fusion=args.fusion,
             triton_bind_host=args.triton_bind_host,
+            scaler=args.scaler,
         )
     stopping = False
 
@@ -598,6 +600,7 @@ SERVICES: dict[str, str] = {
     "registry": "services.registry.main",
     "ranking": "services.ranking.main",
     "fusion": "services.fusion.main",
+    "scaler": "services.scaler.main",
     "triton": "services.inference.launcher",
 }
 """``constellation serve <service>`` -> the module whose ``main(argv)`` runs it in the foreground."""
@@ -666,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--registry-seed", help="pool file (TOML/JSON) the registry upserts at start (with --registry)")
     up.add_argument("--ranking", action="store_true", help="also run the ranking service (orders fan-out answers)")
     up.add_argument("--fusion", action="store_true", help="also run the fusion service (calibrated votes, fused text)")
+    up.add_argument("--scaler", action="store_true", help="also run the scaler (replicas from demand, scale-to-zero)")
     up.add_argument("--models", nargs="+", default=["smollm2"], help="Triton models to load (default smollm2)")
     up.add_argument("--run-dir", help="where logs go (default ~/.cache/constellation/run)")
     up.add_argument(
@@ -808,8 +812,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.registry.cli import add_models_command
     from services.registry.keys_cli import add_keys_command
+    from services.scaler.cli import add_scaler_command
 
     add_models_command(sub)
+    add_scaler_command(sub)
     add_keys_command(sub)
     certs = sub.add_parser("certs", help="TLS certificates for development")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")

@@ -220,6 +220,7 @@ class MeshPorts:
     registry: int = 50053
     ranking: int = 50054
     fusion: int = 50055
+    scaler: int = 50056
     dispatch_http: int = -1
     """The OpenAI-compatible HTTP API, served by the dispatch process itself (-1: none)."""
 
@@ -255,6 +256,8 @@ class Mesh:
         service_env: dict[str, str] | None = None,
         backoff: Backoff | None = None,
         triton_bind_host: str = "127.0.0.1",
+        scaler: bool = False,
+        scaler_args: Sequence[str] = (),
     ):
         from services.inference.launcher import TritonServer
 
@@ -310,6 +313,11 @@ class Mesh:
             if fusion
             else None
         )
+        self.scaler = (
+            add("scaler", "services.scaler.main", ports.scaler, "--scaler-url", self._scaler_args(scaler_args))
+            if scaler
+            else None
+        )
         self.dispatch = ServiceProcess(
             "dispatch",
             "services.dispatch.main",
@@ -327,6 +335,15 @@ class Mesh:
             run_dir / "dispatch.log",
             env=dispatch_env,
         )
+
+    def _scaler_args(self, extra: Sequence[str]) -> list[str]:
+        """The scaler's flags: our Triton, the registry when it runs (live latency, model states), the models."""
+        args = ["--triton-url", f"127.0.0.1:{self.ports.triton_grpc}"]
+        if self.registry is not None:
+            args += ["--registry-address", f"127.0.0.1:{self.ports.registry}"]
+        for model in self.models:
+            args += ["--model", model]
+        return [*args, *extra]
 
     @property
     def dispatch_address(self) -> str:

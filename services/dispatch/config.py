@@ -87,6 +87,9 @@ class DispatchConfig(ServiceConfig):
         hedge_min_samples: Own observations needed before dispatch trusts its p95 of a model.
         ranking_url: RankingService ``host:port``, which orders the candidates of open-answer fan-outs.
         rank_timeout_s: Deadline of a Rank call (also bounded by the request's own deadline).
+        scaler_url: ScalerService ``host:port``: every model call is counted for it (fan-out members each),
+            and a call to a cold or loading model waits for its load (``services.dispatch.capacity``).
+        cold_queue_max: Calls that may wait for one loading model while a warm model could take them.
         fusion_url: FusionService ``host:port``: calibrated votes and generated answers for fan-outs.
             Empty: dispatch votes itself; a fusion failure also falls back to that vote.
         fuse_timeout_s: Deadline of a Fuse call (also bounded by the request's own deadline).
@@ -127,6 +130,8 @@ class DispatchConfig(ServiceConfig):
     fusion_url: str = ""
     fuse_timeout_s: float = Field(default=20.0, gt=0)
     triton_check_s: float = Field(default=2.0, ge=0)
+    scaler_url: str = ""
+    cold_queue_max: int = Field(default=64, ge=1)
 
     def catalog(self) -> dict[str, ModelEntry]:
         """``models`` merged with the entries of ``models_file`` (read once, at call time)."""

@@ -21,6 +21,7 @@ from constellation.semconv import Outcome, Phase
 from constellation.triton import Chunk, Sampling
 from services.dispatch.accounting import Accounting
 from services.dispatch.calls import CallResult
+from services.dispatch.capacity import CallCapacity
 from services.dispatch.config import ModelEntry
 from services.dispatch.events import CandidateProgress, Delta, Event
 from services.dispatch.query import Query
@@ -68,6 +69,7 @@ class ModelCaller:
         self.generator = generator
         self.entry = entry
         self.accounting = accounting
+        self.capacity: CallCapacity | None = None
 
     async def generate(
         self,
@@ -86,6 +88,8 @@ class ModelCaller:
         """
         entry = self.entry(result.model)
         triton_model = entry.triton_model or result.model
+        if self.capacity is not None:  # before the call's span and accounting: a refusal is no model failure
+            await self.capacity.before_call(result.model, triton_model, ends_at)
         result.started_at = time.perf_counter()
         reported_cost: float | None = None
         attributes = {

@@ -27,6 +27,7 @@ from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
 from services.dispatch.budget import TenantBudgets
+from services.dispatch.capacity import any_warm, scaler_capacity
 from services.dispatch.config import DispatchConfig
 from services.dispatch.health import TritonWatch
 from services.dispatch.http import SemanticCache, create_http_app, running_http
@@ -122,7 +123,7 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
             ranking = await stack.enter_async_context(RankingClient(config.ranking_url))
         if config.fusion_url:
             fusion = await stack.enter_async_context(FusionClient(config.fusion_url))
-        yield Dispatcher(
+        dispatcher = Dispatcher(
             config,
             triton,
             classifier,
@@ -133,6 +134,13 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
             fusion=fusion,
             budgets=TenantBudgets(config.budgets, SqliteKeys(keys_db_path(config.security.keys_db)).tenants),
         )
+        if config.scaler_url:
+            view = registry
+            records = (lambda: view.models) if view is not None else None
+            warm = any_warm(dispatcher.pool)
+            capacity = scaler_capacity(config.scaler_url, records, warm, queue_max=config.cold_queue_max)
+            dispatcher.tools.caller.capacity = await stack.enter_async_context(capacity)
+        yield dispatcher
 
 
 def http_auth(config: DispatchConfig) -> list[Middleware]:
@@ -219,6 +227,7 @@ SERVICE = ServiceMain(
             type=float,
             help="seconds between Triton liveness checks that health follows (default 2; 0: never)",
         ),
+        Flag("--scaler-url", help="ScalerService host:port: arrivals reported, cold models loaded on demand"),
     ),
 )
 

@@ -7,6 +7,7 @@ candidate considered with the reason for the decision; strategies execute it.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from constellation.errors import FailedPrecondition, FieldViolation, InvalidArgu
 from constellation.semconv import Policy
 from constellation.v1 import common_pb2, registry_pb2
 from constellation.v1.common_pb2 import Classification
+from services.dispatch.capacity import cold_start_ms
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import PlanMade
 from services.dispatch.query import Query
@@ -179,6 +181,7 @@ class Planner:
             max_latency_ms=query.max_latency_ms,
             required_capabilities=query.required_capabilities,
             ranking=self.ranking,
+            deadline_ms=query.time_budget_ms,
         )
 
 
@@ -231,6 +234,7 @@ def pool_model(name: str, entry: ModelEntry, record: registry_pb2.ModelRecord | 
         per_token,
         healthy,
         live=ttft is not None,
+        cold_start_ms=cold_start_ms(record, time.time()),
     )
 
 

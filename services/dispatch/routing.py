@@ -411,6 +411,8 @@ class PoolModel:
         per_token_ms: Expected decoding time per output token, ms.
         healthy: False when the registry marks it unhealthy: routing skips it.
         live: True when the latency figures come from live statistics rather than a prior.
+        cold_start_ms: Expected wait before the model can serve: 0 when warm, its (measured or prior) load
+            time when scaled to zero, what is left of the load while loading. Added to its predicted latency.
     """
 
     name: str
@@ -423,6 +425,7 @@ class PoolModel:
     per_token_ms: float | None = None
     healthy: bool = True
     live: bool = False
+    cold_start_ms: float = 0.0
 
 
 def latency_prior(params_b: float | None) -> tuple[float, float]:
@@ -503,11 +506,13 @@ def score_candidates(candidates: Sequence[PlannedModel], weights: Weights) -> No
 
 @dataclass(frozen=True)
 class _Ceilings:
-    """A request's hard limits on predicted cost and latency (0: none) and its required capabilities."""
+    """A request's hard limits on predicted cost and latency (0: none), its required capabilities, and its
+    deadline (0: none), which leaves out a cold model whose load would not finish in time."""
 
     max_cost_usd: float
     max_latency_ms: float
     required: frozenset[str]
+    deadline_ms: float = 0.0
 
     def leaves_out(self, model: PoolModel, candidate: PlannedModel) -> str:
         """Why ``model`` cannot take the request (health first, then capabilities, cost, latency); empty if it can."""
@@ -517,9 +522,17 @@ class _Ceilings:
             return f"left out: lacks {', '.join(sorted(self.required - model.capabilities))}"
         if self.max_cost_usd and candidate.cost_usd > self.max_cost_usd:
             return f"left out: predicted ${candidate.cost_usd:.6f} > max_cost_usd ${self.max_cost_usd:.6f}"
+        cold = f" (cold start {model.cold_start_ms:.0f} ms)" if model.cold_start_ms > 0 else ""
         if self.max_latency_ms and candidate.latency_ms > self.max_latency_ms:
-            return f"left out: predicted {candidate.latency_ms:.0f} ms > max_latency_ms"
+            return f"left out: predicted {candidate.latency_ms:.0f} ms{cold} > max_latency_ms"
+        if cold and self.deadline_ms and candidate.latency_ms > self.deadline_ms:
+            return f"{COLD_LEFT_OUT}: predicted {candidate.latency_ms:.0f} ms{cold} > the deadline"
         return ""
+
+
+COLD_LEFT_OUT = "left out: cold"
+"""How the reason of a cold model left out for the deadline begins (it is taken back when nothing warm can
+answer: a late answer beats none)."""
 
 
 def _predicted(model: PoolModel, prediction: Prediction, input_tokens: int, fallback_tokens: float) -> PlannedModel:
@@ -535,7 +548,7 @@ def _predicted(model: PoolModel, prediction: Prediction, input_tokens: int, fall
         model.name,
         prediction.quality,
         cost,
-        ttft + per_token * tokens,
+        model.cold_start_ms + ttft + per_token * tokens,
         tokens,
         prediction.observations,
         prediction.source,
@@ -551,6 +564,16 @@ def _anchor(scored: list[PlannedModel], preds: Mapping[str, Prediction], margin:
     for c in scored:
         if c is not anchor:
             c.quality = max(0.0, c.quality - margin)
+
+
+def _only_cold_left(left_out: list[PlannedModel]) -> list[PlannedModel]:
+    """The cold models left out for the deadline, taken back (and removed from ``left_out``) when they are
+    all that could answer: the request then waits for a load rather than fail at once."""
+    cold = [c for c in left_out if c.reason.startswith(COLD_LEFT_OUT)]
+    for candidate in cold:
+        left_out.remove(candidate)
+        candidate.eligible, candidate.reason = True, ""
+    return cold
 
 
 class Router:
@@ -590,6 +613,7 @@ class Router:
         required_capabilities: Sequence[str] = (),
         predictions: Mapping[str, Prediction] | None = None,
         ranking: bool = True,
+        deadline_ms: float = 0.0,
     ) -> Route:
         """Scores every model of ``pool`` and plans the request.
 
@@ -606,6 +630,8 @@ class Router:
             predictions: Precomputed predictions (training simulates plans with leave-one-out ones).
             ranking: Whether a ranking service can pick the answer of a ranked fan-out; without one,
                 none is planned.
+            deadline_ms: The request's time budget (0: none). A cold model (``cold_start_ms`` > 0) whose
+                predicted latency, load included, passes it is left out while another model can answer.
 
         Raises:
             FailedPrecondition: no model is healthy, capable and within the ceilings; the message
@@ -617,7 +643,7 @@ class Router:
         # closed answer kind from the classifier to apply).
         pool_kind = next((p.pool_kind for p in preds.values() if p.pool_kind), None)
         settings = self.settings(profile, pool_kind or answer_kind)
-        ceilings = _Ceilings(max_cost_usd, max_latency_ms, frozenset(required_capabilities))
+        ceilings = _Ceilings(max_cost_usd, max_latency_ms, frozenset(required_capabilities), deadline_ms)
         fallback_tokens = float(expected_output_tokens or DEFAULT_OUTPUT_TOKENS)
         scored: list[PlannedModel] = []
         left_out: list[PlannedModel] = []
@@ -629,6 +655,8 @@ class Router:
                 left_out.append(candidate)
             else:
                 scored.append(candidate)
+        if not scored:
+            scored = _only_cold_left(left_out)
         if settings.anchor_margin > 0:
             _anchor(scored, preds, settings.anchor_margin)
         if not scored:

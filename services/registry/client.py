@@ -63,6 +63,21 @@ class RegistryClient(ServiceClient[registry_pb2_grpc.RegistryServiceStub]):
         response = await self.stub.ReportOutcome(request, timeout=timeout_s)
         return int(response.accepted)
 
+    async def report_state(
+        self, model: str, state: int, *, load_time_ms: float = 0.0, replicas: int = 0, timeout_s: float | None = 5.0
+    ) -> Sequence[registry_pb2.ModelRecord]:
+        """Reports a capacity change (``MODEL_STATE_COLD``, ``_LOADING`` or ``_READY``) of a model, or of a
+        backend model and so every record it serves, with the measured load time when a load from zero
+        just finished; returns the records after it. Idempotent."""
+        request = registry_pb2.ReportModelStateRequest(
+            model=model,
+            state=state,  # type: ignore[arg-type]
+            load_time_ms=load_time_ms,
+            replicas=replicas,
+        )
+        response = await self.stub.ReportModelState(request, timeout=timeout_s)
+        return list(response.models)
+
     def watch(self) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]:
         """The WatchModels stream: the snapshot, CHANGE_SNAPSHOT_END, then changes until cancelled.
 

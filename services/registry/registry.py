@@ -15,13 +15,15 @@ change and its publication are atomic with respect to other calls.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
-from constellation.errors import NotFound, ResourceExhausted
+from constellation.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
 from constellation.tasks import BackgroundTask
 from constellation.v1 import common_pb2, registry_pb2
 from services.registry.health import HealthPolicy
@@ -40,9 +42,24 @@ REMOVED = registry_pb2.WatchModelsResponse.CHANGE_REMOVED
 READY = common_pb2.MODEL_STATE_READY
 LOADING = common_pb2.MODEL_STATE_LOADING
 UNHEALTHY = common_pb2.MODEL_STATE_UNHEALTHY
+COLD = common_pb2.MODEL_STATE_COLD
+CAPACITY_STATES = (COLD, LOADING, READY)
+"""The states the scaler reports (READY is WARM: at least one replica serves)."""
+LOAD_TIME_ALPHA = 0.5
+"""Weight of the newest measured load in the load-time mean (loads are few, and the latest says most)."""
 
 ChangeListener = Callable[[int, registry_pb2.ModelRecord], None]
 """Called with ``(change, record)`` for every published change; must not block or raise."""
+
+
+def _keep_capacity(record: registry_pb2.ModelRecord, existing: registry_pb2.ModelRecord) -> None:
+    """Keeps what the registry measured of capacity (load time, replicas) across a re-registration; a
+    declared load time (a prior, with nothing measured yet) is taken as given."""
+    if existing.loads_measured or not record.load_time_ms:
+        record.load_time_ms = existing.load_time_ms
+        record.loads_measured = existing.loads_measured
+    record.replicas = existing.replicas
+    record.state_since.CopyFrom(existing.state_since)
 
 
 def _copy(record: registry_pb2.ModelRecord) -> registry_pb2.ModelRecord:
@@ -242,6 +259,7 @@ class Registry:
         stats.seed_quality(list(incoming.quality))
         if existing is not None:
             record.stats.CopyFrom(existing.stats)
+            _keep_capacity(record, existing)
         if record.state == common_pb2.MODEL_STATE_UNSPECIFIED:
             record.state = existing.state if existing is not None else READY
         stats.write_to(record, now=self.clock())
@@ -347,6 +365,69 @@ class Registry:
             else:
                 self._pending.add(name)
         return accepted
+
+    def served_by(self, name: str) -> builtins.list[str]:
+        """Names of the records ``name`` stands for: the record of that name, else every record whose
+        backend serves it under that model name (a Triton model serving several pool models)."""
+        if name in self.records:
+            return [name]
+        return sorted(n for n, r in self.records.items() if r.backend.model_name == name)
+
+    def set_state(
+        self, name: str, state: int, *, load_time_ms: float = 0.0, replicas: int = 0
+    ) -> builtins.list[registry_pb2.ModelRecord]:
+        """Records a capacity change that the scaler reports: COLD, LOADING or READY (WARM).
+
+        ``name`` is a record's name or a backend model name (every record it serves changes). A measured
+        ``load_time_ms`` (a load from zero that just finished) is folded into each record's load-time mean.
+        An UNHEALTHY model stays so on READY until a probe or registration clears it. Published at once (a
+        state change), and idempotent: the same report again changes nothing.
+
+        Returns:
+            The records after the change, by name.
+
+        Raises:
+            NotFound: no record has that name or backend model name.
+            InvalidArgument: ``state`` is not one of COLD, LOADING, READY, or the load time is negative.
+        """
+        problems = []
+        if state not in CAPACITY_STATES:
+            problems.append(
+                FieldViolation("state", "must be MODEL_STATE_COLD, MODEL_STATE_LOADING or MODEL_STATE_READY")
+            )
+        if not load_time_ms >= 0:
+            problems.append(FieldViolation("load_time_ms", "must be a number >= 0"))
+        if problems:
+            raise InvalidArgument("bad model state report", problems)
+        names = self.served_by(name)
+        if not names:
+            self.get(name)  # NotFound, naming the known models
+        return [self._set_state(self.records[n], state, load_time_ms, replicas) for n in names]
+
+    def _set_state(
+        self, record: registry_pb2.ModelRecord, state: int, load_time_ms: float, replicas: int
+    ) -> registry_pb2.ModelRecord:
+        before = record.SerializeToString(deterministic=True)
+        if record.state != state and not (record.state == UNHEALTHY and state == READY):
+            record.state = cast("common_pb2.ModelState.ValueType", state)
+            record.state_since.FromNanoseconds(int(self.clock() * 1e9))
+        if load_time_ms > 0:
+            previous = record.load_time_ms
+            record.load_time_ms = (
+                LOAD_TIME_ALPHA * load_time_ms + (1 - LOAD_TIME_ALPHA) * previous
+                if record.loads_measured
+                else load_time_ms
+            )
+            record.loads_measured += 1
+        record.replicas = 0 if state == COLD else max(replicas, 0)
+        if record.SerializeToString(deterministic=True) != before:
+            self.store.put([record])
+            self._publish(UPDATED, record)
+            state_name = common_pb2.ModelState.Name(record.state)
+            log.info(
+                "%s is %s (load %.0f ms, %d replicas)", record.name, state_name, record.load_time_ms, record.replicas
+            )
+        return _copy(record)
 
     def apply_probe(self, name: str, ready: bool) -> None:
         """Takes a readiness probe's answer for ``name``.

@@ -199,3 +199,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             await abort(context, NotFound(f"no key {request.key_id!r}", reason="KEY_NOT_FOUND"), service="registry")
         log.info("registry: revoked key %s", request.key_id)
         return registry_pb2.RevokeKeyResponse(info=key_info(row))
+
+    async def ReportModelState(
+        self, request: registry_pb2.ReportModelStateRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ReportModelStateResponse:
+        try:
+            records = self.registry.set_state(
+                request.model, request.state, load_time_ms=request.load_time_ms, replicas=request.replicas
+            )
+        except ConstellationError as error:
+            await abort(context, error, service="registry")
+        return registry_pb2.ReportModelStateResponse(models=records)

@@ -2,7 +2,7 @@
 
 Each record is kept whole as a serialised ``ModelRecord`` (declared fields, learned quality estimates
 and the persisted part of the live statistics), beside plain columns for what must be queryable:
-name, state, version and traffic weight. A ``schema_version`` table says which of :data:`MIGRATIONS`
+name, state, version, traffic weight and load time. A ``schema_version`` table says which of :data:`MIGRATIONS`
 have run; opening a file applies the missing ones in order, inside one transaction each.
 
 Concurrency: a :class:`ModelStore` wraps one connection and is not thread-safe. The registry server
@@ -47,6 +47,12 @@ def _backfill_columns(connection: sqlite3.Connection) -> None:
         )
 
 
+def _backfill_load_times(connection: sqlite3.Connection) -> None:
+    for name, blob in connection.execute("SELECT name, record FROM models").fetchall():
+        record = registry_pb2.ModelRecord.FromString(blob)
+        connection.execute("UPDATE models SET load_time_ms = ? WHERE name = ?", (record.load_time_ms, name))
+
+
 # Index i holds the step from schema version i to i + 1. Never edit a released step: append a new one.
 MIGRATIONS: list[Migration] = [
     # 1: records as opaque blobs keyed by name.
@@ -65,6 +71,8 @@ MIGRATIONS: list[Migration] = [
         "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, role TEXT NOT NULL, "
         "salt BLOB NOT NULL, digest BLOB NOT NULL, created_at REAL NOT NULL, revoked_at REAL)"
     ),
+    # 4: the measured load time of each model (COLD / LOADING / READY capacity), filled from the blobs.
+    Migration("ALTER TABLE models ADD COLUMN load_time_ms REAL NOT NULL DEFAULT 0", _backfill_load_times),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -131,7 +139,7 @@ class ModelStore:
         """Inserts or replaces ``records`` in one transaction."""
         now = time.time()
         rows = [
-            (r.name, r.SerializeToString(deterministic=True), r.state, r.version, r.traffic_weight, now)
+            (r.name, r.SerializeToString(deterministic=True), r.state, r.version, r.traffic_weight, r.load_time_ms, now)
             for r in records
         ]
         if not rows:
@@ -139,10 +147,10 @@ class ModelStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(
-                "INSERT INTO models (name, record, state, version, traffic_weight, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET record = excluded.record, "
+                "INSERT INTO models (name, record, state, version, traffic_weight, load_time_ms, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET record = excluded.record, "
                 "state = excluded.state, version = excluded.version, traffic_weight = excluded.traffic_weight, "
-                "updated_at = excluded.updated_at",
+                "load_time_ms = excluded.load_time_ms, updated_at = excluded.updated_at",
                 rows,
             )
             self._db.execute("COMMIT")
@@ -168,6 +176,11 @@ class ModelStore:
         """Names of the records in ``state`` (a ``ModelState`` value), by name."""
         rows = self._db.execute("SELECT name FROM models WHERE state = ? ORDER BY name", (state,)).fetchall()
         return [str(row[0]) for row in rows]
+
+    def load_time_ms(self, name: str) -> float | None:
+        """The stored load time of one record (its queryable column), None when there is no such record."""
+        row = self._db.execute("SELECT load_time_ms FROM models WHERE name = ?", (name,)).fetchone()
+        return None if row is None else float(row[0])
 
     def columns(self, name: str) -> tuple[int, str, float] | None:
         """The queryable columns ``(state, version, traffic_weight)`` of one record."""

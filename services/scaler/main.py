@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -12,14 +11,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from constellation.config import load_config
 from constellation.keda import externalscaler_pb2_grpc
-from constellation.server import Registration, RunningServer, create_server
+from constellation.server import Registration, RunningServer, serving
+from constellation.service import Flag, ServiceMain
 from constellation.v1 import scaler_pb2_grpc
-from services.registry.client import RegistryView
+from services.registry.client import RegistryClient, RegistryView
 from services.scaler.actuators import Actuator, KedaActuator, TargetBoard, TritonActuator
 from services.scaler.config import ScalerConfig
 from services.scaler.policy import Clock, LatencySource, ScalingPolicy
+from services.scaler.reporting import RegistryStates, StateReporter
 from services.scaler.scaler import Scaler
 from services.scaler.servicer import EXTERNAL_SCALER_NAME, SERVICE_NAME, ExternalScalerServicer, ScalerServicer
 from services.scaler.sources import ArrivalWindow, FixedLatency, RecordLatency
@@ -82,9 +82,11 @@ async def running_scaler(
     board = TargetBoard()
     async with AsyncExitStack() as stack:
         latency: LatencySource = FixedLatency({})
+        states: StateReporter | None = None
         if config.registry_address:
             view = await stack.enter_async_context(RegistryView(config.registry_address))
             latency = RecordLatency(lambda: view.models, config.output_tokens)
+            states = RegistryStates(await stack.enter_async_context(RegistryClient(config.registry_address)))
         arrivals = ArrivalWindow(clock)
         policy = ScalingPolicy(
             demand=arrivals,
@@ -101,10 +103,12 @@ async def running_scaler(
             config.models,
             interval_s=config.interval_s,
             dry_run=config.dry_run,
+            states=states,
         )
         stack.push_async_callback(scaler.close)
-        server = await create_server(registrations(config, scaler, board, time.time() - clock()), config)
-        stack.push_async_callback(server.stop, config.shutdown_grace_s)
+        server = await stack.enter_async_context(
+            serving(registrations(config, scaler, board, time.time() - clock()), config)
+        )
         if loop:
             task = asyncio.create_task(scaler.run(), name="scaler-loop")
             stack.push_async_callback(_cancel, task)
@@ -117,45 +121,30 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def _main(config: ScalerConfig) -> None:
-    import signal
+def _details(running: RunningScaler) -> str:
+    return f"actuator {running.scaler.actuator.name}, {len(running.scaler.capacity)} models"
 
-    async with running_scaler(config) as running:
-        print(f"scaler listening on {config.host}:{running.port} (actuator {config.actuator})", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("scaler shutting down (grace %.1fs)", config.shutdown_grace_s)
+
+SERVICE = ServiceMain(
+    name="scaler",
+    config=ScalerConfig,
+    description="Run the scaler service (ScalerService, and KEDA's ExternalScaler with --actuator keda): "
+    "replicas per model from Little's law, warm floors, scale-to-zero. Settings come from the [scaler] "
+    "table of the config file and CONSTELLATION_SCALER_* variables; flags override both.",
+    lifespan=running_scaler,
+    flags=(
+        Flag("--actuator", choices=["triton", "keda"], help="what carries decisions out"),
+        Flag("--triton-url", help="Triton gRPC host:port (triton actuator)"),
+        Flag("--registry-address", help="registry host:port for live latency (and load times)"),
+        Flag("--model", action="append", dest="models", help="model to manage (repeatable)"),
+        Flag("--dry-run", action="store_const", const=True, default=None, help="decide and report, never apply"),
+    ),
+    details=_details,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.scaler.main",
-        description="Run the scaler service (ScalerService, and KEDA's ExternalScaler with --actuator keda): "
-        "replicas per model from Little's law, warm floors, scale-to-zero. Settings come from the [scaler] "
-        "table of the config file and CONSTELLATION_SCALER_* variables; flags override both.",
-    )
-    parser.add_argument("--config", help="TOML config file (default: ./constellation.toml if present)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 50056; 0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
-    parser.add_argument("--actuator", choices=["triton", "keda"], help="what carries decisions out")
-    parser.add_argument("--triton-url", help="Triton gRPC host:port (triton actuator)")
-    parser.add_argument("--model", action="append", dest="models", help="model to manage (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="decide and report, never apply")
-    args = parser.parse_args(argv)
-    overrides = {
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "actuator": args.actuator,
-        "triton_url": args.triton_url,
-        "models": args.models,
-        "dry_run": True if args.dry_run else None,
-    }
-    config = load_config(ScalerConfig, args.config, **overrides)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(config))
+    SERVICE.main(argv)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from constellation.metrics import REGISTRY
 from services.scaler.actuators import Actuator
 from services.scaler.policy import Decision, ScalingPolicy
+from services.scaler.reporting import NoReports, StateReporter
 from services.scaler.sources import ArrivalWindow
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ COLD_STARTS = Counter(
     "constellation_scaler_cold_starts_total",
     "Loads from zero replicas for a waiting request.",
     ["model"],
+    registry=REGISTRY,
+)
+
+LOAD_SECONDS = Histogram(
+    "constellation_scaler_load_seconds",
+    "Measured time of a load from zero replicas to ready.",
+    ["model"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
     registry=REGISTRY,
 )
 
@@ -80,6 +89,8 @@ class Scaler:
         models: Models managed from the start; a model that gets an arrival joins.
         interval_s: Seconds between two rounds of decisions in :meth:`run`.
         dry_run: Decide and report, but do not apply (``ensure_ready`` still loads: a request waits).
+        states: Where capacity changes go (COLD before an unload to zero, LOADING then READY with the
+            measured load time around a load from zero); nowhere by default.
     """
 
     def __init__(
@@ -91,8 +102,10 @@ class Scaler:
         *,
         interval_s: float = 5.0,
         dry_run: bool = False,
+        states: StateReporter | None = None,
     ) -> None:
         self.policy = policy
+        self.states: StateReporter = states or NoReports()
         self.actuator = actuator
         self.arrivals = arrivals
         self.interval_s = interval_s
@@ -132,7 +145,7 @@ class Scaler:
             if applied:
                 with tracer.start_as_current_span("scaler.decide") as span:
                     span.set_attributes(_attributes(decision))
-                    await self.actuator.scale(model, decision.target)
+                    await self._apply(decision)
             self._note(decision, applied, decision.target if applied else current)
         if decision.action != "hold":
             log.info(
@@ -189,11 +202,38 @@ class Scaler:
                 log.info("scaler: %s is at zero and a request waits: loading %d replica(s)", model, target)
                 with tracer.start_as_current_span("scaler.cold_start") as span:
                     span.set_attributes(_attributes(decision))
-                    await self.actuator.scale(model, target)
+                    await self._load(model, target)
                 self._note(decision, True, target)
                 return target, True
         finally:
             lane.loading = None
+
+    async def _apply(self, decision: Decision) -> None:
+        """Scales to ``decision.target``, telling the registry: COLD before going to zero (so routing stops
+        sending work there first), the measured load around a scale from zero, the replicas otherwise."""
+        model, target = decision.model, decision.target
+        if decision.current == 0 and target > 0:
+            await self._load(model, target)
+            return
+        if target == 0:
+            await self.states.report(model, "cold")
+        await self.actuator.scale(model, target)
+        if target > 0:
+            await self.states.report(model, "ready", replicas=target)
+
+    async def _load(self, model: str, target: int) -> None:
+        """Loads ``model`` from zero to ``target`` replicas, measuring how long it takes (the load time that
+        routing adds to a cold model's latency). A failed load reports the model COLD again and raises."""
+        await self.states.report(model, "loading")
+        started = time.monotonic()
+        try:
+            await self.actuator.scale(model, target)
+        except BaseException:
+            await self.states.report(model, "cold")
+            raise
+        elapsed = time.monotonic() - started
+        LOAD_SECONDS.labels(model).observe(elapsed)
+        await self.states.report(model, "ready", load_time_s=elapsed, replicas=target)
 
     async def run(self) -> None:
         """Runs :meth:`tick` every ``interval_s`` until cancelled."""

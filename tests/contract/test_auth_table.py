@@ -53,6 +53,7 @@ EXPECTED = {
     "constellation.v1.RegistryService/ListModels": S,
     "constellation.v1.RegistryService/WatchModels": S,
     "constellation.v1.RegistryService/ReportOutcome": S,
+    "constellation.v1.RegistryService/ReportModelState": S,
     "constellation.v1.RegistryService/CreateKey": A,
     "constellation.v1.RegistryService/ListKeys": A,
     "constellation.v1.RegistryService/RevokeKey": A,

@@ -19,6 +19,7 @@ from constellation.triton import Chunk, Sampling
 from services.dispatch.accounting import Accounting
 from services.dispatch.aggregation import Aggregator
 from services.dispatch.calls import Run
+from services.dispatch.capacity import CallCapacity
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import Event, PlanMade
 from services.dispatch.generation import Generator, ModelCaller
@@ -125,19 +126,23 @@ async def run_plan(
     prompt: str = "What is 2 + 2?",
     entries: Mapping[str, ModelEntry] | None = None,
     max_tokens: int = 16,
+    capacity: CallCapacity | None = None,
 ) -> list[Event]:
     """Runs ``made`` with the strategy registered for its policy against ``generator``, within ``budget_s``
     seconds; every event. ``entries`` says how to reach models (default: the Triton model of the name);
-    end-to-end tests pass a real :class:`~constellation.triton.TritonClient` as ``generator``."""
+    end-to-end tests pass a real :class:`~constellation.triton.TritonClient` as ``generator``; ``capacity`` is
+    what each call passes first (the cold-start gate), none by default."""
     accounting = Accounting(settings)
+    known = dict(entries or {})
+    caller = ModelCaller(generator, lambda name: known.get(name, ModelEntry(triton_model=name)), accounting)
+    caller.capacity = capacity
 
     async def no_require(model: str) -> None:
         return None
 
-    known = dict(entries or {})
     tools = Toolkit(
         config=settings,
-        caller=ModelCaller(generator, lambda name: known.get(name, ModelEntry(triton_model=name)), accounting),
+        caller=caller,
         accounting=accounting,
         aggregator=Aggregator(settings),
         require_model=no_require,

@@ -89,6 +89,7 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "/constellation.v1.RegistryService/ListModels": _SERVICE_CALLS,
     "/constellation.v1.RegistryService/WatchModels": _SERVICE_CALLS,
     "/constellation.v1.RegistryService/ReportOutcome": _SERVICE_CALLS,
+    "/constellation.v1.RegistryService/ReportModelState": _SERVICE_CALLS,
     "/constellation.v1.ClassifierService/Classify": _SERVICE_CALLS,
     "/constellation.v1.ClassifierService/ClassifyBatch": _SERVICE_CALLS,
     "/constellation.v1.RankingService/Rank": _SERVICE_CALLS,
