@@ -13,6 +13,8 @@ from constellation.service import Flag, ServiceMain, disable
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
+from services.dispatch.bounds import BoundedPlanner
+from services.dispatch.bounds import try_load as try_load_bounds
 from services.dispatch.config import DispatchConfig
 from services.dispatch.http import SemanticCache, create_http_app, running_http
 from services.dispatch.pipeline import Dispatcher
@@ -114,7 +116,21 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
             reporter=reporter,
             ranking=ranking,
             fusion=fusion,
+            bounds=load_bounds(config),
         )
+
+
+def load_bounds(config: DispatchConfig) -> BoundedPlanner | None:
+    """The planner of error-bounded queries over the confusion artifact, or None when there is none
+    (a configured artifact that cannot be loaded stops startup)."""
+    kinds, why = try_load_bounds(config.confusion_artifact or None)
+    if why:
+        if config.confusion_artifact:
+            raise FailedPrecondition(why)
+        log.info("error-bounded queries are refused: %s", why)
+        return None
+    log.info("confusion matrices loaded: %s", ", ".join(f"{k.name} ({len(k.matrices)} models)" for k in kinds.values()))
+    return BoundedPlanner(kinds)
 
 
 @asynccontextmanager
@@ -145,6 +161,10 @@ SERVICE = ServiceMain(
         Flag("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)"),
         Flag(
             "--router-artifact", help="trained router (`constellation train router`); default: the CURRENT one if any"
+        ),
+        Flag(
+            "--confusion-artifact",
+            help="confusion matrices (`constellation train confusion`) for error-bounded queries; default: CURRENT",
         ),
         disable("--no-routing", "routing", "send requests that name no model to --default-model"),
         Flag("--default-model", help="model asked when routing is off or the pool is empty (smollm2)"),

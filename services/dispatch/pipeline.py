@@ -28,6 +28,7 @@ from constellation.v1.common_pb2 import Classification
 from services.classifier.client import ClassifierClient
 from services.dispatch.accounting import CLASSIFY_FAILURES, FANOUT, Accounting
 from services.dispatch.aggregation import Aggregator
+from services.dispatch.bounds import BoundedPlanner
 from services.dispatch.calls import CallResult, Run
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import CandidateProgress, Classified, Delta, Event, Finished, PlanMade, Stage
@@ -70,6 +71,7 @@ class Dispatcher:
         fusion: Fuses a fan-out's candidates (calibrated vote, or a generated answer); None votes in
             dispatch (uncalibrated confidence: the winner's weighted share).
         generator: Makes the model calls; None uses ``triton`` (unit tests pass a fake).
+        bounds: Plans error-bounded queries (``AskRequest.alpha``); None refuses them.
     """
 
     def __init__(
@@ -84,12 +86,15 @@ class Dispatcher:
         ranking: RankingClient | None = None,
         fusion: FusionClient | None = None,
         generator: Generator | None = None,
+        bounds: BoundedPlanner | None = None,
     ):
         self.config = config
         self.triton = triton
         self.classifier = classifier
         self.router = router
-        self.planner = Planner(config, triton.url, router=router, registry=registry, ranking=ranking is not None)
+        self.planner = Planner(
+            config, triton.url, router=router, registry=registry, ranking=ranking is not None, bounds=bounds
+        )
         self.accounting = Accounting(config, registry, reporter)
         self.tools = Toolkit(
             config=config,

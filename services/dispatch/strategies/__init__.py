@@ -76,6 +76,6 @@ def replaceable(error: ConstellationError) -> bool:
     return type(error) is ConstellationError and error.code == grpc.StatusCode.UNKNOWN
 
 
-from services.dispatch.strategies import single, waves  # noqa: E402  (registers the strategies)
+from services.dispatch.strategies import planned, single, waves  # noqa: E402  (registers the strategies)
 
-__all__ = ["STRATEGIES", "Strategy", "Toolkit", "register", "replaceable", "single", "waves"]
+__all__ = ["STRATEGIES", "Strategy", "Toolkit", "planned", "register", "replaceable", "single", "waves"]
