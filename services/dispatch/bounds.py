@@ -5,8 +5,8 @@ A/B), with one confusion matrix per model fitted on the ``train`` split of its r
 mean recorded cost of a call. :func:`fit` builds kinds, :func:`save` writes them as a ``confusion``
 artifact (``constellation train confusion``), :func:`load` reads them back for dispatch.
 
-A query is of the kind whose labels are exactly the option letters of its last question (``A) ...``
-lines), so a request needs no kind field. :class:`BoundedPlanner` turns (kind, alpha) into a
+A query is of the kind whose labels are the option letters of its last question (``A) ...`` lines),
+or the smallest kind holding them all, so a request needs no kind field. :class:`BoundedPlanner` turns (kind, alpha) into a
 :class:`BoundedPlan` over the models of the current pool and caches it.
 
 What a plan guarantees, precisely: if each model's answers follow the confusion matrix the plan was
@@ -179,9 +179,14 @@ class BoundedPlanner:
             self._cache.clear()
 
     def kind_of(self, prompt: str) -> Kind | None:
-        """The kind whose labels are the prompt's option letters, if one was fitted."""
-        letters = choice_labels(prompt)
-        return next((k for k in self._kinds.values() if k.labels == letters), None)
+        """The kind whose labels are the prompt's option letters, else the one with fewest labels that holds
+        them all (a three-option question of a four-label kind: the truth is still one of its labels, so
+        the bound of each of those labels holds); None when no fitted kind has them."""
+        letters = set(choice_labels(prompt))
+        if not letters:
+            return None
+        holding = [k for k in self._kinds.values() if letters <= set(k.labels)]
+        return min(holding, key=lambda k: len(k.labels), default=None)
 
     def plan(
         self, kind: Kind, alpha: Mapping[str, float], pool: Iterable[PoolModel], *, samples: int = 1

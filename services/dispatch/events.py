@@ -41,6 +41,8 @@ class PlanMade:
     time_budget_ms: float = 0.0
     bounded: BoundedPlan | None = None
     """The error-bounded plan (``planned`` policy): its calls, certified bounds and vote."""
+    parts: tuple[str, ...] = ()
+    """The sub-queries of a decomposed prompt (``decomposed`` policy), in order."""
 
     def waves(self) -> list[list[PlannedModel]]:
         return waves_of(self.members)

@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from constellation import semconv
 from constellation.errors import ConstellationError
+from constellation.planning import split
 from constellation.semconv import Policy
 from constellation.triton import TritonClient
 from constellation.v1 import common_pb2
@@ -102,6 +103,7 @@ class Dispatcher:
             accounting=self.accounting,
             aggregator=Aggregator(config, ranking, fusion),
             require_model=self._require_model,
+            ask_part=self._ask_part,
         )
         self.strategies: dict[str, Strategy] = {policy: cls(self.tools) for policy, cls in STRATEGIES.items()}
 
@@ -167,6 +169,11 @@ class Dispatcher:
         span = trace.get_current_span()
         if query.request_tag:
             span.set_attribute(semconv.REQUEST_TAG, query.request_tag)
+        parts = split(query.prompt) if query.decompose and not query.model else None
+        if parts is not None:
+            async for event in self._ask_decomposed(query, [p.text for p in parts], deadline_s, received_at):
+                yield event
+            return
         stages: list[Stage] = []
         classify_start = time.perf_counter()
         stages.append(Stage("validate", (classify_start - received_at) * 1000))
@@ -188,6 +195,25 @@ class Dispatcher:
         FANOUT.observe(len(plan.members))
         async for event in self.strategy_for(plan).run(run):
             yield event
+
+    async def _ask_decomposed(
+        self, query: Query, parts: list[str], deadline_s: float | None, received_at: float
+    ) -> AsyncGenerator[Event, None]:
+        """A multi-part prompt: each part a whole Ask of its own (strategies/decomposed.py)."""
+        trace.get_current_span().set_attribute(semconv.ROUTE, Policy.DECOMPOSED)
+        budget = self.config.default_timeout_s if deadline_s is None else deadline_s
+        if query.time_budget_ms:
+            budget = min(budget, query.time_budget_ms / 1000)
+        summary = f"{len(parts)} independent parts, each planned on its own"
+        plan = PlanMade(Policy.DECOMPOSED, [], summary, profile=query.profile, parts=tuple(parts))
+        stages = [Stage("validate", (time.perf_counter() - received_at) * 1000)]
+        run = Run(query, plan, "", received_at, received_at + budget, stages)
+        async for event in self.strategies[Policy.DECOMPOSED].run(run):
+            yield event
+
+    def _ask_part(self, query: Query, deadline_s: float, received_at: float) -> AsyncGenerator[Event, None]:
+        """One sub-query of a decomposed prompt, asked whole."""
+        return self.ask(query, deadline_s=deadline_s, received_at=received_at)
 
     def strategy_for(self, plan: PlanMade) -> Strategy:
         """The strategy registered for the plan's policy; a policy without one runs by its size."""

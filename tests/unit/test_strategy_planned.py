@@ -34,9 +34,9 @@ def matrix(model: str, accuracy: float, labels: tuple[str, ...] = ("A", "B"), n:
     return ConfusionMatrix(model, labels, counts)
 
 
-def kind(costs: dict[str, float], accuracy: float = 0.95) -> Kind:
+def kind(costs: dict[str, float], accuracy: float = 0.95, name: str = "two_way") -> Kind:
     matrices = {m: matrix(m, accuracy) for m in costs}
-    return Kind("two_way", ("A", "B"), matrices, costs, {m: (1.0, 1.0) for m in costs})
+    return Kind(name, ("A", "B"), matrices, costs, {m: (1.0, 1.0) for m in costs})
 
 
 def pool(*names: str, price: float = 1.0, unhealthy: Sequence[str] = ()) -> list[PoolModel]:
@@ -151,6 +151,10 @@ def test_choice_labels_reads_the_last_question_only() -> None:
     few_shot = "Q\nA) a\nB) b\nC) c\nAnswer: A\n\nWho?\nA) Kyle\nB) Logan\nAnswer:"
     assert choice_labels(few_shot) == ("A", "B")
     assert choice_labels("What is 2 + 2?") == ()
+    planner = BoundedPlanner({"two": kind({"a": 1.0}, name="two"), "four": Kind("four", tuple("ABCD"), {}, {}, {})})
+    assert planner.kind_of("Q\nA) x\nB) y\nC) z") is planner.kinds["four"]
+    assert planner.kind_of(PROMPT) is planner.kinds["two"]
+    assert planner.kind_of("Q\nA) x\nE) y") is None
 
 
 def test_request_bounds_are_validated() -> None:
