@@ -131,6 +131,10 @@ class Decomposed:
             raise errors[0] if errors else InternalError("no part of the decomposed prompt ended")
         results = [p.result() for p in parts]
         text = "".join(Decomposed._delta(p, len(parts)).text for p in parts)
+        simulated = max(sum(s.ms for s in f.stages if s.simulated) for f in done)
+        if simulated:  # the parts ran at once: the slowest part's simulated time is the prompt's
+            run.stages.append(Stage("first_token", simulated, simulated=True))
+            run.stages.append(Stage("generate", 0.0, simulated=True))
         run.stages.append(Stage("total", run.elapsed_ms()))
         models: list[str] = []
         for finished in done:
