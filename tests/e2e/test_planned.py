@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,16 @@ def test_eval_reports_the_realised_error_per_true_label(tmp_path: Path) -> None:
     rows = report.bounded[f"planned:{ALPHA}"]
     assert {label: row["n"] for label, row in rows.items()} == {"A": 2, "B": 2}
     assert all(0.0 <= row["low"] <= row["error"] <= row["high"] <= 1.0 for row in rows.values())
+
+
+def test_cli_plan_prints_the_certified_bound_per_label_and_the_cost(mesh: tuple[str, Path]) -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "apps.cli", "plan", _prompt(TRAIN), "--alpha", str(ALPHA), "--address", mesh[0]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "policy: planned" in shown.stdout
+    assert "error-bounded plan: 3 calls, predicted cost $0.053000" in shown.stdout
+    rows = [line.split() for line in shown.stdout.splitlines() if line.strip().startswith(("A ", "B "))]
+    assert [(r[0], float(r[1])) for r in rows] == [("A", ALPHA), ("B", ALPHA)]
+    assert all(float(r[2]) <= ALPHA for r in rows)
