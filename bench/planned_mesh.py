@@ -93,6 +93,21 @@ def bounded_rows(report: EvalReport) -> list[list[object]]:
     return rows
 
 
+def findings(report: EvalReport) -> str:
+    """Computed summary lines: where the realised error broke alpha, and the cost ratios' range."""
+    by = {r.policy: r for r in report.results}
+    cells = [(float(p.split(":", 1)[1]), row) for p, labels in report.bounded.items() for row in labels.values()]
+    above = sum(row["low"] > alpha for alpha, row in cells)
+    point = sum(row["error"] > alpha for alpha, row in cells)
+    ratios = [by[p].mean_cost_usd / by["static"].mean_cost_usd for p in report.bounded]
+    return (
+        f"- Realised error above alpha in {point} of {len(cells)} (alpha, true label) cells; the whole 95 % "
+        f"interval lies above alpha in {above}.\n"
+        f"- Plans cost {min(ratios):.2f}x-{max(ratios):.2f}x the best single model on train; accuracy: best "
+        f"single {by['static'].quality * 100:.1f} %, every model voting {by['majority'].quality * 100:.1f} %."
+    )
+
+
 def one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -260,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(
             f"### {pool} ({prompts} test prompts; {failed} error-bounded Asks refused or failed)\n\n"
             + markdown_table(header, bounded_rows(report))
+            + "\n\n"
+            + findings(report)
         )
         results[pool] = {"bounded": report.bounded, "results": [r.row() for r in report.results]}
     table, rows = decomposition(args.data_dir, args.compounds, args.seed, args.time_scale)
