@@ -6,8 +6,8 @@ mean recorded cost of a call. :func:`fit` builds kinds, :func:`save` writes them
 artifact (``constellation train confusion``), :func:`load` reads them back for dispatch.
 
 A query is of the kind whose labels are the option letters of its last question (``A) ...`` lines),
-or the smallest kind holding them all, so a request needs no kind field. :class:`BoundedPlanner` turns (kind, alpha) into a
-:class:`BoundedPlan` over the models of the current pool and caches it.
+or the smallest kind holding them all, so a request needs no kind field. :class:`BoundedPlanner` turns
+(kind, alpha) into a :class:`BoundedPlan` over the models of the current pool and caches it.
 
 What a plan guarantees, precisely: if each model's answers follow the confusion matrix the plan was
 computed from and calls are independent given the true label, the likelihood-ratio vote errs with

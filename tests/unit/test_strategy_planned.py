@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from services.dispatch.events import CandidateProgress, Event, Finished, PlanMad
 from services.dispatch.planning import Planner, bounded_plan_event
 from services.dispatch.query import Query, validate
 from services.dispatch.routing import PoolModel
+from services.dispatch.strategies.planned import sample_query
 from tests.unit.dispatch_fakes import FakeGenerator, Script, config, run_plan
 
 NEVER_S = 30.0
@@ -136,6 +138,22 @@ def test_repeated_samples_are_planned_only_when_sampling_is_random() -> None:
     assert greedy.policy == Policy.PLANNED
     assert greedy.bounded is not None and greedy.bounded.plan.counts == (1, 1, 1)
     assert hot.bounded is not None and hot.bounded.plan.members == ("a",) and hot.bounded.plan.counts == (3,)
+
+
+async def test_repeated_samples_are_separate_calls_with_their_own_seeds() -> None:
+    planner = BoundedPlanner({"two_way": kind({"a": 1.0, "b": 5.0, "c": 5.0})})
+    settings = config(max_samples=3, models={m: ModelEntry(triton_model=m) for m in "abc"})
+    hot = Planner(settings, "fake:0", bounds=planner).plan(query(0.1, temperature=0.7))
+    fake = FakeGenerator({"a": Script("A", first_after_s=0.01)})
+
+    events = await run_plan(hot, fake, settings, answer_kind="choice")
+
+    assert len(fake.completed) + len(fake.cancelled) == 3  # three calls of one model, none lost
+    assert finished(events).decision == "A"
+    seeded = query(0.1, temperature=0.7)
+    seeded = dataclasses.replace(seeded, sampling=dataclasses.replace(seeded.sampling, seed=7))
+    assert [sample_query(seeded, i).sampling.seed for i in range(3)] == [7, 8, 9]
+    assert sample_query(query(0.1, temperature=0.7), 2).sampling.seed is None
 
 
 def test_bounded_queries_are_refused_without_matrices_or_a_matching_kind() -> None:
