@@ -95,15 +95,27 @@ async def test_a_split_vote_waits_for_the_deciding_call() -> None:
     assert sorted(done.models) == ["a", "b", "c"]
 
 
-async def test_a_failed_call_leaves_the_answer_uncertain() -> None:
+async def test_a_failed_call_that_could_have_mattered_leaves_the_answer_uncertain() -> None:
     plan = made(0.1, {"a": 1.0, "b": 1.0, "c": 1.0})
-    fake = FakeGenerator({"a": Script("A"), "b": Script(fails=Unavailable("gone")), "c": Script("A")})
+    fake = FakeGenerator({"a": Script("A"), "b": Script(fails=Unavailable("gone")), "c": Script("B")})
 
     events = await run_plan(plan, fake, config(), answer_kind="choice")
 
     assert progress(events, Phase.FAILED) == ["b"]
     done = finished(events)
-    assert done.decision == "A" and done.uncertain
+    assert done.uncertain
+    assert done.error_bounds == {}  # b's answer would have decided: the plan's bound does not apply
+    assert [type(p) for p in done.problems] == [Unavailable]
+
+
+async def test_a_failed_call_that_could_not_have_mattered_keeps_the_bound() -> None:
+    plan = made(0.1, {"a": 1.0, "b": 1.0, "c": 1.0})
+    fake = FakeGenerator({"a": Script("A"), "b": Script(fails=Unavailable("gone")), "c": Script("A")})
+
+    done = finished(await run_plan(plan, fake, config(), answer_kind="choice"))
+
+    assert done.decision == "A" and not done.uncertain
+    assert max(done.error_bounds.values()) <= 0.1
     assert [type(p) for p in done.problems] == [Unavailable]
 
 

@@ -7,8 +7,11 @@ change the decision, those calls are cancelled inside Triton (the decision is ex
 would give, so the plan's bound still holds). The final event carries the decided label, the plan's
 certified bound per label and the cost of the calls made.
 
-A call that fails is not replaced: the plan's bound assumed it, so the answer is marked uncertain and the
-failure reported among the problems.
+A call that fails is not replaced, and calls still running when the request's time runs out are
+cancelled. The decision keeps the plan's bound only if no answer of those calls could have changed it
+(the same certificate as the early stop, with failed calls counted as unknown answers); otherwise it is
+marked uncertain and carries no certified bound (``error_bounds`` stays empty). Failures are reported
+among the problems either way.
 """
 
 from __future__ import annotations
@@ -53,10 +56,14 @@ class Calls:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.results: list[CallResult] = []
         self.problems: list[ConstellationError] = []
+        self.failed: list[CallResult] = []
+        self.certified = False
+        """True once the decision is the one the whole plan gives (settled early, or every call answered)."""
 
     def settled(self) -> bool:
-        """Whether the calls still running can no longer change the vote's decision."""
-        remaining = [r.model for r in self.running.values()]
+        """Whether no answers of the calls still running, nor of the calls that failed, could change the
+        vote's decision: the decision is then the one the whole plan would give, and its bound holds."""
+        remaining = [r.model for r in self.running.values()] + [r.model for r in self.failed]
         return bool(self.answers) and certified_stop(self.bounded.vote, self.answers, remaining)
 
     def ended(self, result: CallResult, elapsed_ms: float) -> CandidateProgress:
@@ -66,6 +73,7 @@ class Calls:
         self.tasks.pop(key, None)
         if result.error is not None:
             self.problems.append(result.error)
+            self.failed.append(result)
             return CandidateProgress(result.model, Phase.FAILED, elapsed_ms, error=result.error)
         result.answer = extract_answer("choice", result.text)
         self.answers.append((result.model, result.answer))
@@ -143,12 +151,15 @@ class Planned:
                     continue
                 yield calls.ended(item, run.elapsed_ms())
                 if self.tools.config.early_stop and calls.settled():
+                    calls.certified = True
                     break
         finally:
             for result in calls.running.values():
                 result.cancel_reason = CancelReason.QUORUM
             await cancel_and_wait(calls.tasks.values())
-        if calls.running:
+        if not calls.running and calls.settled():
+            calls.certified = True  # every call ended, and the failed ones (if any) could not have mattered
+        if calls.running and calls.certified:
             EARLY_STOPS.labels(Policy.PLANNED).inc()
             for result in calls.running.values():
                 result.outcome = Outcome.CANCELLED
@@ -166,7 +177,8 @@ class Planned:
         span.set_attribute(semconv.FANOUT_EARLY_STOP, bool(calls.running))
         span.set_attribute(semconv.FUSED_CONFIDENCE, confidence)
         span.set_attribute(semconv.FUSED_METHOD, "likelihood_vote")
-        first = [answering.model] if answering is not None else [calls.answered[0].model]
+        first = answering.model if answering is not None else calls.answered[0].model
+        models = list(dict.fromkeys([first, *(r.model for r in calls.results)]))
         return Finished(
             text=answering.text if answering is not None else decision,
             input_tokens=sum(r.input_tokens for r in calls.results),
@@ -175,10 +187,10 @@ class Planned:
             stages=run.stages,
             trace_id=telemetry.current_trace_id(),
             finish_reason=answering.finish_reason if answering is not None else "stop",
-            models=[*first, *(r.model for r in calls.results if r is not answering and r.model not in first[:1])],
+            models=models,
             confidence=confidence,
-            uncertain=bool(calls.problems) or answering is None,
+            uncertain=not calls.certified or answering is None,
             problems=calls.problems,
             decision=decision,
-            error_bounds=dict(calls.bounded.plan.bound_per_label),
+            error_bounds=dict(calls.bounded.plan.bound_per_label) if calls.certified else {},
         )
