@@ -265,6 +265,9 @@ def _print_summary(final: object, started: float, first_at: float | None, altern
     lines += [f"  {s.stage:<12} {s.milliseconds:>9.1f}{'  (simulated)' if s.simulated else ''}" for s in final.stages]
     lines.append(f"  {'client ttft':<12} {client_ttft:>9.1f}")
     lines.append(f"  {'client total':<12} {client_total:>9.1f}")
+    if final.decision:
+        bounds = ", ".join(f"{label} {b:.4f}" for label, b in sorted(final.error_bounds.items()))
+        lines.append(f"decision: {final.decision}   certified error per true label: {bounds}")
     if final.trace_id:
         lines.append(f"trace id: {final.trace_id}")
     print("\n".join(lines), file=sys.stderr)
@@ -277,11 +280,36 @@ def _routing_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if getattr(args, "profile", None):
         fields["profile"] = getattr(common_pb2, "PROFILE_" + args.profile.upper())
+    if getattr(args, "alpha", None):
+        fields["alpha"] = args.alpha
+    if getattr(args, "label_alpha", None):
+        fields["label_alpha"] = dict(_label_bound(item) for item in args.label_alpha)
     if getattr(args, "max_cost", None) or getattr(args, "max_latency_ms", None):
         fields["ceilings"] = common_pb2.Ceilings(
             max_cost_usd=args.max_cost or 0.0, max_latency_ms=args.max_latency_ms or 0.0
         )
     return fields
+
+
+def _label_bound(item: str) -> tuple[str, float]:
+    """``A=0.05`` -> ("A", 0.05)."""
+    label, _, value = item.partition("=")
+    try:
+        return label.strip(), float(value)
+    except ValueError:
+        raise InvalidArgument(f"--label-alpha takes LABEL=BOUND, got {item!r}") from None
+
+
+def _print_bounds(plan: Any) -> None:
+    """The error-bounded part of a plan: requested and certified bound per label, calls and cost."""
+    if not plan.error_bounds:
+        return
+    calls = sum(c.samples for c in plan.candidates if c.chosen)
+    cost = sum(c.predicted_cost_usd for c in plan.candidates if c.chosen)
+    print(f"error-bounded plan: {calls} calls, predicted cost ${cost:.6f}")
+    print(f"   {'label':<8} {'alpha':>8} {'certified':>10}")
+    for label, bound in sorted(plan.error_bounds.items()):
+        print(f"   {label:<8} {plan.alpha.get(label, 0.0):8.4f} {bound:10.4f}")
 
 
 async def _plan(args: argparse.Namespace) -> int:
@@ -308,6 +336,7 @@ async def _plan(args: argparse.Namespace) -> int:
             f" {mark} {c.model[:34]:<34} {wave:>4} {c.score:6.3f} {c.predicted_quality:7.2f} "
             f"{c.predicted_cost_usd:10.6f} {c.predicted_latency_ms:10.0f}  {c.reason}"
         )
+    _print_bounds(plan)
     return 0
 
 
@@ -591,6 +620,7 @@ TRAINERS: dict[str, str] = {
     "router": "services.dispatch.router_train",
     "ranker": "services.ranking.train",
     "fusion": "services.fusion.train",
+    "confusion": "services.dispatch.bounds",
 }
 """``constellation train <what>`` -> the module whose ``main(argv)`` trains it (imported only when chosen)."""
 
@@ -705,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--profile", choices=["quality", "balanced", "cost", "speed"], help="routing profile")
         command.add_argument("--max-cost", type=float, help="ceiling on the predicted cost in USD")
         command.add_argument("--max-latency-ms", type=float, help="ceiling on the predicted latency in ms")
+        command.add_argument(
+            "--alpha", type=float, help="error bound of a closed-answer query for every label, in (0, 1)"
+        )
+        command.add_argument("--label-alpha", action="append", metavar="LABEL=BOUND", help="per-label error bound")
     plan.add_argument("--address")
     plan.set_defaults(handler=lambda a: asyncio.run(_plan(a)))
 

@@ -28,8 +28,10 @@ from tqdm import tqdm
 from apps.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, verdict
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import ConstellationError
+from constellation.ml.answers import extract_answer
 from constellation.pools import PoolRecord, model_cards_for, read_pool
 from constellation.v1 import common_pb2
+from services.dispatch import bounds
 
 REPLAY_MODEL = "replay"
 MAX_TOKENS_LIMIT = 65536
@@ -44,6 +46,8 @@ class EvalReport:
     answer_kind: str
     results: list[PolicyResult]
     best_single: PolicyResult
+    bounded: dict[str, dict[str, dict[str, float]]]
+    """Per ``planned:<alpha>`` policy and true label: n, errors, realised error and its 95% Wilson interval."""
     calls: int
     failed_calls: int
     wall_s: float
@@ -85,6 +89,8 @@ async def _one_call(client: DispatchClient, record: PoolRecord, model: str, time
     if model.startswith("profile:"):
         profile = getattr(common_pb2, "PROFILE_" + model.split(":", 1)[1].upper())
         request = ask_request(record.prompt, max_tokens=MAX_TOKENS_LIMIT, profile=profile)
+    elif model.startswith("planned:"):
+        request = ask_request(record.prompt, max_tokens=MAX_TOKENS_LIMIT, alpha=float(model.split(":", 1)[1]))
     else:
         request = ask_request(record.prompt, model=model, max_tokens=MAX_TOKENS_LIMIT)
     try:
@@ -173,6 +179,7 @@ def run_eval(
     routed = any(p.startswith("profile:") for p in chosen)
     if routed and artifact is None:
         raise ValueError("profile:<name> policies need a trained router; run `constellation train router` first")
+    planned = [p for p in chosen if p.startswith("planned:")]
     needed: dict[tuple[str, str], tuple[PoolRecord, str]] = {}
     for policy in chosen:
         for record in evaluated:
@@ -186,6 +193,7 @@ def run_eval(
         run_dir = Path(tmp)
         models_file = run_dir / "models.json"
         models_file.write_text(json.dumps(catalog_for(pool, judge.models)))
+        confusion = bounds.save([bounds.fit(pool)], run_dir / "artifacts") if planned else None
         ports = MeshPorts(*(free_port() for _ in range(9)))
         mesh = Mesh(
             ports,
@@ -207,6 +215,7 @@ def run_eval(
                 *(["--router-artifact", str(artifact)] if routed and artifact is not None else ["--no-routing"]),
                 # the eval measures routing decisions, not the classifier's latency under a burst
                 *(["--classify-timeout", "30"] if routed else []),
+                *(["--confusion-artifact", str(confusion)] if confusion is not None else []),
                 # simulated latency is not waited (time scale 0): real times to first token say nothing
                 "--no-hedging",
             ],
@@ -252,7 +261,37 @@ def run_eval(
         calls_per_s=len(calls) / wall if wall else math.nan,
         time_scale=time_scale,
         concurrency=concurrency,
+        bounded={p: error_per_label(evaluated, {r: c for (r, m), c in calls.items() if m == p}) for p in planned},
     )
+
+
+def wilson(errors: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``errors / n``."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = errors / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def error_per_label(records: Sequence[PoolRecord], calls: dict[str, Call]) -> dict[str, dict[str, float]]:
+    """Realised error of an error-bounded policy per true label (a failed call counts as an error)."""
+    tally: dict[str, list[int]] = {}
+    for record in records:
+        truth = (record.reference or "").strip().upper()
+        call = calls.get(record.id)
+        if not truth or call is None:
+            continue
+        right = not call.error and extract_answer("choice", call.text) == truth
+        counts = tally.setdefault(truth, [0, 0])
+        counts[0] += 1
+        counts[1] += int(not right)
+    rows: dict[str, dict[str, float]] = {}
+    for label, (n, errors) in sorted(tally.items()):
+        low, high = wilson(errors, n)
+        rows[label] = {"n": n, "errors": errors, "error": errors / n, "low": low, "high": high}
+    return rows
 
 
 def plans_ranked_fanouts(artifact: Path) -> bool:
@@ -316,7 +355,23 @@ def markdown(report: EvalReport, whole_file: dict[str, float] | None = None) -> 
             model = r.policy.removeprefix("single:").split(" (recorded")[0]
             lines[-1] += f" {whole_file[model] * scale:.2f} |" if model in whole_file else " |"
     verdicts = [f"- {verdict(r, report.best_single)}" for r in baselines]
-    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n" + bounded_table(report)
+
+
+def bounded_table(report: EvalReport) -> str:
+    """Realised error per true label (95% Wilson interval) of each ``planned:<alpha>`` policy; "" if none."""
+    if not report.bounded:
+        return ""
+    lines = ["", "| policy | true label | n | realised error % | 95% interval % | alpha % |"]
+    lines.append("|---|---|---|---|---|---|")
+    for policy, rows in report.bounded.items():
+        alpha = float(policy.split(":", 1)[1])
+        for label, row in rows.items():
+            lines.append(
+                f"| {policy} | {label} | {row['n']:.0f} | {row['error'] * 100:.1f} | "
+                f"{row['low'] * 100:.1f}-{row['high'] * 100:.1f} | {alpha * 100:g} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def pareto_plot(report: EvalReport, path: Path) -> None:
@@ -395,6 +450,7 @@ def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
         "best_single": report.best_single.policy,
         "results": [r.row() for r in report.results],
         "verdicts": {r.policy: verdict(r, report.best_single) for r in report.results},
+        "error_per_label": report.bounded,
     }
     paths = {
         "json": out_dir / f"{stem}.json",

@@ -243,7 +243,7 @@ class Judge:
             return [oracle_model(record)]
         if policy == "majority":
             return list(self.models)
-        if policy.startswith("profile:"):
+        if policy.startswith(("profile:", "planned:")):
             return [policy]  # one routed call; the mesh chooses the models
         raise ValueError(
             f"unknown policy {policy!r}; known: single:<model>, static, random, oracle, majority, profile:<name>"
@@ -265,7 +265,7 @@ class Judge:
         return Outcome(record.id, quality, call.cost_usd, call.simulated_ms, call.mesh_ms, call.models, failed)
 
     def outcome(self, policy: str, record: PoolRecord, calls: dict[str, Call]) -> Outcome:
-        if policy.startswith("profile:"):
+        if policy.startswith(("profile:", "planned:")):
             return self.routed_outcome(record, calls[policy])
         members = self.members(policy, record)
         used = [calls[m] for m in members]

@@ -71,6 +71,10 @@ class DispatchConfig(ServiceConfig):
         models_file: A JSON file of more entries (``{"name": {...ModelEntry...}}``), merged over ``models``.
         router_artifact: The trained router (``constellation train router``): an artifact directory or
             a root holding ``router/CURRENT``. Empty: the default root's CURRENT when there is one.
+        confusion_artifact: Confusion matrices for error-bounded queries (``constellation train
+            confusion``): an artifact directory or a root holding ``confusion/CURRENT``. Empty: the
+            default root's CURRENT when there is one, else error-bounded queries are refused.
+        max_samples: Most calls of one model an error-bounded plan may make (temperature > 0 only).
         routing: Route requests that name no model over the pool (the catalog and the registry's
             models). Off, or with an empty pool, they go to ``default_model``.
         default_profile: Profile of requests that leave ``profile`` unspecified.
@@ -115,6 +119,8 @@ class DispatchConfig(ServiceConfig):
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     models_file: str = ""
     router_artifact: str = ""
+    confusion_artifact: str = ""
+    max_samples: int = Field(default=3, ge=1, le=16)
     routing: bool = True
     default_profile: Literal["quality", "cost", "speed", "balanced"] = "balanced"
     max_fallbacks: int = Field(default=2, ge=0, le=8)

@@ -7,11 +7,15 @@ interleaved as the models work, then one ``Finished``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from constellation.errors import ConstellationError
 from constellation.semconv import Phase
 from constellation.v1.common_pb2 import Classification
 from services.dispatch.routing import PlannedModel, waves_of
+
+if TYPE_CHECKING:
+    from services.dispatch.bounds import BoundedPlan
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class PlanMade:
     profile: str = ""
     quorum: int = 0
     time_budget_ms: float = 0.0
+    bounded: BoundedPlan | None = None
+    """The error-bounded plan (``planned`` policy): its calls, certified bounds and vote."""
+    parts: tuple[str, ...] = ()
+    """The sub-queries of a decomposed prompt (``decomposed`` policy), in order."""
 
     def waves(self) -> list[list[PlannedModel]]:
         return waves_of(self.members)
@@ -76,6 +84,21 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class PartResult:
+    """The answer to one sub-query of a decomposed prompt; ``error`` is set when the part failed."""
+
+    index: int
+    prompt: str
+    text: str
+    policy: str
+    models: list[str]
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    error: ConstellationError | None = None
+
+
+@dataclass(frozen=True)
 class Finished:
     """The end of the answer: usage, cost and the latency breakdown; ``problems`` are failures it survived."""
 
@@ -90,6 +113,12 @@ class Finished:
     confidence: float = 0.0
     uncertain: bool = False
     problems: list[ConstellationError] = field(default_factory=list)
+    decision: str = ""
+    """The decided label of an error-bounded query."""
+    error_bounds: dict[str, float] = field(default_factory=dict)
+    """The certified error bound per true label of the plan that answered (``planned``)."""
+    parts: list[PartResult] = field(default_factory=list)
+    """Per sub-query answers, in order, when the prompt was decomposed."""
 
 
 Event = Classified | PlanMade | CandidateProgress | Delta | Finished

@@ -26,6 +26,8 @@ from constellation.tasks import cancel_and_wait
 from constellation.triton import TritonClient
 from constellation.v1 import dispatch_pb2_grpc
 from services.classifier.client import ClassifierClient
+from services.dispatch.bounds import BoundedPlanner
+from services.dispatch.bounds import try_load as try_load_bounds
 from services.dispatch.budget import TenantBudgets
 from services.dispatch.capacity import any_warm, scaler_capacity
 from services.dispatch.config import DispatchConfig
@@ -133,6 +135,7 @@ async def dispatcher_for(config: DispatchConfig) -> AsyncIterator[Dispatcher]:
             ranking=ranking,
             fusion=fusion,
             budgets=TenantBudgets(config.budgets, SqliteKeys(keys_db_path(config.security.keys_db)).tenants),
+            bounds=load_bounds(config),
         )
         if config.scaler_url:
             view = registry
@@ -149,6 +152,19 @@ def http_auth(config: DispatchConfig) -> list[Middleware]:
         return []
     authenticator = Authenticator(SqliteKeys(keys_db_path(config.security.keys_db)))
     return [http_middleware(authenticator, error_response)]
+
+
+def load_bounds(config: DispatchConfig) -> BoundedPlanner | None:
+    """The planner of error-bounded queries over the confusion artifact, or None when there is none
+    (a configured artifact that cannot be loaded stops startup)."""
+    kinds, why = try_load_bounds(config.confusion_artifact or None)
+    if why:
+        if config.confusion_artifact:
+            raise FailedPrecondition(why)
+        log.info("error-bounded queries are refused: %s", why)
+        return None
+    log.info("confusion matrices loaded: %s", ", ".join(f"{k.name} ({len(k.matrices)} models)" for k in kinds.values()))
+    return BoundedPlanner(kinds)
 
 
 @asynccontextmanager
@@ -205,6 +221,10 @@ SERVICE = ServiceMain(
         Flag("--max-tokens-limit", type=int, help="largest sampling.max_tokens accepted (default 2048)"),
         Flag(
             "--router-artifact", help="trained router (`constellation train router`); default: the CURRENT one if any"
+        ),
+        Flag(
+            "--confusion-artifact",
+            help="confusion matrices (`constellation train confusion`) for error-bounded queries; default: CURRENT",
         ),
         disable("--no-routing", "routing", "send requests that name no model to --default-model"),
         Flag("--default-model", help="model asked when routing is off or the pool is empty (smollm2)"),

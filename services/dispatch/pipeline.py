@@ -23,6 +23,7 @@ from opentelemetry import trace
 from constellation import semconv
 from constellation.auth import current_tenant
 from constellation.errors import ConstellationError, Retryable, Unavailable
+from constellation.planning import split
 from constellation.semconv import Phase, Policy
 from constellation.triton import TritonClient
 from constellation.v1 import common_pb2
@@ -30,6 +31,7 @@ from constellation.v1.common_pb2 import Classification
 from services.classifier.client import ClassifierClient
 from services.dispatch.accounting import CLASSIFY_FAILURES, DEGRADED_PLANS, FANOUT, Accounting
 from services.dispatch.aggregation import Aggregator
+from services.dispatch.bounds import BoundedPlanner
 from services.dispatch.budget import TenantBudgets
 from services.dispatch.calls import CallResult, Run
 from services.dispatch.config import DispatchConfig, ModelEntry
@@ -76,6 +78,7 @@ class Dispatcher:
         fusion: Fuses a fan-out's candidates (calibrated vote, or a generated answer); None votes in
             dispatch (uncalibrated confidence: the winner's weighted share).
         generator: Makes the model calls; None uses ``triton`` (unit tests pass a fake).
+        bounds: Plans error-bounded queries (``AskRequest.alpha``); None refuses them.
     """
 
     def __init__(
@@ -91,13 +94,16 @@ class Dispatcher:
         fusion: FusionClient | None = None,
         generator: Generator | None = None,
         budgets: TenantBudgets | None = None,
+        bounds: BoundedPlanner | None = None,
     ):
         self.config = config
         self.budgets = budgets
         self.triton = triton
         self.classifier = classifier
         self.router = router
-        self.planner = Planner(config, triton.url, router=router, registry=registry, ranking=ranking is not None)
+        self.planner = Planner(
+            config, triton.url, router=router, registry=registry, ranking=ranking is not None, bounds=bounds
+        )
         self.accounting = Accounting(config, registry, reporter)
         self.tools = Toolkit(
             config=config,
@@ -105,6 +111,7 @@ class Dispatcher:
             accounting=self.accounting,
             aggregator=Aggregator(config, ranking, fusion),
             require_model=self._require_model,
+            ask_part=self._ask_part,
         )
         self.strategies: dict[str, Strategy] = {policy: cls(self.tools) for policy, cls in STRATEGIES.items()}
         self.triton_up = True
@@ -184,6 +191,11 @@ class Dispatcher:
             self.budgets.admit(tenant)
         if query.request_tag:
             span.set_attribute(semconv.REQUEST_TAG, query.request_tag)
+        parts = split(query.prompt) if query.decompose and not query.model else None
+        if parts is not None:
+            async for event in self._ask_decomposed(query, [p.text for p in parts], deadline_s, received_at):
+                yield event
+            return
         stages: list[Stage] = []
         classify_start = time.perf_counter()
         stages.append(Stage("validate", (classify_start - received_at) * 1000))
@@ -243,6 +255,25 @@ class Dispatcher:
                 self.budgets.settle(reservation, final.cost_usd, final.input_tokens, final.output_tokens)
             else:
                 self.budgets.settle(reservation, so_far)
+
+    async def _ask_decomposed(
+        self, query: Query, parts: list[str], deadline_s: float | None, received_at: float
+    ) -> AsyncGenerator[Event, None]:
+        """A multi-part prompt: each part a whole Ask of its own (strategies/decomposed.py)."""
+        trace.get_current_span().set_attribute(semconv.ROUTE, Policy.DECOMPOSED)
+        budget = self.config.default_timeout_s if deadline_s is None else deadline_s
+        if query.time_budget_ms:
+            budget = min(budget, query.time_budget_ms / 1000)
+        summary = f"{len(parts)} independent parts, each planned on its own"
+        plan = PlanMade(Policy.DECOMPOSED, [], summary, profile=query.profile, parts=tuple(parts))
+        stages = [Stage("validate", (time.perf_counter() - received_at) * 1000)]
+        run = Run(query, plan, "", received_at, received_at + budget, stages)
+        async for event in self.strategies[Policy.DECOMPOSED].run(run):
+            yield event
+
+    def _ask_part(self, query: Query, deadline_s: float, received_at: float) -> AsyncGenerator[Event, None]:
+        """One sub-query of a decomposed prompt, asked whole."""
+        return self.ask(query, deadline_s=deadline_s, received_at=received_at)
 
     def strategy_for(self, plan: PlanMade) -> Strategy:
         """The strategy registered for the plan's policy; a policy without one runs by its size."""

@@ -15,6 +15,7 @@ from constellation.errors import FailedPrecondition, FieldViolation, InvalidArgu
 from constellation.semconv import Policy
 from constellation.v1 import common_pb2, registry_pb2
 from constellation.v1.common_pb2 import Classification
+from services.dispatch.bounds import BoundedPlan, BoundedPlanner
 from services.dispatch.capacity import cold_start_ms
 from services.dispatch.config import DispatchConfig, ModelEntry
 from services.dispatch.events import PlanMade
@@ -60,6 +61,7 @@ class Planner:
         router: The routing policy; None asks ``config.default_model`` unless a request names one.
         registry: A live view of the registry (health, latency); None uses the catalog alone.
         ranking: Whether a ranking service can pick the answer of a ranked fan-out.
+        bounds: Plans error-bounded queries (``AskRequest.alpha``); None refuses them.
     """
 
     def __init__(
@@ -70,12 +72,14 @@ class Planner:
         router: Router | None = None,
         registry: RegistryView | None = None,
         ranking: bool = False,
+        bounds: BoundedPlanner | None = None,
     ):
         self.config = config
         self.endpoint = endpoint
         self.router = router
         self.registry = registry
         self.ranking = ranking
+        self.bounds = bounds
         self.catalog = config.catalog()
 
     def entry(self, model: str) -> ModelEntry:
@@ -118,6 +122,8 @@ class Planner:
         pool = self.pool()
         if self.router is not None and pool:
             pool = self._fitting(pool, query.prompt)
+        if query.bounded:
+            return self.plan_bounded(query, pool)
         if self.router is None or not pool:
             reason = "default model (no routing policy or no pool configured)"
             _require_fit(self.config.default_model, self.entry(self.config.default_model).context_length, tokens)
@@ -184,6 +190,32 @@ class Planner:
             deadline_ms=query.time_budget_ms,
         )
 
+    def plan_bounded(self, query: Query, pool: list[PoolModel]) -> PlanMade:
+        """The cheapest plan whose vote meets the query's error bound for every label (``planned``).
+
+        Repeated samples of a model (up to ``config.max_samples``) are planned only when the query
+        samples at temperature > 0; otherwise each model is asked once.
+
+        Raises:
+            FailedPrecondition: no matrices loaded, or the prompt is of no fitted kind.
+            InvalidArgument: a bound outside (0, 1) for some label, or no plan meets it.
+        """
+        if self.bounds is None:
+            raise FailedPrecondition(
+                "error-bounded queries need confusion matrices; train them with `constellation train confusion`",
+                reason="CONFUSION_NOT_TRAINED",
+            )
+        kind = self.bounds.kind_of(query.prompt)
+        if kind is None:
+            known = ", ".join(f"{k.name} ({''.join(k.labels)})" for k in self.bounds.kinds.values())
+            raise FailedPrecondition(
+                f"an error bound needs a closed-answer prompt whose options match a fitted kind: {known}",
+                reason="NO_KIND_FOR_PROMPT",
+            )
+        hot = query.sampling.temperature is not None and query.sampling.temperature > 0
+        made = self.bounds.plan(kind, query.alpha_for(kind.labels), pool, samples=self.config.max_samples if hot else 1)
+        return bounded_plan_event(made, query)
+
 
 def _require_fit(model: str, context_length: int, tokens: int) -> None:
     """Raises InvalidArgument when ``model``'s known context cannot hold ``tokens`` prompt tokens."""
@@ -202,6 +234,26 @@ def _too_long(tokens: int, context_length: int, whose: str) -> InvalidArgument:
         reason="PROMPT_TOO_LONG",
         metadata={"context_length": str(context_length), "estimated_prompt_tokens": str(tokens)},
     )
+
+
+def bounded_plan_event(made: BoundedPlan, query: Query) -> PlanMade:
+    """The ``planned`` PlanMade of an error-bounded plan: one member per model (its samples in the reason)."""
+    chosen = made.plan
+    vote_accuracy = {m: matrix.accuracy_per_label for m, matrix in made.matrices.items()}
+    members = [
+        PlannedModel(
+            model,
+            quality=float(np.mean(list(vote_accuracy[model].values()))),
+            cost_usd=made.call_costs[model] * count,
+            chosen=True,
+            score=1.0,
+            reason=f"{count} call{'s' if count > 1 else ''} in the error-bounded plan",
+        )
+        for model, count in zip(chosen.members, chosen.counts, strict=True)
+    ]
+    bounds = ", ".join(f"{label} {b:.3g}" for label, b in chosen.bound_per_label.items())
+    summary = f"{made.kind}: {len(chosen.calls())} calls, cost {chosen.cost:.6g}, certified error {bounds}"
+    return PlanMade(Policy.PLANNED, members, summary, members, query.profile, bounded=made)
 
 
 def _alone(policy: Policy, query: Query, model: str, reason: str) -> PlanMade:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from constellation.errors import FieldViolation, InvalidArgument
@@ -37,6 +37,22 @@ class Query:
     max_cost_usd: float = 0.0
     max_latency_ms: float = 0.0
     required_capabilities: tuple[str, ...] = ()
+    alpha: float = 0.0
+    """The error bound of a closed-answer query for every label; 0: none."""
+    label_alpha: tuple[tuple[str, float], ...] = ()
+    """Per-label error bounds that override ``alpha``."""
+    decompose: bool = True
+    """Whether a multi-part prompt may be split into sub-queries."""
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the caller asked for an error bound."""
+        return self.alpha > 0 or bool(self.label_alpha)
+
+    def alpha_for(self, labels: Sequence[str]) -> dict[str, float]:
+        """The bound of each label: its own when given, else ``alpha``; a label with neither gets 0 (invalid)."""
+        own = dict(self.label_alpha)
+        return {label: own.get(label, self.alpha) for label in labels}
 
 
 def validate(
@@ -58,6 +74,9 @@ def validate(
     max_cost_usd: float = 0.0,
     max_latency_ms: float = 0.0,
     required_capabilities: Sequence[str] = (),
+    alpha: float = 0.0,
+    label_alpha: Mapping[str, float] | None = None,
+    decompose: bool = True,
 ) -> Query:
     """Checks every field and returns the query, or raises with all violations at once.
 
@@ -80,6 +99,7 @@ def validate(
     if len(request_tag) > MAX_REQUEST_TAG_CHARS:
         violations.append(FieldViolation("request_tag", f"must be at most {MAX_REQUEST_TAG_CHARS} characters"))
     violations += _routing_violations(profile, weights, max_cost_usd, max_latency_ms, required_capabilities)
+    violations += _bound_violations(alpha, label_alpha or {}, model)
     if violations:
         fields = ", ".join(v.field for v in violations)
         raise InvalidArgument(f"invalid AskRequest: {fields}", violations)
@@ -101,7 +121,25 @@ def validate(
         max_cost_usd=max_cost_usd,
         max_latency_ms=max_latency_ms,
         required_capabilities=tuple(required_capabilities),
+        alpha=alpha,
+        label_alpha=tuple(sorted((label_alpha or {}).items())),
+        decompose=decompose,
     )
+
+
+def _bound_violations(alpha: float, label_alpha: Mapping[str, float], model: str) -> list[FieldViolation]:
+    """What is wrong with the request's error bounds (each in (0, 1); none together with a named model)."""
+    violations: list[FieldViolation] = []
+    if not (0.0 <= alpha < 1.0):
+        violations.append(FieldViolation("alpha", f"must be in (0, 1), or 0 for no bound; got {alpha:g}"))
+    for label, value in sorted(label_alpha.items()):
+        if not label or len(label) > 16:
+            violations.append(FieldViolation("label_alpha", "labels must be 1 to 16 characters long"))
+        if not (0.0 < value < 1.0):
+            violations.append(FieldViolation(f"label_alpha[{label}]", f"must be in (0, 1), got {value:g}"))
+    if model and (alpha > 0 or label_alpha):
+        violations.append(FieldViolation("alpha", "an error bound chooses the models itself; leave `model` empty"))
+    return violations
 
 
 def _sampling_violations(

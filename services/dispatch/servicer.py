@@ -13,7 +13,7 @@ from constellation.errors import ConstellationError, abort, to_status_proto
 from constellation.semconv import Phase
 from constellation.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 from services.dispatch.config import DispatchConfig
-from services.dispatch.events import CandidateProgress, Classified, Delta, Event, Finished, PlanMade
+from services.dispatch.events import CandidateProgress, Classified, Delta, Event, Finished, PartResult, PlanMade
 from services.dispatch.pipeline import Dispatcher
 from services.dispatch.query import Query, validate
 
@@ -53,6 +53,9 @@ def to_query(request: dispatch_pb2.AskRequest, config: DispatchConfig) -> Query:
         max_cost_usd=request.ceilings.max_cost_usd,
         max_latency_ms=request.ceilings.max_latency_ms,
         required_capabilities=list(request.ceilings.required_capabilities),
+        alpha=request.alpha,
+        label_alpha=dict(request.label_alpha),
+        decompose=request.decomposition != dispatch_pb2.DECOMPOSITION_OFF,
     )
 
 
@@ -69,7 +72,11 @@ def _profile_name(value: common_pb2.Profile.ValueType, default: str) -> str:
 def plan_message(event: PlanMade) -> common_pb2.Plan:
     """The plan with every candidate considered: chosen ones first, by wave, then the rest by score."""
     candidates = event.candidates or event.members
+    bounded = event.bounded.plan if event.bounded is not None else None
+    samples = dict(zip(bounded.members, bounded.counts, strict=True)) if bounded is not None else {}
     return common_pb2.Plan(
+        alpha=bounded.alpha if bounded is not None else {},
+        error_bounds=bounded.bound_per_label if bounded is not None else {},
         policy=event.policy,
         profile=_PROFILES.get(event.profile, common_pb2.PROFILE_UNSPECIFIED),
         summary=event.summary,
@@ -85,6 +92,7 @@ def plan_message(event: PlanMade) -> common_pb2.Plan:
                 chosen=c.chosen,
                 reason=c.reason,
                 wave=c.wave,
+                samples=samples.get(c.model, 0),
             )
             for c in sorted(candidates, key=lambda c: (not c.chosen, c.wave, -c.score))
         ],
@@ -141,6 +149,9 @@ def to_response(event: Event) -> dispatch_pb2.AskResponse:
                 confidence=event.confidence,
                 uncertain=event.uncertain,
                 status=_survived(event.problems),
+                decision=event.decision,
+                error_bounds=event.error_bounds,
+                parts=[_part_message(p) for p in event.parts],
             )
         )
     raise TypeError(f"unknown event {event!r}")
@@ -150,6 +161,21 @@ def cut_response(error: ConstellationError) -> dispatch_pb2.AskResponse:
     """The last event of an Ask that shutdown cut: a final event whose status says why (drain window over)."""
     status = to_status_proto(error, service="dispatch")
     return dispatch_pb2.AskResponse(final=dispatch_pb2.FinalEvent(finish_reason="cancelled", status=status))
+
+
+def _part_message(part: PartResult) -> dispatch_pb2.PartAnswer:
+    """One sub-query's answer, with its own status."""
+    return dispatch_pb2.PartAnswer(
+        index=part.index,
+        prompt=part.prompt,
+        text=part.text,
+        policy=part.policy,
+        models=part.models,
+        usage=common_pb2.Usage(
+            input_tokens=part.input_tokens, output_tokens=part.output_tokens, cost_usd=part.cost_usd
+        ),
+        status=_survived([part.error] if part.error is not None else []),
+    )
 
 
 def _survived(problems: list[ConstellationError]) -> status_pb2.Status:

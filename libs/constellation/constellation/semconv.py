@@ -64,6 +64,10 @@ class Policy(StrEnum):
     """A cheap first wave that must agree, then stronger models."""
     RANK = "rank"
     """Several models at once, the ranking service picks the answer."""
+    PLANNED = "planned"
+    """An error-bounded plan: its calls at once, the likelihood-ratio vote decides, certified early stop."""
+    DECOMPOSED = "decomposed"
+    """A multi-part prompt split into sub-queries, each planned on its own, answered in order."""
 
 
 class Role(StrEnum):

@@ -19,6 +19,7 @@ from services.dispatch.calls import Run
 from services.dispatch.config import DispatchConfig
 from services.dispatch.events import Event
 from services.dispatch.generation import ModelCaller
+from services.dispatch.query import Query
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Toolkit:
     Attributes:
         require_model: Raises NotFound, listing the models the server does serve, unless the named
             model is ready (used when a requested model was not found).
+        ask_part: Runs one sub-query as a whole Ask (query, seconds left, received_at) for decomposed
+            prompts; None where there is no dispatcher behind the strategies (unit tests of one strategy).
     """
 
     config: DispatchConfig
@@ -35,6 +38,7 @@ class Toolkit:
     accounting: Accounting
     aggregator: Aggregator
     require_model: Callable[[str], Awaitable[None]]
+    ask_part: Callable[[Query, float, float], AsyncGenerator[Event, None]] | None = None
 
 
 class Strategy(Protocol):
@@ -73,6 +77,16 @@ def replaceable(error: ConstellationError) -> bool:
     return isinstance(error, Retryable | NotFound)
 
 
-from services.dispatch.strategies import single, waves  # noqa: E402  (registers the strategies)
+from services.dispatch.strategies import decomposed, planned, single, waves  # noqa: E402  (registers them)
 
-__all__ = ["STRATEGIES", "Strategy", "Toolkit", "register", "replaceable", "single", "waves"]
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "Toolkit",
+    "decomposed",
+    "planned",
+    "register",
+    "replaceable",
+    "single",
+    "waves",
+]
