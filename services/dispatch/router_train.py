@@ -42,6 +42,7 @@ from services.dispatch.routing import (
     ARTIFACT_KIND,
     CLOSED_KINDS,
     DEFAULT_PROFILES,
+    PlannedModel,
     PoolModel,
     Prediction,
     ProfileSettings,
@@ -61,6 +62,9 @@ VOTE_SIZES = (1, 3, 5, 7)
 ANCHOR_MARGINS = (0.0, 0.02, 0.05, 0.1)
 ESCALATE_SIZES = (1, 3)
 RANK_SIZES = (2, 3)
+TOP_VOTES = (3, 5)
+"""The top-k votes by train record that ``eval`` reports as baselines; the quality profile keeps one
+when no per-query plan beats it on train (leave-one-out records)."""
 QUALITY_TIE = 1e-9
 """The quality profile keeps the most accurate settings on train; only exact ties go to the cheaper."""
 MEAN_LOSS = 0.01
@@ -235,6 +239,12 @@ class RankerPicks:
         return self.cache[key]
 
 
+def _cost(record: PoolRecord, member: PlannedModel) -> float:
+    """The recorded cost of ``member``'s answer; the plan's estimate where no price was recorded (never 0)."""
+    recorded = record.responses[member.model].cost_usd
+    return member.cost_usd if recorded is None else recorded
+
+
 def simulate(
     router: Router,
     profile: str,
@@ -266,10 +276,10 @@ def simulate(
             names = [m.model for m in route.members]
             kept = pick(record, names) if pick is not None else names[0]
             total_q += record.responses[kept].quality
-            total_c += sum(record.responses[m].cost_usd or 0.0 for m in names)
+            total_c += sum(_cost(record, m) for m in route.members)
             continue
         for w, wave in enumerate(waves):
-            cost += sum(record.responses[m.model].cost_usd or 0.0 for m in wave)
+            cost += sum(_cost(record, m) for m in wave)
             if route.policy == "cascade" and w < len(waves) - 1:
                 answers = [normalize_answer(kind, record.responses[m.model].answer) for m in wave]
                 if answers[0] is not None and all(a == answers[0] for a in answers):
@@ -532,7 +542,8 @@ def quality_options(kind: str) -> list[ProfileSettings]:
     """The quality profile's grid for one answer kind; the static choice is always among them."""
     options = [ProfileSettings(Weights(1.0, 0.0, 0.0), anchor_margin=m) for m in ANCHOR_MARGINS]
     options.append(ProfileSettings(Weights(1.0, 0.0, 0.0), static=True))  # routing must beat this on train
-    if kind in CLOSED_KINDS:
+    if kind in CLOSED_KINDS:  # and the votes of the best train records, the eval's top-k baselines
+        options += [ProfileSettings(Weights(1.0, 0.0, 0.0), top_vote=k) for k in TOP_VOTES]
         options += [ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size) for size in VOTE_SIZES[1:]]
         options += [
             ProfileSettings(Weights(1.0, 0.0, 0.0), size, 0.25, 0.85, escalate_size=escalate)

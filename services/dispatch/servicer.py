@@ -85,6 +85,7 @@ def plan_message(event: PlanMade) -> common_pb2.Plan:
                 chosen=c.chosen,
                 reason=c.reason,
                 wave=c.wave,
+                cost_estimated=c.cost_estimated,
             )
             for c in sorted(candidates, key=lambda c: (not c.chosen, c.wave, -c.score))
         ],
