@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from apps.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, verdict
+from apps.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, pareto_verdict, verdict
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import ConstellationError
 from constellation.pools import PoolRecord, model_cards_for, read_pool
@@ -50,6 +50,8 @@ class EvalReport:
     calls_per_s: float
     time_scale: float
     concurrency: int
+    cascade: str = ""
+    """The cascade baseline found on train, in words (empty when none)."""
 
     @property
     def metric(self) -> str:
@@ -252,6 +254,7 @@ def run_eval(
         calls_per_s=len(calls) / wall if wall else math.nan,
         time_scale=time_scale,
         concurrency=concurrency,
+        cascade=judge.cascade.describe() if judge.cascade is not None else "",
     )
 
 
@@ -316,7 +319,18 @@ def markdown(report: EvalReport, whole_file: dict[str, float] | None = None) -> 
             model = r.policy.removeprefix("single:").split(" (recorded")[0]
             lines[-1] += f" {whole_file[model] * scale:.2f} |" if model in whole_file else " |"
     verdicts = [f"- {verdict(r, report.best_single)}" for r in baselines]
-    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
+    front = [f"- {pareto_verdict(r, report.results)}" for r in baselines if r.policy != "oracle"]
+    notes = f"\nBaseline `cascade` (found on train): {report.cascade}.\n" if report.cascade else ""
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + "\n".join(verdicts)
+        + "\n\nAgainst the Pareto front of single models and baselines (quality vs mean cost; the oracle and "
+        + "policies with no recorded price left out):\n\n"
+        + "\n".join(front)
+        + "\n"
+        + notes
+    )
 
 
 def pareto_plot(report: EvalReport, path: Path) -> None:
@@ -354,6 +368,9 @@ def pareto_plot(report: EvalReport, path: Path) -> None:
         "profile:balanced": "X",
         "profile:cost": "<",
         "profile:speed": ">",
+        "top3": "^",
+        "top5": "h",
+        "cascade": "d",
     }
     for r in report.results:
         if r.policy.startswith("single:"):
@@ -395,6 +412,12 @@ def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
         "best_single": report.best_single.policy,
         "results": [r.row() for r in report.results],
         "verdicts": {r.policy: verdict(r, report.best_single) for r in report.results},
+        "pareto": {
+            r.policy: pareto_verdict(r, report.results)
+            for r in report.results
+            if not r.policy.startswith("single:") and r.policy != "oracle"
+        },
+        "cascade": report.cascade,
     }
     paths = {
         "json": out_dir / f"{stem}.json",
