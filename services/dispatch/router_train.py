@@ -7,13 +7,16 @@ What it does, in order:
 2. Chooses the predictor's neighbourhood (k, shrinkage) by leave-one-out routing accuracy on ``train``.
 3. Calibrates it: isotonic regression of the recorded quality on the leave-one-out estimates.
 4. Learns, per answer kind, how the ``quality`` profile plans (one model per query; the one model with
-   the best train record over the pool, unless per-query choices beat it on train; a vote of n; or a
-   cascade), and the ``balanced`` profile on ``train``: among a grid of weights, cascades (closed
-   answers) and ranked fan-outs (code and open answers, when a pair ranker is trained: cheap models
-   asked at once, the ranker's pick kept), the one with the lowest mean cost relative to each pool's
+   the best train record over the pool, unless per-query choices beat it on train; a vote of n; a vote
+   of the 3 or 5 best train records, the top-k baselines of ``eval``; or a cascade), and the
+   ``balanced`` profile on ``train``: among a grid of weights, cascades and top-k votes by train record
+   (closed answers) and ranked fan-outs (code and open answers, when a pair ranker is trained: cheap
+   models asked at once, the ranker's pick kept), the one with the lowest mean cost relative to each pool's
    best train model that stays within a margin of that model's train quality on every pool (simulated
    with leave-one-out predictions and recorded answers; nothing from ``test`` is used; the ranker's
-   picks are in-sample, since it was fitted on the same train splits).
+   picks are in-sample, since it was fitted on the same train splits). A model with no recorded price
+   costs what the plan estimated for it, never 0. ``cost`` and ``speed`` keep their stated quality
+   margins (:data:`~services.dispatch.routing.DEFAULT_PROFILES`), written into the artifact.
 5. Reports Brier score and expected calibration error on leave-one-out ``train`` and, for information
    only, on ``test``; writes a versioned artifact and points CURRENT at it.
 """
@@ -529,6 +532,7 @@ def balanced_options(ranked: bool) -> list[ProfileSettings]:
         for tau in CASCADE_MIN_QUALITY
         for escalate in ESCALATE_SIZES
     ]
+    options += [ProfileSettings(Weights(0.7, 0.2, 0.1), top_vote=k) for k in TOP_VOTES]  # baselines, closed kinds
     if ranked:
         options += [
             ProfileSettings(Weights(1 - c - c / 2, c, c / 2), rank_size=size)
@@ -582,7 +586,8 @@ def learn_balanced(
     chosen: tuple[tuple[int, float], ProfileSettings] | None = None
     search: list[dict[str, Any]] = []
     for settings in tqdm(options, desc=f"learning balanced/{kind}", disable=quiet):
-        if (settings.cascade_size and kind not in CLOSED_KINDS) or (settings.rank_size and kind in CLOSED_KINDS):
+        closed_only = settings.cascade_size or settings.top_vote
+        if (closed_only and kind not in CLOSED_KINDS) or (settings.rank_size and kind in CLOSED_KINDS):
             continue
         losses = []
         relative_costs = []

@@ -455,7 +455,7 @@ def _size_fit(model: PoolModel, peers: Sequence[PoolModel]) -> tuple[float, floa
     sized = [p for p in peers if p.params_b and p.params_b > 0]
     if not model.params_b or model.params_b <= 0 or len(sized) < 3:
         return None
-    x = np.log([p.params_b for p in sized])
+    x = np.log([p.params_b or 1.0 for p in sized])
     if np.ptp(x) <= 0:
         return None
     out = []
