@@ -392,3 +392,13 @@ def test_training_simulates_a_ranked_fan_out_with_the_pickers_choice_and_every_m
     assert picked == pytest.approx((1.0, 0.03))
     first = simulate(router, "balanced", pool, models, preds, [0])
     assert first == pytest.approx((0.0, 0.03))
+
+
+def test_the_plan_message_says_which_costs_are_estimated() -> None:
+    from services.dispatch.servicer import plan_message
+
+    pool = [PoolModel("cheap", 0.1, 0.1), PoolModel("unpriced")]
+    route = Router(None).route(pool, profile="cost", predictions=fixed({"cheap": 0.9, "unpriced": 0.9}))
+    event = PlanMade(route.policy, route.members, route.summary, route.candidates, route.profile)
+    flags = {c.model: c.cost_estimated for c in plan_message(event).candidates}
+    assert flags == {"cheap": False, "unpriced": True}
