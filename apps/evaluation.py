@@ -33,6 +33,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from constellation.ml.answers import normalize_answer
@@ -239,11 +240,16 @@ class Judge:
         self.seed = seed
         cost = mean_cost_by_model(train)
         self.by_record = sorted(self.train_quality, key=lambda m: (-self.train_quality[m], cost.get(m, 0.0), m))
-        self.cascade: CascadeChoice | None = None
-        if self.kind in CLOSED_KINDS and train:
-            from bench.cascade_search import best_cascade
+        self.train = list(train)
 
-            self.cascade = best_cascade(train)
+    @cached_property
+    def cascade(self) -> CascadeChoice | None:
+        """The cascade baseline, searched on train when first needed (seconds on a 40-model pool)."""
+        if self.kind not in CLOSED_KINDS or not self.train:
+            return None
+        from bench.cascade_search import best_cascade
+
+        return best_cascade(self.train)
 
     def policies(self) -> list[str]:
         names = [f"single:{m}" for m in self.models] + ["static", "random", "oracle"]
