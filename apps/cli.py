@@ -332,11 +332,14 @@ async def _plan(args: argparse.Namespace) -> int:
     for c in plan.candidates:
         mark = "*" if c.chosen else " "
         wave = str(c.wave) if c.chosen else ""
+        cost = ("~" if c.cost_estimated else "") + f"{c.predicted_cost_usd:.6f}"  # ~: estimated price
         print(
             f" {mark} {c.model[:34]:<34} {wave:>4} {c.score:6.3f} {c.predicted_quality:7.2f} "
-            f"{c.predicted_cost_usd:10.6f} {c.predicted_latency_ms:10.0f}  {c.reason}"
+            f"{cost:>10} {c.predicted_latency_ms:10.0f}  {c.reason}"
         )
     _print_bounds(plan)
+    if any(c.cost_estimated for c in plan.candidates):
+        print("~ cost from an estimated price (no price recorded for that model)")
     return 0
 
 

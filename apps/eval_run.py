@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from apps.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, verdict
+from apps.evaluation import PROFILE_POLICIES, Call, Judge, PolicyResult, pareto_verdict, verdict
 from constellation.client import DispatchClient, ask_request
 from constellation.errors import ConstellationError
 from constellation.ml.answers import extract_answer
@@ -54,6 +54,8 @@ class EvalReport:
     calls_per_s: float
     time_scale: float
     concurrency: int
+    cascade: str = ""
+    """The cascade baseline found on train, in words (empty when none)."""
 
     @property
     def metric(self) -> str:
@@ -262,6 +264,7 @@ def run_eval(
         time_scale=time_scale,
         concurrency=concurrency,
         bounded={p: error_per_label(evaluated, {r: c for (r, m), c in calls.items() if m == p}) for p in planned},
+        cascade=judge.cascade.describe() if judge.cascade is not None else "",
     )
 
 
@@ -355,7 +358,19 @@ def markdown(report: EvalReport, whole_file: dict[str, float] | None = None) -> 
             model = r.policy.removeprefix("single:").split(" (recorded")[0]
             lines[-1] += f" {whole_file[model] * scale:.2f} |" if model in whole_file else " |"
     verdicts = [f"- {verdict(r, report.best_single)}" for r in baselines]
-    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n" + bounded_table(report)
+    front = [f"- {pareto_verdict(r, report.results)}" for r in baselines if r.policy != "oracle"]
+    notes = f"\nBaseline `cascade` (found on train): {report.cascade}.\n" if report.cascade else ""
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + "\n".join(verdicts)
+        + "\n\nAgainst the Pareto front of single models and baselines (quality vs mean cost; the oracle and "
+        + "policies with no recorded price left out):\n\n"
+        + "\n".join(front)
+        + "\n"
+        + notes
+        + bounded_table(report)
+    )
 
 
 def bounded_table(report: EvalReport) -> str:
@@ -409,6 +424,9 @@ def pareto_plot(report: EvalReport, path: Path) -> None:
         "profile:balanced": "X",
         "profile:cost": "<",
         "profile:speed": ">",
+        "top3": "^",
+        "top5": "h",
+        "cascade": "d",
     }
     for r in report.results:
         if r.policy.startswith("single:"):
@@ -451,6 +469,12 @@ def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
         "results": [r.row() for r in report.results],
         "verdicts": {r.policy: verdict(r, report.best_single) for r in report.results},
         "error_per_label": report.bounded,
+        "pareto": {
+            r.policy: pareto_verdict(r, report.results)
+            for r in report.results
+            if not r.policy.startswith("single:") and r.policy != "oracle"
+        },
+        "cascade": report.cascade,
     }
     paths = {
         "json": out_dir / f"{stem}.json",

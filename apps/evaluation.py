@@ -14,6 +14,12 @@ answer, its cost and its latency. Baseline policies:
   only: number, choice); ties go to the answer whose voters did best on ``train``. Its cost is the sum
   of its members' costs and its latency the slowest member's (they run concurrently).
 
+- ``top3`` / ``top5``: the 3 (5) models with the best train record asked at once, a plurality vote of
+  their answers (ties to the better train records); closed answers only.
+- ``cascade``: the most accurate cheap-first cascade on ``train`` (``bench.cascade_search``: a first
+  wave of cheap models whose answer stands when they agree, else the best model or a vote of the three
+  best); closed answers only. Its cost counts the second wave only where it was asked.
+
 And the mesh's own routing: ``profile:<name>`` (quality, balanced, cost, speed) sends each prompt to
 dispatch with that profile and no model, so the router (and any fan-out it plans) decides. Its answer
 is judged by the recorded quality of the model whose recorded text the mesh returned.
@@ -27,11 +33,19 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from constellation.ml.answers import normalize_answer
 from constellation.pools import PoolRecord
 
+if TYPE_CHECKING:
+    from bench.cascade_search import CascadeChoice
+
 CLOSED_KINDS = ("number", "choice")
+TOP_VOTES = (3, 5)
+BASELINES = ("static", "random", "majority", "cascade", *(f"top{k}" for k in TOP_VOTES))
+"""The reachable baselines a routing profile is held against (the oracle is an upper bound, not one)."""
 
 
 @dataclass(frozen=True)
@@ -224,11 +238,25 @@ class Judge:
         self.train_quality = mean_quality_by_model(train)
         self.static = static_model(train) if train else (self.models[0] if self.models else "")
         self.seed = seed
+        cost = mean_cost_by_model(train)
+        self.by_record = sorted(self.train_quality, key=lambda m: (-self.train_quality[m], cost.get(m, 0.0), m))
+        self.train = list(train)
+
+    @cached_property
+    def cascade(self) -> CascadeChoice | None:
+        """The cascade baseline, searched on train when first needed (seconds on a 40-model pool)."""
+        if self.kind not in CLOSED_KINDS or not self.train:
+            return None
+        from bench.cascade_search import best_cascade
+
+        return best_cascade(self.train)
 
     def policies(self) -> list[str]:
         names = [f"single:{m}" for m in self.models] + ["static", "random", "oracle"]
         if self.kind in CLOSED_KINDS:
             names.append("majority")
+            names += [f"top{k}" for k in TOP_VOTES if len(self.by_record) > k]
+            names += ["cascade"] if self.cascade is not None else []
         return names
 
     def members(self, policy: str, record: PoolRecord) -> list[str]:
@@ -243,6 +271,10 @@ class Judge:
             return [oracle_model(record)]
         if policy == "majority":
             return list(self.models)
+        if policy.startswith("top") and policy[3:].isdigit():
+            return self.by_record[: int(policy[3:])]
+        if policy == "cascade" and self.cascade is not None:
+            return [*self.cascade.first, *(m for m in self.cascade.second if m not in self.cascade.first)]
         if policy.startswith(("profile:", "planned:")):
             return [policy]  # one routed call; the mesh chooses the models
         raise ValueError(
@@ -267,13 +299,15 @@ class Judge:
     def outcome(self, policy: str, record: PoolRecord, calls: dict[str, Call]) -> Outcome:
         if policy.startswith(("profile:", "planned:")):
             return self.routed_outcome(record, calls[policy])
+        if policy == "cascade":
+            return self.cascade_outcome(record, calls)
         members = self.members(policy, record)
         used = [calls[m] for m in members]
         failed = any(c.error or c.text != record.responses[c.model].text for c in used)
         cost = sum(c.cost_usd for c in used)
         simulated = max(c.simulated_ms for c in used)
         mesh = max(c.mesh_ms for c in used)
-        if policy == "majority":
+        if policy == "majority" or policy.startswith("top"):
             answers = {c.model: (record.responses[c.model].answer if not c.error else None) for c in used}
             winner, _share, _voters = vote(self.kind, answers, self.train_quality)
             reference = normalize_answer(self.kind, record.reference)
@@ -281,6 +315,24 @@ class Judge:
         else:
             quality = self.call_quality(record, used[0])
         return Outcome(record.id, quality, cost, simulated, mesh, tuple(members), failed)
+
+    def cascade_outcome(self, record: PoolRecord, calls: dict[str, Call]) -> Outcome:
+        """The cascade on one record: the first wave always, the second (after it) only when asked."""
+        assert self.cascade is not None
+        answers = {
+            m: None if c.error else normalize_answer(self.kind, record.responses[m].answer) for m, c in calls.items()
+        }
+        answer, escalated = self.cascade.answer(answers)
+        asked = [*self.cascade.first, *(self.cascade.second if escalated else ())]
+        used = [calls[m] for m in dict.fromkeys(asked)]
+        failed = any(c.error or c.text != record.responses[c.model].text for c in used)
+        reference = normalize_answer(self.kind, record.reference)
+        quality = float(answer is not None and reference is not None and answer == reference)
+        first_ms = max(calls[m].simulated_ms for m in self.cascade.first)
+        second_ms = max(calls[m].simulated_ms for m in self.cascade.second) if escalated else 0.0
+        mesh = max(c.mesh_ms for c in used)
+        cost = sum(c.cost_usd for c in used)
+        return Outcome(record.id, quality, cost, first_ms + second_ms, mesh, tuple(m.model for m in used), failed)
 
     def recorded_best_single(self) -> PolicyResult:
         """The best single model on the evaluated split from the recording alone (no calls, no latency).
@@ -326,4 +378,36 @@ def verdict(result: PolicyResult, best: PolicyResult) -> str:
     return (
         f"{result.policy} {word} the best single model ({best.policy.removeprefix('single:')}): "
         f"{gain:+.2f} points, {ratio:.2f}x its mean cost"
+    )
+
+
+def dominated_by(result: PolicyResult, others: Sequence[PolicyResult]) -> list[PolicyResult]:
+    """The single models and baselines among ``others`` at least as accurate and at most as dear as
+    ``result``, better in one (most accurate first). A policy that costs nothing because no price is
+    recorded dominates nothing: an unknown price is not free."""
+    out = []
+    for other in others:
+        reachable = other.policy.startswith("single:") or other.policy in BASELINES
+        if other is result or not reachable or other.mean_cost_usd <= 0:
+            continue
+        if (
+            other.quality >= result.quality - 1e-12
+            and other.mean_cost_usd <= result.mean_cost_usd
+            and (other.quality > result.quality + 1e-12 or other.mean_cost_usd < result.mean_cost_usd)
+        ):
+            out.append(other)
+    return sorted(out, key=lambda r: (-r.quality, r.mean_cost_usd))
+
+
+def pareto_verdict(result: PolicyResult, others: Sequence[PolicyResult]) -> str:
+    """One line: is ``result`` on the Pareto front of single models and baselines (quality vs mean cost)?"""
+    better = dominated_by(result, others)
+    if not better:
+        return f"{result.policy} is on the Pareto front of single models and baselines"
+    top = better[0]
+    ratio = top.mean_cost_usd / result.mean_cost_usd if result.mean_cost_usd else math.inf
+    return (
+        f"{result.policy} is dominated by {top.policy.removeprefix('single:')} "
+        f"({(top.quality - result.quality) * 100:+.2f} points at {ratio:.2f}x its mean cost)"
+        + (f" and {len(better) - 1} more" if len(better) > 1 else "")
     )

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from bench.report import DOCS, markdown_table, write_section
 from constellation.ml.answers import normalize_answer
 from constellation.ml.vote import Ballot, tally
-from constellation.pools import read_pool
+from constellation.pools import PoolRecord, read_pool
 from services.dispatch.router_train import default_data_dir
 
 
@@ -45,7 +45,11 @@ class Split:
 
     @classmethod
     def read(cls, path: Path, split: str) -> Split:
-        records = list(read_pool(path, split=split))
+        return cls.of(list(read_pool(path, split=split)))
+
+    @classmethod
+    def of(cls, records: Sequence[PoolRecord]) -> Split:
+        """The split of ``records`` (one pool's, closed answers)."""
         kind = records[0].answer_kind
         models = list(records[0].responses)
         return cls(
@@ -125,8 +129,18 @@ def log_odds(accuracy: float) -> float:
     return float(np.log(clipped / (1 - clipped)))
 
 
-def search(path: Path, cost_cap: float, max_size: int, keep: int) -> dict[str, object]:
-    train, test = Split.read(path, "train"), Split.read(path, "test")
+Tried = tuple[float, float, float, list[str], list[str], float | None]
+"""(train accuracy, train mean cost, escalation rate, first wave, second wave, vote share or None)."""
+
+
+def search_train(
+    train: Split, cost_cap: float, max_size: int, *, label: str = "", progress: bool = True
+) -> tuple[list[Tried], str, dict[str, float]]:
+    """Every cascade within ``cost_cap`` on ``train``, most accurate first (ties: cheaper).
+
+    Returns:
+        The cascades tried, the best single model on train, and the first-wave vote weights.
+    """
     ranked = sorted(train.models, key=lambda m: (-train.accuracy(m), train.mean_cost(m)))
     best = ranked[0]
     reference_cost = train.mean_cost(best)
@@ -134,18 +148,91 @@ def search(path: Path, cost_cap: float, max_size: int, keep: int) -> dict[str, o
     cheap = [m for m in train.models if m != best and train.mean_cost(m) < cost_cap * reference_cost]
     seconds = [[best], ranked[:3]]
     later_train = [second_wave_correct(train, second, weight) for second in seconds]
-    later_test = {tuple(second): second_wave_correct(test, second, weight) for second in seconds}
-    tried = []
+    tried: list[Tried] = []
     waves = [w for size in range(1, max_size + 1) for w in itertools.combinations(cheap, size)]
     votes = {m: log_odds(train.accuracy(m)) for m in train.models}
     rules: list[float | None] = [None, *SHARES]
-    for first in tqdm(waves, desc=f"{path.name}: first waves", unit="wave"):
+    for first in tqdm(waves, desc=f"{label}: first waves", unit="wave", disable=not progress):
         for second, later in zip(seconds, later_train, strict=True):
             for rule in rules if len(first) > 1 else [None]:
                 accuracy, cost, escalated = cascade(train, first, second, later, share=rule, weight=votes)
                 if cost <= cost_cap * reference_cost:
                     tried.append((accuracy, cost, escalated, list(first), list(second), rule))
     tried.sort(key=lambda t: (-t[0], t[1]))
+    return tried, best, votes
+
+
+@dataclass(frozen=True)
+class CascadeChoice:
+    """One cheap-first cascade, as :func:`best_cascade` found it on train, ready to replay on any record.
+
+    Attributes:
+        first: The cheap first wave.
+        second: Asked only when the first wave's answer does not stand: one model, or a weighted vote.
+        share: None: the first wave's answer stands when every member gives it; else when it wins the
+            wave's vote (``votes`` weights) with at least this share of the weight.
+        votes: First-wave vote weights (log-odds of train accuracy).
+        weights: Second-wave vote weights (train accuracy).
+        train_accuracy, train_cost: Its mean accuracy and cost on train.
+    """
+
+    first: tuple[str, ...]
+    second: tuple[str, ...]
+    share: float | None
+    votes: dict[str, float]
+    weights: dict[str, float]
+    train_accuracy: float
+    train_cost: float
+
+    def answer(self, answers: dict[str, str | None]) -> tuple[str | None, bool]:
+        """(the cascade's normalised answer, whether it escalated) from each member's normalised answer."""
+        first = [answers.get(m) for m in self.first]
+        if self.share is None:
+            agreed = first[0] is not None and all(a == first[0] for a in first)
+            if agreed:
+                return first[0], False
+        else:
+            support: dict[str, float] = {}
+            for model, a in zip(self.first, first, strict=True):
+                if a is not None:
+                    support[a] = support.get(a, 0.0) + self.votes[model]
+            total = sum(self.votes[m] for m in self.first)
+            if support:
+                top = max(support, key=lambda a: support[a])
+                if support[top] >= self.share * total:
+                    return top, False
+        if len(self.second) == 1:
+            return answers.get(self.second[0]), True
+        ballots = [Ballot(answers.get(m), self.weights[m], rank) for rank, m in enumerate(self.second)]
+        return tally(ballots).answer, True
+
+    def describe(self) -> str:
+        rule = "all agree" if self.share is None else f"vote share >= {self.share}"
+        return f"{short(self.first)} ({rule}), else {short(self.second)}"
+
+
+def best_cascade(
+    train: Sequence[PoolRecord], *, cost_cap: float = 0.5, max_size: int = 3, progress: bool = False
+) -> CascadeChoice | None:
+    """The most accurate cheap-first cascade on ``train`` records (closed answers) within ``cost_cap``
+    times the best train model's mean cost; None when no cheap model exists."""
+    split = Split.of(train)
+    tried, _best, votes = search_train(split, cost_cap, max_size, label="cascade", progress=progress)
+    if not tried:
+        return None
+    accuracy, cost, _escalated, first, second, share = tried[0]
+    weights = {m: split.accuracy(m) for m in split.models}
+    return CascadeChoice(tuple(first), tuple(second), share, votes, weights, accuracy, cost)
+
+
+def search(path: Path, cost_cap: float, max_size: int, keep: int) -> dict[str, object]:
+    train, test = Split.read(path, "train"), Split.read(path, "test")
+    tried, best, votes = search_train(train, cost_cap, max_size, label=path.name)
+    reference_cost = train.mean_cost(best)
+    cheap = [m for m in train.models if m != best and train.mean_cost(m) < cost_cap * reference_cost]
+    weight = {m: train.accuracy(m) for m in train.models}
+    ranked = sorted(train.models, key=lambda m: (-train.accuracy(m), train.mean_cost(m)))
+    later_test = {tuple(second): second_wave_correct(test, second, weight) for second in ([best], ranked[:3])}
     rows = []
     for accuracy, cost, escalated, first, second, rule in tried[:keep]:
         test_accuracy, test_cost, test_escalated = cascade(

@@ -7,13 +7,16 @@ What it does, in order:
 2. Chooses the predictor's neighbourhood (k, shrinkage) by leave-one-out routing accuracy on ``train``.
 3. Calibrates it: isotonic regression of the recorded quality on the leave-one-out estimates.
 4. Learns, per answer kind, how the ``quality`` profile plans (one model per query; the one model with
-   the best train record over the pool, unless per-query choices beat it on train; a vote of n; or a
-   cascade), and the ``balanced`` profile on ``train``: among a grid of weights, cascades (closed
-   answers) and ranked fan-outs (code and open answers, when a pair ranker is trained: cheap models
-   asked at once, the ranker's pick kept), the one with the lowest mean cost relative to each pool's
+   the best train record over the pool, unless per-query choices beat it on train; a vote of n; a vote
+   of the 3 or 5 best train records, the top-k baselines of ``eval``; or a cascade), and the
+   ``balanced`` profile on ``train``: among a grid of weights, cascades and top-k votes by train record
+   (closed answers) and ranked fan-outs (code and open answers, when a pair ranker is trained: cheap
+   models asked at once, the ranker's pick kept), the one with the lowest mean cost relative to each pool's
    best train model that stays within a margin of that model's train quality on every pool (simulated
    with leave-one-out predictions and recorded answers; nothing from ``test`` is used; the ranker's
-   picks are in-sample, since it was fitted on the same train splits).
+   picks are in-sample, since it was fitted on the same train splits). A model with no recorded price
+   costs what the plan estimated for it, never 0. ``cost`` and ``speed`` keep their stated quality
+   margins (:data:`~services.dispatch.routing.DEFAULT_PROFILES`), written into the artifact.
 5. Reports Brier score and expected calibration error on leave-one-out ``train`` and, for information
    only, on ``test``; writes a versioned artifact and points CURRENT at it.
 """
@@ -42,6 +45,7 @@ from services.dispatch.routing import (
     ARTIFACT_KIND,
     CLOSED_KINDS,
     DEFAULT_PROFILES,
+    PlannedModel,
     PoolModel,
     Prediction,
     ProfileSettings,
@@ -61,6 +65,9 @@ VOTE_SIZES = (1, 3, 5, 7)
 ANCHOR_MARGINS = (0.0, 0.02, 0.05, 0.1)
 ESCALATE_SIZES = (1, 3)
 RANK_SIZES = (2, 3)
+TOP_VOTES = (3, 5)
+"""The top-k votes by train record that ``eval`` reports as baselines; the quality profile keeps one
+when no per-query plan beats it on train (leave-one-out records)."""
 QUALITY_TIE = 1e-9
 """The quality profile keeps the most accurate settings on train; only exact ties go to the cheaper."""
 MEAN_LOSS = 0.01
@@ -235,6 +242,12 @@ class RankerPicks:
         return self.cache[key]
 
 
+def _cost(record: PoolRecord, member: PlannedModel) -> float:
+    """The recorded cost of ``member``'s answer; the plan's estimate where no price was recorded (never 0)."""
+    recorded = record.responses[member.model].cost_usd
+    return member.cost_usd if recorded is None else recorded
+
+
 def simulate(
     router: Router,
     profile: str,
@@ -266,10 +279,10 @@ def simulate(
             names = [m.model for m in route.members]
             kept = pick(record, names) if pick is not None else names[0]
             total_q += record.responses[kept].quality
-            total_c += sum(record.responses[m].cost_usd or 0.0 for m in names)
+            total_c += sum(_cost(record, m) for m in route.members)
             continue
         for w, wave in enumerate(waves):
-            cost += sum(record.responses[m.model].cost_usd or 0.0 for m in wave)
+            cost += sum(_cost(record, m) for m in wave)
             if route.policy == "cascade" and w < len(waves) - 1:
                 answers = [normalize_answer(kind, record.responses[m.model].answer) for m in wave]
                 if answers[0] is not None and all(a == answers[0] for a in answers):
@@ -519,6 +532,7 @@ def balanced_options(ranked: bool) -> list[ProfileSettings]:
         for tau in CASCADE_MIN_QUALITY
         for escalate in ESCALATE_SIZES
     ]
+    options += [ProfileSettings(Weights(0.7, 0.2, 0.1), top_vote=k) for k in TOP_VOTES]  # baselines, closed kinds
     if ranked:
         options += [
             ProfileSettings(Weights(1 - c - c / 2, c, c / 2), rank_size=size)
@@ -532,7 +546,8 @@ def quality_options(kind: str) -> list[ProfileSettings]:
     """The quality profile's grid for one answer kind; the static choice is always among them."""
     options = [ProfileSettings(Weights(1.0, 0.0, 0.0), anchor_margin=m) for m in ANCHOR_MARGINS]
     options.append(ProfileSettings(Weights(1.0, 0.0, 0.0), static=True))  # routing must beat this on train
-    if kind in CLOSED_KINDS:
+    if kind in CLOSED_KINDS:  # and the votes of the best train records, the eval's top-k baselines
+        options += [ProfileSettings(Weights(1.0, 0.0, 0.0), top_vote=k) for k in TOP_VOTES]
         options += [ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=size) for size in VOTE_SIZES[1:]]
         options += [
             ProfileSettings(Weights(1.0, 0.0, 0.0), size, 0.25, 0.85, escalate_size=escalate)
@@ -571,7 +586,8 @@ def learn_balanced(
     chosen: tuple[tuple[int, float], ProfileSettings] | None = None
     search: list[dict[str, Any]] = []
     for settings in tqdm(options, desc=f"learning balanced/{kind}", disable=quiet):
-        if (settings.cascade_size and kind not in CLOSED_KINDS) or (settings.rank_size and kind in CLOSED_KINDS):
+        closed_only = settings.cascade_size or settings.top_vote
+        if (closed_only and kind not in CLOSED_KINDS) or (settings.rank_size and kind in CLOSED_KINDS):
             continue
         losses = []
         relative_costs = []

@@ -114,6 +114,9 @@ class ProfileSettings:
     quorum: int = 0
     static: bool = False
     rank_size: int = 0
+    objective: str = ""
+    quality_margin: float = 0.0
+    top_vote: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -127,6 +130,9 @@ class ProfileSettings:
             "quorum": self.quorum,
             "static": self.static,
             "rank_size": self.rank_size,
+            "objective": self.objective,
+            "quality_margin": self.quality_margin,
+            "top_vote": self.top_vote,
         }
 
     @classmethod
@@ -142,16 +148,21 @@ class ProfileSettings:
             int(raw.get("quorum", 0)),
             bool(raw.get("static", False)),
             int(raw.get("rank_size", 0)),
+            str(raw.get("objective", "")),
+            float(raw.get("quality_margin", 0.0)),
+            int(raw.get("top_vote", 0)),
         )
 
 
 DEFAULT_PROFILES: dict[str, ProfileSettings] = {
     "quality": ProfileSettings(Weights(1.0, 0.0, 0.0)),
     "balanced": ProfileSettings(Weights(0.7, 0.2, 0.1)),
-    "cost": ProfileSettings(Weights(0.3, 0.7, 0.0)),
-    "speed": ProfileSettings(Weights(0.3, 0.0, 0.7)),
+    "cost": ProfileSettings(Weights(0.3, 0.7, 0.0), objective="cost", quality_margin=0.05),
+    "speed": ProfileSettings(Weights(0.3, 0.0, 0.7), objective="latency", quality_margin=0.05),
 }
-"""Used when no trained router artifact is loaded; training replaces ``balanced`` with settings learned on train."""
+"""Used when no trained router artifact is loaded (training writes them into the artifact and learns
+``balanced`` and ``quality`` per answer kind). ``cost`` and ``speed`` keep their meaning: the cheapest
+(fastest) model predicted within 5 points of the best predicted quality."""
 
 UNTRAINED_PROFILES: dict[str, ProfileSettings] = {"quality": ProfileSettings(Weights(1.0, 0.0, 0.0), vote_size=2)}
 """Overrides of the untrained router (no artifact): with no record of any model, the quality profile asks
@@ -413,6 +424,9 @@ class PoolModel:
         live: True when the latency figures come from live statistics rather than a prior.
         cold_start_ms: Expected wait before the model can serve: 0 when warm, its (measured or prior) load
             time when scaled to zero, what is left of the load while loading. Added to its predicted latency.
+        priced: Whether the prices are recorded; None: recorded when either price is above 0 (a
+            catalog that leaves both at 0 does not know them). An unpriced model is planned with a
+            price estimated from its peers (:func:`estimate_prices`), never as free.
     """
 
     name: str
@@ -426,6 +440,61 @@ class PoolModel:
     healthy: bool = True
     live: bool = False
     cold_start_ms: float = 0.0
+    priced: bool | None = None
+
+    @property
+    def has_price(self) -> bool:
+        """Whether the model's prices are recorded (see ``priced``)."""
+        if self.priced is not None:
+            return self.priced
+        return self.price_in_per_mtok > 0 or self.price_out_per_mtok > 0
+
+
+def _median_prices(models: Sequence[PoolModel]) -> tuple[float, float]:
+    return (
+        float(np.median([m.price_in_per_mtok for m in models])),
+        float(np.median([m.price_out_per_mtok for m in models])),
+    )
+
+
+def _size_fit(model: PoolModel, peers: Sequence[PoolModel]) -> tuple[float, float] | None:
+    """Prices read off a least-squares line of log price against log size over ``peers``; None if it cannot."""
+    sized = [p for p in peers if p.params_b and p.params_b > 0]
+    if not model.params_b or model.params_b <= 0 or len(sized) < 3:
+        return None
+    x = np.log([p.params_b or 1.0 for p in sized])
+    if np.ptp(x) <= 0:
+        return None
+    out = []
+    for prices in ([p.price_in_per_mtok for p in sized], [p.price_out_per_mtok for p in sized]):
+        y = np.log(np.maximum(prices, 1e-6))
+        slope, intercept = np.polyfit(x, y, 1)
+        out.append(float(np.exp(intercept + slope * math.log(model.params_b))))
+    return out[0], out[1]
+
+
+def estimate_prices(pool: Sequence[PoolModel]) -> dict[str, tuple[float, float, str]]:
+    """An estimated (price in, price out, how) per million tokens for every unpriced model of ``pool``.
+
+    From its peers' recorded prices: the median of its family's, else a log-log line of price against
+    size (three sized peers at least), else the median of every priced peer. With no priced peer at
+    all nothing can be estimated and the model keeps its 0 (every model is then equally unknown).
+    """
+    priced = [m for m in pool if m.has_price]
+    out: dict[str, tuple[float, float, str]] = {}
+    if not priced:
+        return out
+    for model in pool:
+        if model.has_price:
+            continue
+        family = [p for p in priced if model.family and p.family == model.family]
+        if family:
+            out[model.name] = (*_median_prices(family), f"median of family {model.family}")
+        elif (fit := _size_fit(model, priced)) is not None:
+            out[model.name] = (*fit, f"priced peers' size trend at {model.params_b:g}B")
+        else:
+            out[model.name] = (*_median_prices(priced), f"median of {len(priced)} priced peers")
+    return out
 
 
 def latency_prior(params_b: float | None) -> tuple[float, float]:
@@ -456,6 +525,8 @@ class PlannedModel:
     reason: str = ""
     eligible: bool = True
     """False when health, capabilities or a ceiling left the model out."""
+    cost_estimated: bool = False
+    """True when no price is recorded for the model: ``cost_usd`` uses a price estimated from its peers."""
 
 
 @dataclass
@@ -535,10 +606,19 @@ COLD_LEFT_OUT = "left out: cold"
 answer: a late answer beats none)."""
 
 
-def _predicted(model: PoolModel, prediction: Prediction, input_tokens: int, fallback_tokens: float) -> PlannedModel:
-    """``model`` as a candidate: predicted quality, cost and latency (live figures, else size priors)."""
+def _predicted(
+    model: PoolModel,
+    prediction: Prediction,
+    input_tokens: int,
+    fallback_tokens: float,
+    estimate: tuple[float, float, str] | None = None,
+) -> PlannedModel:
+    """``model`` as a candidate: predicted quality, cost (``estimate``d prices when given) and latency."""
     tokens = prediction.output_tokens or fallback_tokens
-    cost = (input_tokens * model.price_in_per_mtok + tokens * model.price_out_per_mtok) / 1e6
+    price_in, price_out = model.price_in_per_mtok, model.price_out_per_mtok
+    if estimate is not None:
+        price_in, price_out = estimate[0], estimate[1]
+    cost = (input_tokens * price_in + tokens * price_out) / 1e6
     ttft, per_token = model.ttft_ms, model.per_token_ms
     if ttft is None or per_token is None:
         prior_ttft, prior_per_token = latency_prior(model.params_b)
@@ -552,6 +632,7 @@ def _predicted(model: PoolModel, prediction: Prediction, input_tokens: int, fall
         tokens,
         prediction.observations,
         prediction.source,
+        cost_estimated=estimate is not None,
     )
 
 
@@ -645,10 +726,12 @@ class Router:
         settings = self.settings(profile, pool_kind or answer_kind)
         ceilings = _Ceilings(max_cost_usd, max_latency_ms, frozenset(required_capabilities), deadline_ms)
         fallback_tokens = float(expected_output_tokens or DEFAULT_OUTPUT_TOKENS)
+        estimates = estimate_prices(pool)
         scored: list[PlannedModel] = []
         left_out: list[PlannedModel] = []
         for model in pool:
-            candidate = _predicted(model, preds[model.name], input_tokens, fallback_tokens)
+            estimate = estimates.get(model.name)
+            candidate = _predicted(model, preds[model.name], input_tokens, fallback_tokens, estimate)
             candidate.reason = ceilings.leaves_out(model, candidate)
             if candidate.reason:
                 candidate.eligible = False
@@ -671,6 +754,9 @@ class Router:
         for candidate in scored:
             if not candidate.chosen and not candidate.reason:
                 candidate.reason = f"score {candidate.score:.3f} below the chosen"
+        for candidate in scored + left_out:
+            if candidate.model in estimates:
+                candidate.reason += f"; no recorded price, estimated ({estimates[candidate.model][2]})"
         route.profile = name
         route.candidates = scored + left_out
         return route
@@ -690,6 +776,8 @@ class Router:
         route = None
         if not custom:
             route = self._static(scored, preds, name) if settings.static else None
+            route = route or self._top_vote(scored, preds, settings, answer_kind)
+            route = route or self._within_margin(scored, settings, name)
             route = route or self._cascade(scored, settings, answer_kind)
             route = route or self._vote(scored, settings, answer_kind)
             if route is None and ranking:
@@ -710,6 +798,47 @@ class Router:
         best.chosen = True
         best.reason = f"best train record over this pool ({preds[best.model].pool_mean:.3f}; static {name} choice)"
         return Route("single", name, [best], [], summary=f"ask {best.model} alone (static {name} choice)")
+
+    def _within_margin(self, scored: list[PlannedModel], settings: ProfileSettings, name: str) -> Route | None:
+        """The cheapest (fastest) model within the quality margin of the best prediction; None without an objective."""
+        if settings.objective not in ("cost", "latency"):
+            return None
+        top = max(scored, key=lambda c: (c.quality, -c.cost_usd))
+        close = [c for c in scored if c.quality >= top.quality - settings.quality_margin]
+
+        def measure(c: PlannedModel) -> float:
+            return c.cost_usd if settings.objective == "cost" else c.latency_ms
+
+        best = min(close, key=lambda c: (measure(c), -c.quality, c.model))
+        word = "cheapest" if settings.objective == "cost" else "fastest"
+        best.chosen = True
+        best.reason = (
+            f"{word} within {settings.quality_margin:.2f} of the best predicted quality "
+            f"({top.quality:.2f}, {top.model}): quality {best.quality:.2f}, ${best.cost_usd:.6f}, "
+            f"{best.latency_ms:.0f} ms"
+        )
+        summary = f"ask {best.model} alone ({name}: {word} within {settings.quality_margin:.2f} of the best quality)"
+        return Route("single", name, [best], [], summary=summary)
+
+    def _top_vote(
+        self, scored: list[PlannedModel], preds: Mapping[str, Prediction], settings: ProfileSettings, answer_kind: str
+    ) -> Route | None:
+        """The ``top_vote`` best train records over the query's pool asked at once and voted; None if not."""
+        known = [c for c in scored if preds[c.model].pool_mean is not None]
+        if settings.top_vote < 2 or answer_kind not in CLOSED_KINDS or len(known) < settings.top_vote:
+            return None
+        members = sorted(known, key=lambda c: (-(preds[c.model].pool_mean or 0.0), c.cost_usd))[: settings.top_vote]
+        for c in members:
+            c.chosen = True
+            c.reason = f"voter: train record {preds[c.model].pool_mean:.3f} (top {settings.top_vote} by train record)"
+        return Route(
+            "vote",
+            "",
+            members,
+            [],
+            quorum=settings.top_vote // 2 + 1,
+            summary=f"ask the {settings.top_vote} best train records ({', '.join(c.model for c in members)}) and vote",
+        )
 
     def _ranked(
         self, scored: list[PlannedModel], preds: Mapping[str, Prediction], settings: ProfileSettings, answer_kind: str

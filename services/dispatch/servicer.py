@@ -93,6 +93,7 @@ def plan_message(event: PlanMade) -> common_pb2.Plan:
                 reason=c.reason,
                 wave=c.wave,
                 samples=samples.get(c.model, 0),
+                cost_estimated=c.cost_estimated,
             )
             for c in sorted(candidates, key=lambda c: (not c.chosen, c.wave, -c.score))
         ],

@@ -35,8 +35,10 @@ def test_routing_profiles_on_a_pool_the_code_has_never_seen(tmp_path: Path) -> N
     quality = results["profile:quality"]
     assert quality.quality == pytest.approx(3 / 4)
     assert all(o.models[0] == "strong" for o in quality.outcomes)
-    # The cost profile trades quality for a lower bill.
-    assert results["profile:cost"].mean_cost_usd < quality.mean_cost_usd
+    # The cost profile asks the cheapest model within its quality margin of the best prediction: here the
+    # cheaper models are right half as often on train, so it gives up nothing and pays no more.
+    cost = results["profile:cost"]
+    assert cost.mean_cost_usd <= quality.mean_cost_usd and cost.quality == pytest.approx(quality.quality)
 
 
 def test_baselines_through_the_mesh_match_the_hand_computed_metrics(tmp_path: Path) -> None:

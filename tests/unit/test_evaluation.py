@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from apps.evaluation import Call, Judge, normalize_answer, verdict, vote
+from apps.evaluation import Call, Judge, dominated_by, normalize_answer, pareto_verdict, verdict, vote
 from constellation.pools import read_pool
 from tests.pool_fixtures import write_pool
 
@@ -80,3 +81,45 @@ def test_percentiles_and_vote_helpers() -> None:
     assert normalize_answer("choice", " b ") == "B"
     winner, share, voters = vote("choice", {"a": "B", "b": "b", "c": "C", "d": None}, {})
     assert (winner, share, sorted(voters)) == ("B", 0.5, ["a", "b"])
+
+
+def test_cascade_baseline_asks_the_second_wave_only_when_the_first_disagrees(judge: Judge) -> None:
+    from bench.cascade_search import CascadeChoice
+
+    judge.cascade = CascadeChoice(("cheap", "mid"), ("strong",), None, {}, {"strong": 1.0}, 1.0, 0.05)
+    assert judge.members("cascade", judge.test[0]) == ["cheap", "mid", "strong"]
+    calls = perfect_calls(judge)
+    cascade = judge.evaluate("cascade", calls)
+    # t2 {4,4} agree (right); t3 {7,6} and t4 {1,2} escalate to strong (right); t5 {5,5} agree (wrong)
+    assert [o.models for o in cascade.outcomes] == [
+        ("cheap", "mid"),
+        ("cheap", "mid", "strong"),
+        ("cheap", "mid", "strong"),
+        ("cheap", "mid"),
+    ]
+    assert cascade.quality == pytest.approx(3 / 4)
+    assert cascade.mean_cost_usd == pytest.approx((0.011 + 0.111 + 0.111 + 0.011) / 4)
+    assert cascade.outcomes[1].simulated_ms == pytest.approx(200.0 + 300.0)  # waves run one after the other
+    strong = judge.evaluate("single:strong", calls)
+    assert dominated_by(strong, [strong, cascade]) == [cascade]
+    assert "single:strong is dominated by cascade (+0.00 points at 0.61x its mean cost)" in pareto_verdict(
+        strong, [strong, cascade]
+    )
+
+
+def test_top_k_votes_the_best_train_records(judge: Judge) -> None:
+    assert judge.by_record == ["strong", "cheap", "mid"]  # train 2/2, then the 1/2 ones, cheaper first
+    top2 = judge.evaluate("top2", perfect_calls(judge))
+    # strong and cheap vote; their ties go to strong (the better train record): t2 4, t3 6, t4 9, t5 8
+    assert top2.quality == pytest.approx(3 / 4) and top2.mean_cost_usd == pytest.approx(0.101)
+    assert "top3" not in judge.policies()  # three models: a top-3 vote is the majority baseline
+
+
+def test_a_policy_with_no_recorded_price_dominates_nothing(judge: Judge) -> None:
+    calls = perfect_calls(judge)
+    mid, strong = judge.evaluate("single:mid", calls), judge.evaluate("single:strong", calls)
+    free = judge.evaluate("single:strong", {k: replace(c, cost_usd=0.0) for k, c in calls.items()})
+    assert dominated_by(strong, [free]) == []
+    assert pareto_verdict(mid, [mid, strong]).endswith("on the Pareto front of single models and baselines")
+    profile = replace(strong, policy="profile:quality", mean_cost_usd=0.2)
+    assert dominated_by(profile, [profile, mid, strong]) == [strong]

@@ -22,6 +22,7 @@ from services.dispatch.routing import (
     Router,
     Weights,
     brier,
+    estimate_prices,
     load_router,
     score_candidates,
 )
@@ -110,15 +111,67 @@ def fixed(quality: dict[str, float]) -> dict[str, Prediction]:
     return {m: Prediction(q, 10.0, 100.0, "knn") for m, q in quality.items()}
 
 
-def test_quality_profile_picks_the_best_and_cost_profile_the_cheapest() -> None:
+def test_quality_profile_picks_the_best_and_cost_profile_the_cheapest_within_its_margin() -> None:
     router = Router(None)
-    preds = fixed({"maths": 0.9, "prose": 0.6})
+    preds = fixed({"maths": 0.9, "prose": 0.87})
     best = router.route(POOL, profile="quality", predictions=preds)
     cheap = router.route(POOL, profile="cost", predictions=preds)
     assert best.members[0].model == "maths" and best.policy == "single"
-    assert cheap.members[0].model == "prose"
+    assert cheap.members[0].model == "prose" and "within 0.05" in cheap.summary
     assert {c.model for c in best.candidates} == {"maths", "prose"}
     assert all(c.reason for c in best.candidates)
+    # 30 points worse is outside the margin: the cost profile does not give that up to save money
+    far = router.route(POOL, profile="cost", predictions=fixed({"maths": 0.9, "prose": 0.6}))
+    assert far.members[0].model == "maths"
+
+
+def test_speed_profile_is_the_fastest_within_its_margin() -> None:
+    pool = [PoolModel("big", 1.0, 1.0, params_b=400.0), PoolModel("small", 1.0, 1.0, params_b=3.0)]
+    near = Router(None).route(pool, profile="speed", predictions=fixed({"big": 0.9, "small": 0.88}))
+    far = Router(None).route(pool, profile="speed", predictions=fixed({"big": 0.9, "small": 0.5}))
+    assert near.members[0].model == "small" and far.members[0].model == "big"
+    assert "fastest within 0.05" in near.members[0].reason
+
+
+def test_an_unpriced_model_gets_an_estimate_from_its_family_or_peers_never_zero() -> None:
+    pool = [
+        PoolModel("a-small", 0.2, 0.4, "a", 8.0),
+        PoolModel("a-large", 2.0, 4.0, "a", 70.0),
+        PoolModel("b-mid", 1.0, 1.0, "b", 30.0),
+        PoolModel("a-new", family="a"),  # no price recorded: its family's median
+        PoolModel("c-sized", family="c", params_b=70.0),  # no family peer: the size trend
+        PoolModel("mystery"),  # nothing known: the median of every priced peer
+    ]
+    estimates = estimate_prices(pool)
+    assert set(estimates) == {"a-new", "c-sized", "mystery"}
+    assert estimates["a-new"][:2] == pytest.approx((1.1, 2.2)) and "family a" in estimates["a-new"][2]
+    assert estimates["c-sized"][0] > 1.0 and "size" in estimates["c-sized"][2]
+    assert estimates["mystery"][:2] == pytest.approx((1.0, 1.0))
+    assert not estimate_prices([PoolModel("x"), PoolModel("y")])  # nothing priced: nothing to go by
+    assert PoolModel("free-local", priced=True).has_price
+
+
+def test_the_cost_profile_never_plans_an_unpriced_model_as_free() -> None:
+    pool = [PoolModel("cheap", 0.1, 0.1), PoolModel("dear", 5.0, 5.0), PoolModel("unpriced")]
+    preds = fixed({"cheap": 0.88, "dear": 0.9, "unpriced": 0.9})
+    route = Router(None).route(pool, profile="cost", predictions=preds)
+    assert route.members[0].model == "cheap"
+    unpriced = next(c for c in route.candidates if c.model == "unpriced")
+    assert unpriced.cost_estimated and unpriced.cost_usd > 0
+    assert "no recorded price, estimated" in unpriced.reason
+    assert not route.members[0].cost_estimated
+
+
+def test_top_vote_asks_the_best_train_records_and_votes() -> None:
+    pool = [PoolModel(n, 1, 1) for n in "abcd"]
+    preds = {
+        m: Prediction(0.5, 1.0, 10.0, "knn", pool_mean=record)
+        for m, record in {"a": 0.9, "b": 0.6, "c": 0.8, "d": 0.7}.items()
+    }
+    router = Router(None, {"quality": ProfileSettings(Weights(1, 0, 0), top_vote=3)})
+    route = router.route(pool, profile="quality", answer_kind="number", predictions=preds)
+    assert route.policy == "vote" and [m.model for m in route.members] == ["a", "c", "d"] and route.quorum == 2
+    assert router.route(pool, profile="quality", answer_kind="code", predictions=preds).policy == "single"
 
 
 def test_per_request_weights_override_the_profile() -> None:
@@ -339,3 +392,13 @@ def test_training_simulates_a_ranked_fan_out_with_the_pickers_choice_and_every_m
     assert picked == pytest.approx((1.0, 0.03))
     first = simulate(router, "balanced", pool, models, preds, [0])
     assert first == pytest.approx((0.0, 0.03))
+
+
+def test_the_plan_message_says_which_costs_are_estimated() -> None:
+    from services.dispatch.servicer import plan_message
+
+    pool = [PoolModel("cheap", 0.1, 0.1), PoolModel("unpriced")]
+    route = Router(None).route(pool, profile="cost", predictions=fixed({"cheap": 0.9, "unpriced": 0.9}))
+    event = PlanMade(route.policy, route.members, route.summary, route.candidates, route.profile)
+    flags = {c.model: c.cost_estimated for c in plan_message(event).candidates}
+    assert flags == {"cheap": False, "unpriced": True}
