@@ -7,6 +7,7 @@ Triton listens on loopback only (its sockets in ``/proc/net/tcp``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 
 from apps.mesh import Backoff, Mesh, MeshPorts, supervisor_file, wait_serving
 from constellation.client import DispatchClient, ask_request
+from constellation.errors import Unavailable
 from constellation.net import free_port
 from tests.e2e.processes import process_group_alive
 from tests.e2e.test_constellation import PROMPT, write_pool
@@ -104,10 +106,19 @@ async def test_a_sigkilled_triton_leaves_no_stub_or_shm_and_comes_back(mesh: Mes
     assert mesh.triton.shm_leftovers() == []
     _supervise_until(mesh, "triton restarted")
     mesh.triton.wait_ready(120)
+    # Dispatch notices Triton is back at its next liveness check (every 2 s) and says UNAVAILABLE ("retry
+    # later") until then, so a caller retries as the status tells it to, within a bound.
+    retry_until = time.monotonic() + 30
     async with DispatchClient(mesh.dispatch_address) as client:
-        request = ask_request(PROMPT, model="fast-a", max_tokens=16)
-        async with aclosing(client.ask(request, timeout_s=30)) as stream:
-            events = [event async for event in stream]
+        while True:
+            request = ask_request(PROMPT, model="fast-a", max_tokens=16)
+            try:
+                async with aclosing(client.ask(request, timeout_s=30)) as stream:
+                    events = [event async for event in stream]
+                break
+            except Unavailable:
+                assert time.monotonic() < retry_until, "dispatch did not serve again after Triton came back"
+                await asyncio.sleep(0.5)
     assert events[-1].final.text
 
 
