@@ -70,6 +70,7 @@ bench: setup
 	$(PY) -m bench.ranker
 	$(PY) -m bench.ranked_fanout
 	$(PY) -m bench.planner
+	$(PY) -m bench.planned_mesh
 	$(PY) -m bench.cache --write-md
 	$(PY) -m bench.http_overhead --write-md
 	$(PY) -m bench.faults
