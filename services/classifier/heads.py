@@ -369,6 +369,14 @@ def fit_heads(
         torch.set_num_threads(threads)
 
 
+def _export(head: str, model: Any, into: dict[str, np.ndarray]) -> None:
+    """A trained head's two linear layers as numpy arrays under ``<head>.w1/b1/w2/b2`` in ``into``."""
+    into[f"{head}.w1"] = model[0].weight.detach().numpy().T.copy()
+    into[f"{head}.b1"] = model[0].bias.detach().numpy().copy()
+    into[f"{head}.w2"] = model[3].weight.detach().numpy().T.copy()
+    into[f"{head}.b2"] = model[3].bias.detach().numpy().copy()
+
+
 def _fit(
     torch: Any,
     x: np.ndarray,
@@ -444,16 +452,10 @@ def _fit(
         model.eval()
         return model, best_epoch
 
-    def export(head: str, model: Any, into: dict[str, np.ndarray]) -> None:
-        into[f"{head}.w1"] = model[0].weight.detach().numpy().T.copy()
-        into[f"{head}.b1"] = model[0].bias.detach().numpy().copy()
-        into[f"{head}.w2"] = model[3].weight.detach().numpy().T.copy()
-        into[f"{head}.b2"] = model[3].bias.detach().numpy().copy()
-
     validation_arrays = dict(arrays)
     for head in HEADS:
         model, epochs = train(head, kept, settings.epochs, held_out if bool(held_out.any()) else None)
-        export(head, model, validation_arrays)
+        _export(head, model, validation_arrays)
         report.epochs[head] = epochs
     if bool(held_out.any()):
         subset = held_out.numpy()
@@ -468,7 +470,7 @@ def _fit(
     everyone = torch.ones(len(xs), dtype=torch.bool)
     for head in HEADS:
         model, _ = train(head, everyone, report.epochs[head], None)
-        export(head, model, arrays)
+        _export(head, model, arrays)
     heads = Heads(labels, arrays)
     report.train = evaluate(heads, x, targets)
     return heads, report

@@ -98,6 +98,24 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, folds: np.ndarray, *, isotonic: bo
     return predicted
 
 
+def _per_pool_metrics(
+    pool_of: np.ndarray, y: np.ndarray, confidence: np.ndarray, flagged: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Each pool's share of the out-of-fold results: rows, voted accuracy, ECE, flagged share, kept accuracy."""
+    per_pool = {}
+    for pool in POOLS:
+        mask = pool_of == pool
+        kept = mask & ~flagged
+        per_pool[pool] = {
+            "rows": int(mask.sum()),
+            "voted_accuracy": float(y[mask].mean()),
+            "cv_ece": expected_calibration_error(confidence[mask], y[mask]),
+            "cv_flagged_share": float(flagged[mask].mean()),
+            "cv_kept_accuracy": float(y[kept].mean()) if kept.any() else float("nan"),
+        }
+    return per_pool
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Fits and saves the calibrator for parsed arguments; returns a summary (what ``main`` prints)."""
     started = time.perf_counter()
@@ -147,17 +165,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     flagged = oof[chosen] < threshold
     fitted = fit_calibrator(x, y, isotonic=chosen.endswith("isotonic"), weighting=weighting, threshold=threshold)
     calibrator = Calibrator(**{**fitted.__dict__, "threshold": threshold})
-    per_pool = {}
-    for pool in POOLS:
-        mask = pool_of == pool
-        kept = mask & ~flagged
-        per_pool[pool] = {
-            "rows": int(mask.sum()),
-            "voted_accuracy": float(y[mask].mean()),
-            "cv_ece": expected_calibration_error(oof[chosen][mask], y[mask]),
-            "cv_flagged_share": float(flagged[mask].mean()),
-            "cv_kept_accuracy": float(y[kept].mean()) if kept.any() else float("nan"),
-        }
+    per_pool = _per_pool_metrics(pool_of, y, oof[chosen], flagged)
     metrics = {
         "weightings": by_weighting,
         "calibrators": candidates,
